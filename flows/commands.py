@@ -1,0 +1,155 @@
+"""CLI commands of the runbook: `deploy`, `verify`, `rollback` and `demo` (heavy imports inside)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+STAGE_NAMES = "preflight, backup, baseline, ship, stop_current, start_new, warmup, benchmark, tunnel, gate"
+
+TargetOption = Annotated[Path, typer.Option("--target", "-t", help="Target file (YAML or JSON).")]
+RunsOption = Annotated[Path, typer.Option(help="Where run directories are written.")]
+
+
+def _check_stage(value: str | None) -> str | None:
+    if value is not None and value not in STAGE_NAMES.split(", "):
+        raise typer.BadParameter(f"{value!r} is not a stage; choose one of: {STAGE_NAMES}")
+    return value
+
+
+def _load(target_file: Path) -> Any:
+    from flows.target import TargetFileError, load_target
+
+    try:
+        return load_target(target_file)
+    except TargetFileError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--target") from None
+
+
+def _run(flow: Any, **parameters: Any) -> None:
+    """Run a flow (on the Prefect server in PREFECT_API_URL, else an embedded one); print its summary."""
+    state = flow(return_state=True, **parameters)
+    outcome = state.result(raise_on_failure=False)
+    run_dir = getattr(outcome, "run_dir", None)
+    if run_dir:
+        print_summary(Path(run_dir) / "summary.json")
+    if state.is_failed():
+        raise typer.Exit(1)
+
+
+def deploy(
+    target_file: TargetOption,
+    dry_run: Annotated[bool, typer.Option(help="Preflight and print the plan; change nothing.")] = False,
+    fail_at: Annotated[
+        str | None, typer.Option(help=f"Rehearsal: inject a failure at this stage ({STAGE_NAMES}).")
+    ] = None,
+    wheel: Annotated[
+        Path | None, typer.Option(help="Ship this prebuilt wheel instead of building one.")
+    ] = None,
+    runs_dir: RunsOption = Path("runs"),
+) -> None:
+    """Upgrade the target's current service to SDXL (rolls back by itself on any failure)."""
+    from flows.runbook import deploy_sdxl
+
+    _run(
+        deploy_sdxl,
+        target=_load(target_file),
+        dry_run=dry_run,
+        fail_at=_check_stage(fail_at),
+        wheel=str(wheel) if wheel else None,
+        runs_dir=str(runs_dir),
+    )
+
+
+def verify(target_file: TargetOption, runs_dir: RunsOption = Path("runs")) -> None:
+    """Check the running service against the success criteria (changes nothing)."""
+    from flows.runbook import verify_sdxl
+
+    _run(verify_sdxl, target=_load(target_file), runs_dir=str(runs_dir))
+
+
+def rollback(
+    target_file: TargetOption,
+    backup: Annotated[str | None, typer.Option(help="Backup name or path (default: latest).")] = None,
+    runs_dir: RunsOption = Path("runs"),
+) -> None:
+    """Put the old service back from the latest (or a named) backup."""
+    from flows.runbook import rollback_sdxl
+
+    _run(rollback_sdxl, target=_load(target_file), backup=backup, runs_dir=str(runs_dir))
+
+
+def demo(
+    simulate_failure: Annotated[
+        str | None, typer.Option(help=f"Rehearse a failure at this stage ({STAGE_NAMES}).")
+    ] = None,
+    runs_dir: RunsOption = Path("runs"),
+    keep_box: Annotated[bool, typer.Option(help="Keep the demo's temporary box directory.")] = False,
+) -> None:
+    """Run deploy-sdxl here: tiny-sd15 today -> tiny-sdxl, gates, rollback on failure; leaves nothing running."""
+    stage = _check_stage(simulate_failure)
+    from rich.console import Console
+
+    from flows.demo import run_demo
+
+    console = Console()
+    console.print(
+        "[bold]demo:[/] tiny-sd15 plays the current service; deploy-sdxl upgrades it to tiny-sdxl"
+        + (f", with a failure injected at stage [bold]{stage}[/]" if stage else "")
+    )
+    result = run_demo(simulate_failure=stage, runs_dir=str(runs_dir), keep_box=keep_box)
+    summary = print_summary(result.summary_path, console)
+    if result.old_answering_after is not None:
+        console.print(
+            "old service answering /health after the rollback: "
+            + ("[green]yes[/]" if result.old_answering_after else "[red]NO[/]")
+        )
+    console.print(f"stopped: {'; '.join(result.stopped) or 'nothing was left running'}")
+    expected = "failed" if stage else "completed"
+    if summary["status"] != expected or (stage and not result.old_answering_after):
+        raise typer.Exit(1)
+
+
+def print_summary(summary_path: Path, console: Any = None) -> dict[str, Any]:
+    """Print a run's stages and gate table (rich) and where its report is; return the summary."""
+    from rich.console import Console
+    from rich.table import Table
+
+    console = console or Console()
+    summary = json.loads(summary_path.read_text())
+    colour = {"completed": "green", "failed": "red", "dry-run": "cyan"}.get(summary["status"], "yellow")
+    stages = Table(title=f"{summary['flow']}: [{colour}]{summary['status']}[/]", title_justify="left")
+    for column in ("stage", "status", "seconds", "detail"):
+        stages.add_column(column, overflow="fold")
+    for stage in summary["stages"]:
+        mark = "green" if stage["status"] == "completed" else "red"
+        stages.add_row(
+            stage["name"], f"[{mark}]{stage['status']}[/]", f"{stage['seconds']:.1f}", stage["detail"][:200]
+        )
+    console.print(stages)
+    if summary["gates"]:
+        gates = Table(title="success criteria", title_justify="left")
+        for column in ("criterion", "threshold", "observed", "mode", "verdict"):
+            gates.add_column(column, overflow="fold")
+        verdict_colour = {"pass": "green", "fail": "red", "warn": "yellow", "n/a": "dim"}
+        for row in summary["gates"]:
+            threshold = "" if row["threshold"] is None else f"{row['threshold']:g}"
+            verdict = row["verdict"]
+            gates.add_row(
+                row["criterion"],
+                threshold,
+                row["observed"][:120],
+                "enforce" if row["enforce"] else "warn",
+                f"[{verdict_colour[verdict]}]{verdict}[/]",
+            )
+        console.print(gates)
+    console.print(summary["message"], markup=False)
+    if summary["rolled_back"] or summary["failed_stage"]:
+        console.print(
+            f"rolled back: {summary['rolled_back']}; old service answering: {summary['old_service_answering']}"
+        )
+    console.print(f"report: {Path(summary['run_dir']) / 'report.md'}  (summary.json beside it)")
+    return summary

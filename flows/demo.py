@@ -1,0 +1,160 @@
+"""The embedded demo: the whole `deploy-sdxl` runbook on this machine, with tiny random-weight models.
+
+Everything lives in a throwaway "box" directory that stands in for the GPU box's home: the "current"
+service (tiny-sd15, started from a small launcher script that plays the user's `working-sd-api.py`),
+the install dir, backups and logs. Nothing touches the real `~`, and every process the demo started is
+stopped by its PID before it returns.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from flows.hosts import Host, LocalHost, q
+from flows.procs import find_service, listener_pids, stop_process, wait_port_free
+from flows.target import (
+    DEFAULT_CRITERIA,
+    Connection,
+    CurrentService,
+    NewService,
+    Paths,
+    QualityCheck,
+    Target,
+    Workload,
+)
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+
+TINY_REQUEST = {
+    "prompt": "professional basketball player shooting a three pointer",
+    "num_inference_steps": 2,
+    "width": 64,
+    "height": 64,
+    "use_refiner": True,
+    "use_face_restoration": False,
+    "hires_fix": False,
+}
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def demo_target(box: Path, port: int, python: str = sys.executable) -> Target:
+    """A local target inside `box`: tiny-sd15 today, tiny-sdxl to deploy, thresholds for 64 px images."""
+    from service.settings import default_cache_dir
+
+    launcher = box / "app" / "working-sd-api.sh"
+    launcher.parent.mkdir(parents=True, exist_ok=True)
+    cache = str(default_cache_dir())
+    launcher.write_text(
+        "#!/bin/sh\n# Stands in for the user's working-sd-api.py: the SD1.5 service the app talks to today.\n"
+        f"PYTHONPATH={q(str(PROJECT_ROOT))} SDXL_DEPLOY_CACHE={q(cache)} exec {q(python)} -m sdxl_deploy.cli serve "
+        f"--model tiny-sd15 --host 127.0.0.1 --port {port}\n"
+    )
+    criteria = [
+        c.model_copy(update={"threshold": 64}) if c.name == "resolution" else c.model_copy()
+        for c in DEFAULT_CRITERIA
+    ]
+    return Target(
+        connection=Connection(kind="local"),
+        current=CurrentService(
+            name="sd15",
+            start_command=f"sh {q(str(launcher))}",
+            workdir=str(box / "app"),
+            files=[str(launcher)],
+            pid_file=str(box / "run" / "sd-api.pid"),
+            log_file=str(box / "logs" / "sd-api.log"),
+            port=port,
+            health_timeout_s=180,
+        ),
+        new=NewService(
+            model="tiny-sdxl",
+            port=port,
+            python=python,
+            env={"SDXL_DEPLOY_CACHE": cache},
+            install_dir=str(box / "sdxl-deploy"),
+            log_dir=str(box / "sdxl-deploy" / "logs"),
+            min_free_disk_gb=0.5,
+            ready_timeout_s=180,
+        ),
+        workload=Workload(
+            app_request=TINY_REQUEST,
+            baseline_size=64,
+            warmup_requests=1,
+            benchmark_runs=3,
+            request_timeout_s=60,
+        ),
+        paths=Paths(backup_root=str(box / "backups"), keep_backups=3),
+        quality=QualityCheck(prompt_limit=2, seeds=1, scorer="tiny-random-clip", scorer_weights=None),
+        criteria=criteria,
+    )
+
+
+def start_current(host: Host, target: Target) -> None:
+    """Start the current service the way a rollback does, and wait until it answers."""
+    from flows.tasks.rollback import restart_current, wait_healthy
+
+    process = restart_current(host, target.current, target.new.install_dir)
+    wait_healthy(host, target.current, process)
+
+
+def stop_all(host: Host, target: Target) -> list[str]:
+    """Stop whatever serves the demo's port (the old or the new service), by PID; what was stopped."""
+    stopped = []
+    for _ in range(3):
+        process = find_service(host, target.current.port, target.current.pid_file) or find_service(
+            host, target.new.port, target.new.pid_file
+        )
+        if process is None:
+            break
+        stopped.append(stop_process(host, process, timeout_s=15))
+    wait_port_free(host, target.current.port)
+    if listener_pids(host, target.current.port):
+        raise RuntimeError(f"port {target.current.port} still in use after the demo")
+    return stopped
+
+
+@dataclass
+class DemoResult:
+    summary_path: Path
+    old_answering_after: bool | None
+    stopped: list[str]
+
+
+def run_demo(
+    simulate_failure: str | None = None, runs_dir: str = "runs", keep_box: bool = False
+) -> DemoResult:
+    """Start tiny-sd15, run deploy-sdxl to tiny-sdxl (optionally failing at a stage), stop everything."""
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+    from flows.runbook import deploy_sdxl
+    from flows.tasks.rollback import current_answers
+
+    box = Path(tempfile.mkdtemp(prefix="sdxl-demo-box-"))
+    target = demo_target(box, free_port())
+    host = LocalHost()
+    try:
+        start_current(host, target)
+        state = deploy_sdxl(target=target, fail_at=simulate_failure, runs_dir=runs_dir, return_state=True)
+        outcome = state.result(raise_on_failure=False)
+        run_dir = Path(outcome.run_dir) if hasattr(outcome, "run_dir") else None
+        old_answering = current_answers(host, target.current) is not None if simulate_failure else None
+    finally:
+        stopped = stop_all(host, target)
+        host.close()
+        if not keep_box:
+            shutil.rmtree(box, ignore_errors=True)
+    if run_dir is None:
+        raise RuntimeError(f"deploy-sdxl ended without a run directory: {outcome!r}")
+    return DemoResult(
+        summary_path=run_dir / "summary.json", old_answering_after=old_answering, stopped=stopped
+    )

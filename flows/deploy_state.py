@@ -1,0 +1,46 @@
+"""The deploy's progress, recorded on the host (`<install_dir>/deploy-state.json`) so that a rollback,
+even one started later from another machine, knows what was stopped, what was started and which backup
+belongs to this deploy."""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from typing import Literal
+
+from pydantic import BaseModel, ValidationError
+
+from flows.hostfs import read_text, write_text
+from flows.hosts import Host
+from flows.procs import ProcessInfo
+from flows.target import Target
+
+Status = Literal["in_progress", "deployed", "failed", "rolled_back"]
+
+
+class DeployState(BaseModel):
+    run_id: str
+    stage: str
+    status: Status = "in_progress"
+    backup_dir: str | None = None
+    release_id: str | None = None
+    old_process: ProcessInfo | None = None
+    new_process: ProcessInfo | None = None
+    new_log_offset: int = 0
+    updated_at: str = ""
+
+
+def load_state(host: Host, target: Target) -> DeployState | None:
+    """The recorded state, or None when there is none (or it is unreadable)."""
+    text = read_text(host, target.new.state_file)
+    if not text:
+        return None
+    try:
+        return DeployState.model_validate_json(text)
+    except ValidationError:
+        return None
+
+
+def save_state(host: Host, target: Target, state: DeployState) -> DeployState:
+    state.updated_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    write_text(host, target.new.state_file, state.model_dump_json(indent=2))
+    return state

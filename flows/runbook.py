@@ -1,0 +1,336 @@
+"""The runbook flows: `deploy-sdxl`, `verify-sdxl` and `rollback-sdxl`.
+
+Each flow body reads as the runbook it automates; each stage is a `with run.stage(...)` block, and a
+failure names its stage in the flow run's message. `fail_at` (deploy) is a rehearsal feature: it injects
+a failure at the start of that stage, to watch the automatic rollback without breaking anything.
+"""
+
+from __future__ import annotations
+
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Literal
+
+from prefect import flow
+from prefect.artifacts import create_markdown_artifact
+
+from flows.deploy_state import DeployState, load_state, save_state
+from flows.hostfs import home_dir
+from flows.hosts import Host
+from flows.procs import find_service
+from flows.rundir import RunRecord, RunSummary, StageFailed, report_markdown
+from flows.target import Target, load_target
+from flows.tasks.backup import backup_current
+from flows.tasks.benchmark import run_benchmark, scan_log
+from flows.tasks.deploy import build_wheel, serve_argv, ship_release, start_new_service, stop_service
+from flows.tasks.gates import Evidence, evaluate_gates, require_passed
+from flows.tasks.preflight import inspect_current, inspect_host, require_ready
+from flows.tasks.quality import assess_quality, collect_baseline
+from flows.tasks.rollback import current_answers, roll_back
+from flows.tasks.tunnel import check_app_path
+from flows.tasks.warmup import new_service_health, warm_up
+
+Stage = Literal[
+    "preflight",
+    "backup",
+    "baseline",
+    "ship",
+    "stop_current",
+    "start_new",
+    "warmup",
+    "benchmark",
+    "tunnel",
+    "gate",
+]
+STAGES: tuple[str, ...] = Stage.__args__
+# From this stage on the old service may be down: a failure rolls back.
+ROLLBACK_FROM = STAGES.index("stop_current")
+
+
+class RunFailed(RuntimeError):
+    """A flow run failed; `run_dir` holds its summary.json and report.md."""
+
+    def __init__(self, message: str, run_dir: str | None = None) -> None:
+        super().__init__(message)
+        self.run_dir = run_dir
+
+
+class DeployFailed(RunFailed):
+    """The deploy failed at a stage (and was rolled back when the old service had been touched)."""
+
+
+class VerifyFailed(RunFailed):
+    """The running service does not meet the success criteria."""
+
+
+class RollbackFailed(RunFailed):
+    """The old service could not be put back."""
+
+
+def choose_target(target: Target | None, target_file: str | None) -> Target:
+    """The target file when one is given, else the `target` parameter."""
+    if target_file:
+        return load_target(target_file)
+    return target or Target()
+
+
+def quality_margin(target: Target) -> float:
+    """The `quality` criterion's threshold: how many CLIP points worse still counts as not worse."""
+    threshold = next((c.threshold for c in target.criteria if c.name == "quality"), None)
+    return 1.0 if threshold is None else threshold
+
+
+def connect(stack: ExitStack, target: Target) -> tuple[Host, Target]:
+    """Open the host and resolve the target's `~/` paths there."""
+    host = stack.enter_context(target.connection.open())
+    return host, target.on_host(home_dir(host))
+
+
+@flow(name="deploy-sdxl", log_prints=True)
+def deploy_sdxl(
+    target: Target = Target(),
+    target_file: str | None = None,
+    dry_run: bool = False,
+    fail_at: Stage | None = None,
+    wheel: str | None = None,
+    runs_dir: str = "runs",
+) -> RunSummary:
+    """Upgrade the current service to SDXL; any failure after the old service stopped rolls back.
+
+    Args:
+        target: The host, the current service and the new one (ignored when target_file is set).
+        target_file: A YAML/JSON target file on the worker's machine.
+        dry_run: Run the read-only preflight, print the plan, change nothing.
+        fail_at: Rehearsal only: inject a failure at the start of this stage.
+        wheel: A prebuilt wheel of this project to ship (default: build one now).
+        runs_dir: Where the run directory (summary.json, report.md) is written.
+    """
+    target = choose_target(target, target_file)
+    run = RunRecord("deploy-sdxl", target, runs_dir, fail_at)
+    state: DeployState | None = None
+    host: Host | None = None
+
+    def record_progress(stage: str) -> None:
+        if state and host:
+            state.stage = stage
+            save_state(host, target, state)
+
+    run.on_stage = record_progress
+    with ExitStack() as stack:
+        try:
+            with run.stage("preflight"):
+                host, target = connect(stack, target)
+                host_facts = inspect_host(host, target)
+                current = inspect_current(host, target)
+                run.summary.facts["preflight"] = {
+                    "host": host_facts.model_dump(),
+                    "current": current.model_dump(),
+                }
+                require_ready(host_facts, current)
+            if dry_run:
+                plan = deploy_plan(target, current.process.describe() if current.process else "?")
+                print(plan)
+                run.write_text("plan.md", plan)
+                return _finish(run, "dry-run", "dry run: preflight passed; nothing was changed")
+
+            state = save_state(
+                host, target, DeployState(run_id=run.dir.name, stage="backup", old_process=current.process)
+            )
+            with run.stage("backup"):
+                backup = backup_current(host, target, current.process)
+                state.backup_dir = run.summary.backup_dir = backup.path
+            with run.stage("baseline"):
+                baseline = collect_baseline(host, target, run.dir / "quality")
+            with run.stage("ship"):
+                release = ship_release(host, target, Path(wheel) if wheel else build_wheel(run.dir / "wheel"))
+                state.release_id = run.summary.release_id = release.release_id
+            with run.stage("stop_current"):
+                stop_service(host, current.process, target.current.port, target.current.stop_timeout_s)
+            with run.stage("start_new"):
+                started = start_new_service(host, target, release)
+                state.new_process, state.new_log_offset = started.process, started.log_offset
+                save_state(host, target, state)
+            with run.stage("warmup"):
+                ready = warm_up(host, target, started)
+                run.summary.facts["warmup"] = ready.model_dump(exclude={"health"})
+            with run.stage("benchmark"):
+                bench = run_benchmark(host, target)
+                log_scan = scan_log(host, started.log_file, started.log_offset)
+                run.write_json("benchmark.json", bench.model_dump())
+            with run.stage("tunnel"):
+                app = check_app_path(host, target)
+            with run.stage("gate"):
+                quality = assess_quality(host, target, baseline, run.dir / "quality", quality_margin(target))
+                evidence = Evidence(
+                    health=ready.health, benchmark=bench, app=app, log_scan=log_scan, quality=quality
+                )
+                gates = evaluate_gates(target.criteria, evidence, artifact_key="sdxl-deploy-gates")
+                run.record_gates(gates)
+                require_passed(gates)
+        except StageFailed as failure:
+            _after_failure(run, host, target, state, failure)
+            raise DeployFailed(f"deploy-sdxl {run.summary.message}", str(run.dir)) from None
+
+        state.status, state.stage = "deployed", "done"
+        save_state(host, target, state)
+        run.summary.new_service_answering = True
+        return _finish(
+            run, "completed", f"deployed {target.new.model} on port {target.new.port}; all gates passed"
+        )
+
+
+def _after_failure(
+    run: RunRecord, host: Host | None, target: Target, state: DeployState | None, failure: StageFailed
+) -> None:
+    """Roll back when the old service may have been touched; record whether it answers afterwards."""
+    touched = STAGES.index(failure.stage) >= ROLLBACK_FROM
+    outcome = ""
+    if host is not None and touched:
+        try:
+            result = roll_back(host, target)
+            run.summary.rolled_back = True
+            outcome = f"; rolled back: {result.restarted}"
+        except Exception as exc:  # report both failures: the stage's and the rollback's
+            outcome = f"; ROLLBACK FAILED: {type(exc).__name__}: {exc}"
+    run.summary.old_service_answering = _old_service_answers(host, target)
+    if host is not None and state:
+        state.status = "rolled_back" if run.summary.rolled_back else "failed"
+        save_state(host, target, state)
+    answering = {True: "; old service answering", False: "; OLD SERVICE NOT ANSWERING", None: ""}
+    _finish(run, "failed", f"{failure}{outcome}{answering[run.summary.old_service_answering]}")
+
+
+def _old_service_answers(host: Host | None, target: Target) -> bool | None:
+    """Whether the current service answers healthy now (None when the host cannot be reached)."""
+    try:
+        if host is not None:
+            return current_answers(host, target.current) is not None
+        with target.connection.open() as fresh:
+            return current_answers(fresh, target.current) is not None
+    except Exception:
+        return None
+
+
+def _finish(run: RunRecord, status: Literal["completed", "failed", "dry-run"], message: str) -> RunSummary:
+    summary = run.finish(status, message)
+    create_markdown_artifact(
+        key=f"{summary.flow}-summary", markdown=report_markdown(summary), description=message[:200]
+    )
+    print(f"{summary.flow} {status}: {message}\nrun directory: {summary.run_dir}")
+    return summary
+
+
+def deploy_plan(target: Target, current_process: str) -> str:
+    """What a deploy would do, step by step (printed by a dry run)."""
+    new, cur, check = target.new, target.current, target.quality
+    steps = [
+        f"back up {', '.join(cur.files) or '(no files)'}, the start command, process info, {cur.log_file} and "
+        f"pip freeze to {target.paths.backup_root}/{cur.name}-<timestamp>/ (keep {target.paths.keep_backups})",
+        (
+            f"send {check.prompt_limit or 'all'} prompts x {check.seeds} seed(s) to the current service "
+            f"for the CLIP comparison ({check.scorer})"
+            if check.enabled
+            else "no quality comparison (quality.enabled is off)"
+        ),
+        f"build this project's wheel and install it into {new.install_dir}/releases/<release>/site "
+        f"with {new.python} -m pip install --no-deps --target",
+        f"stop the current service {current_process} (TERM, wait {cur.stop_timeout_s:.0f} s, KILL)",
+        f"start `{' '.join(serve_argv(target))}` detached; log {new.log_file}, pid file {new.pid_file}",
+        f"stream the log and wait for /ready (up to {new.ready_timeout_s:.0f} s), "
+        f"{target.workload.warmup_requests} warm-up request(s)",
+        f"benchmark {target.workload.benchmark_runs} generations at "
+        f"{target.workload.size[0]}x{target.workload.size[1]}, scan the log for CUDA errors",
+        "send /health and the app's request "
+        + ("through an SSH port forward" if target.connection.kind == "ssh" else "directly (local target)"),
+        "judge the success criteria: "
+        + ", ".join(
+            f"{c.name}{'' if c.threshold is None else f' {c.threshold:g}'}{'' if c.enforce else ' (warn)'}"
+            for c in target.criteria
+        ),
+        f"on any failure from stopping on: stop the new service, restart `{cur.start_command}` "
+        f"in {cur.workdir}, wait for {cur.health_path} on port {cur.port}",
+    ]
+    return (
+        "Deploy plan for "
+        + target.connection.describe()
+        + ":\n"
+        + "\n".join(f"  {i}. {step}" for i, step in enumerate(steps, 1))
+        + "\n"
+    )
+
+
+@flow(name="verify-sdxl", log_prints=True)
+def verify_sdxl(
+    target: Target = Target(),
+    target_file: str | None = None,
+    runs_dir: str = "runs",
+) -> RunSummary:
+    """Check the running service against the success criteria: health, generation, tunnel, gates; no changes.
+
+    Args:
+        target: The host and the deployed service (ignored when target_file is set).
+        target_file: A YAML/JSON target file on the worker's machine.
+        runs_dir: Where the run directory (summary.json, report.md) is written.
+    """
+    target = choose_target(target, target_file)
+    run = RunRecord("verify-sdxl", target, runs_dir)
+    with ExitStack() as stack:
+        try:
+            with run.stage("health"):
+                host, target = connect(stack, target)
+                health = new_service_health(host, target)
+                process = find_service(host, target.new.port, target.new.pid_file)
+                run.summary.facts["process"] = process.describe() if process else None
+            with run.stage("benchmark"):
+                bench = run_benchmark(host, target)
+                state = load_state(host, target)
+                log_scan = scan_log(host, target.new.log_file, state.new_log_offset if state else 0)
+                run.write_json("benchmark.json", bench.model_dump())
+            with run.stage("tunnel"):
+                app = check_app_path(host, target)
+            with run.stage("gate"):
+                evidence = Evidence(health=health, benchmark=bench, app=app, log_scan=log_scan)
+                gates = evaluate_gates(target.criteria, evidence, artifact_key="sdxl-verify-gates")
+                run.record_gates(gates)
+                require_passed(gates)
+        except StageFailed as failure:
+            _finish(run, "failed", str(failure))
+            raise VerifyFailed(f"verify-sdxl {failure}", str(run.dir)) from None
+    run.summary.new_service_answering = True
+    return _finish(
+        run, "completed", f"{target.new.model} on port {target.new.port} meets every enforced criterion"
+    )
+
+
+@flow(name="rollback-sdxl", log_prints=True)
+def rollback_sdxl(
+    target: Target = Target(),
+    target_file: str | None = None,
+    backup: str | None = None,
+    runs_dir: str = "runs",
+) -> RunSummary:
+    """Put the old service back: stop the new one, restore from the latest (or a named) backup, verify.
+
+    Args:
+        target: The host and both services (ignored when target_file is set).
+        target_file: A YAML/JSON target file on the worker's machine.
+        backup: A backup name under backup_root (or a path); default: this deploy's, else the latest.
+        runs_dir: Where the run directory (summary.json, report.md) is written.
+    """
+    target = choose_target(target, target_file)
+    run = RunRecord("rollback-sdxl", target, runs_dir)
+    with ExitStack() as stack:
+        try:
+            with run.stage("rollback"):
+                host, target = connect(stack, target)
+                result = roll_back(host, target, backup)
+                run.summary.facts["rollback"] = result.model_dump()
+                run.summary.backup_dir = result.backup_dir
+                run.summary.rolled_back = True
+                run.summary.old_service_answering = result.answering
+        except StageFailed as failure:
+            _finish(run, "failed", str(failure))
+            raise RollbackFailed(f"rollback-sdxl {failure}", str(run.dir)) from None
+    return _finish(
+        run, "completed", f"{result.restarted}; old service answering on port {target.current.port}"
+    )

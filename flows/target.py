@@ -1,0 +1,316 @@
+"""The target description: how to reach the GPU box, the service running there now, the one to deploy.
+
+A target is a YAML or JSON file (`load_target`) and also the `target` parameter of every flow, so the
+Prefect UI shows each field with its description. Paths may start with `~/`; they are resolved against
+the host's `$HOME` once connected (`Target.on_host`).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+DEFAULT_PORT = 7860
+
+# What the app (`aiImageGenerator.ts`) sends today; the benchmark and the tunnel check send the same.
+APP_REQUEST: dict[str, Any] = {
+    "prompt": "professional basketball player shooting a three pointer",
+    "num_inference_steps": 20,
+    "width": 1024,
+    "height": 1024,
+    "use_refiner": True,
+    "use_face_restoration": False,
+    "hires_fix": False,
+}
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+CriterionName = Literal[
+    "model_loaded",
+    "resolution",
+    "p95_seconds",
+    "valid_image",
+    "tunnel",
+    "app_request",
+    "no_cuda_errors",
+    "peak_vram_gb",
+    "quality",
+]
+
+
+class Criterion(_Model):
+    """One success criterion: which check, its threshold, and whether a failure blocks the deploy."""
+
+    name: CriterionName = Field(..., description="Which check (see docs/RUNBOOK.md for the list).")
+    threshold: float | None = Field(None, description="Limit for checks that have one (seconds, GB, px...).")
+    enforce: bool = Field(True, description="True: a failure rolls the deploy back. False: warn only.")
+
+
+DEFAULT_CRITERIA: tuple[Criterion, ...] = (
+    Criterion(name="model_loaded"),
+    Criterion(name="resolution", threshold=1024),
+    Criterion(name="p95_seconds", threshold=30),
+    Criterion(name="valid_image"),
+    Criterion(name="tunnel"),
+    Criterion(name="app_request"),
+    Criterion(name="no_cuda_errors"),
+    Criterion(name="peak_vram_gb", threshold=20),
+    Criterion(name="quality", threshold=1.0, enforce=False),
+)
+
+
+class Connection(_Model):
+    """How to reach the host: this machine, or a GPU box over SSH (key auth, verified host key)."""
+
+    kind: Literal["local", "ssh"] = Field("local", description="local = this machine; ssh = a remote box.")
+    hostname: str | None = Field(None, description="SSH host name or address (ssh only).")
+    port: int = Field(22, ge=1, le=65535, description="SSH port.")
+    username: str = Field("root", description="SSH user.")
+    key_filename: str | None = Field(None, description="Private key file; default: the SSH agent / ~/.ssh.")
+    known_hosts: str | None = Field(None, description="known_hosts file; default ~/.ssh/known_hosts.")
+    trust_new_host: bool = Field(
+        False, description="Accept and remember an unknown host key once. A CHANGED key is always refused."
+    )
+    connect_timeout: float = Field(15.0, gt=0, description="Seconds to wait for the SSH connection.")
+
+    @model_validator(mode="after")
+    def _ssh_needs_hostname(self) -> Connection:
+        if self.kind == "ssh" and not (self.hostname or "").strip():
+            raise ValueError("connection.hostname is required when connection.kind is 'ssh'")
+        return self
+
+    def open(self):  # -> flows.hosts.Host
+        """Open the host this connection describes (a context manager)."""
+        from flows.hosts import LocalHost, SSHHost
+
+        if self.kind == "local":
+            return LocalHost()
+        return SSHHost(
+            self.hostname or "",
+            port=self.port,
+            username=self.username,
+            key_filename=_expand_local(self.key_filename),
+            known_hosts=_expand_local(self.known_hosts),
+            trust_new_host=self.trust_new_host,
+            connect_timeout=self.connect_timeout,
+        )
+
+    def describe(self) -> str:
+        """`local` or `user@host:port`, for logs and reports."""
+        return "local" if self.kind == "local" else f"{self.username}@{self.hostname}:{self.port}"
+
+
+class CurrentService(_Model):
+    """The service answering the app today (the SD1.5 script): what to back up and how to restart it."""
+
+    name: str = Field("sd15", pattern=r"^[A-Za-z0-9._-]+$", description="Short name, used in backup names.")
+    start_command: str = Field(
+        "python3 ~/working-sd-api.py", min_length=1, description="Shell command that starts it (run by sh)."
+    )
+    workdir: str = Field("~", description="Directory the start command runs in.")
+    files: list[str] = Field(
+        default_factory=lambda: ["~/working-sd-api.py"], description="Files that make up the service."
+    )
+    pid_file: str | None = Field(
+        None, description="Its pid file, if it writes one; otherwise the process listening on `port` is used."
+    )
+    log_file: str = Field("/tmp/sd-api.log", description="Where its output goes.")
+    port: int = Field(
+        DEFAULT_PORT, ge=1, le=65535, description="Port it listens on (on the host's loopback)."
+    )
+    health_path: str = Field("/health", pattern=r"^/", description="Health endpoint.")
+    health_timeout_s: float = Field(600.0, gt=0, description="How long a restart may take to answer health.")
+    stop_timeout_s: float = Field(30.0, gt=0, description="Seconds between TERM and KILL when stopping it.")
+
+
+class NewService(_Model):
+    """The service to deploy: this project's `sdxl-deploy serve`, installed as an isolated release."""
+
+    model: str = Field(
+        "sdxl", min_length=1, description="Model to serve (sdxl, synthetic-sdxl, a folder...)."
+    )
+    port: int = Field(DEFAULT_PORT, ge=1, le=65535, description="Port it listens on (loopback).")
+    env: dict[str, str] = Field(default_factory=dict, description="Extra environment, e.g. SDXL_API_KEY.")
+    python: str = Field("python3", min_length=1, description="Interpreter on the host that has torch etc.")
+    install_dir: str = Field("~/sdxl-deploy", description="Releases, pid file and deploy state live here.")
+    log_dir: str = Field("~/sdxl-deploy/logs", description="Where the service log goes.")
+    serve_args: list[str] = Field(default_factory=list, description="Extra `serve` arguments.")
+    min_free_disk_gb: float | None = Field(
+        None, ge=0, description="Free disk needed before deploying; default: model size plus a buffer."
+    )
+    ready_timeout_s: float = Field(
+        2400.0, gt=0, description="How long loading may take (a first download of SDXL takes ~30 min)."
+    )
+    stop_timeout_s: float = Field(30.0, gt=0, description="Seconds between TERM and KILL when stopping it.")
+
+    @field_validator("env")
+    @classmethod
+    def _env_names(cls, env: dict[str, str]) -> dict[str, str]:
+        for name in env:
+            if not name.replace("_", "a").isalnum() or name[:1].isdigit():
+                raise ValueError(f"new.env: {name!r} is not a valid environment variable name")
+        return env
+
+    @property
+    def pid_file(self) -> str:
+        return f"{self.install_dir}/sdxl-api.pid"
+
+    @property
+    def log_file(self) -> str:
+        return f"{self.log_dir}/sdxl-api.log"
+
+    @property
+    def state_file(self) -> str:
+        return f"{self.install_dir}/deploy-state.json"
+
+
+class Workload(_Model):
+    """Requests used for the baseline, warm-up, benchmark and the app check."""
+
+    app_request: dict[str, Any] = Field(
+        default_factory=lambda: dict(APP_REQUEST), description="The app's /generate payload, as it sends it."
+    )
+    baseline_size: int | None = Field(
+        512, ge=64, le=2048, description="Size of the baseline request to the current service (px)."
+    )
+    warmup_requests: int = Field(1, ge=0, le=20, description="Requests sent after /ready, not measured.")
+    benchmark_runs: int = Field(3, ge=1, le=100, description="Measured generations at the app's size.")
+    request_timeout_s: float = Field(300.0, gt=0, description="Per-request HTTP timeout.")
+
+    @field_validator("app_request")
+    @classmethod
+    def _has_prompt(cls, payload: dict[str, Any]) -> dict[str, Any]:
+        if not str(payload.get("prompt", "")).strip():
+            raise ValueError(
+                f"workload.app_request needs a non-empty 'prompt', got {payload.get('prompt')!r}"
+            )
+        return payload
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """(width, height) the app asks for."""
+        return int(self.app_request.get("width") or 1024), int(self.app_request.get("height") or 1024)
+
+    def baseline_request(self) -> dict[str, Any]:
+        """The app's request at the current service's native size."""
+        payload = dict(self.app_request)
+        if self.baseline_size:
+            payload.update(width=self.baseline_size, height=self.baseline_size)
+        return payload
+
+
+class QualityCheck(_Model):
+    """The CLIP comparison behind the `quality` criterion: the same prompts on the current service (before
+    it stops) and on the new one (after warm-up), scored here by the evaluation package."""
+
+    enabled: bool = Field(True, description="Collect and compare; off: the quality row reads 'not enabled'.")
+    prompts_file: str | None = Field(
+        None, description="Prompt file (.txt/.csv/.jsonl); default: built-in set."
+    )
+    prompt_limit: int | None = Field(
+        6, ge=1, description="At most this many prompts, spread over categories."
+    )
+    seeds: int = Field(1, ge=1, le=10, description="Seeds per prompt.")
+    scorer: str = Field("ViT-L-14", description="open_clip model (tiny-random-clip for rehearsals).")
+    scorer_weights: str | None = Field("openai", description="open_clip weights tag or checkpoint file.")
+
+
+class Paths(_Model):
+    """Where backups go and how many to keep."""
+
+    backup_root: str = Field("~/backups", description="Backups: <backup_root>/<current.name>-<timestamp>/.")
+    keep_backups: int = Field(5, ge=1, le=100, description="Keep the newest N backups.")
+
+
+class Target(_Model):
+    """Everything the runbook needs to know about one deployment."""
+
+    connection: Connection = Field(default_factory=Connection)
+    current: CurrentService = Field(default_factory=CurrentService)
+    new: NewService = Field(default_factory=NewService)
+    workload: Workload = Field(default_factory=Workload)
+    paths: Paths = Field(default_factory=Paths)
+    quality: QualityCheck = Field(default_factory=QualityCheck)
+    criteria: list[Criterion] = Field(
+        default_factory=lambda: [c.model_copy() for c in DEFAULT_CRITERIA],
+        description="Success criteria: name, threshold, enforce (or warn only).",
+    )
+
+    @field_validator("criteria")
+    @classmethod
+    def _unique_criteria(cls, criteria: list[Criterion]) -> list[Criterion]:
+        names = [c.name for c in criteria]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"criteria: each name may appear once, got duplicates {duplicates}")
+        return criteria
+
+    def on_host(self, home: str) -> Target:
+        """A copy with every `~/` path resolved against the host's home directory."""
+
+        def expand(path: str) -> str:
+            return expand_home(path, home)
+
+        current = self.current.model_copy(
+            update={
+                "workdir": expand(self.current.workdir),
+                "files": [expand(f) for f in self.current.files],
+                "pid_file": expand(self.current.pid_file) if self.current.pid_file else None,
+                "log_file": expand(self.current.log_file),
+            }
+        )
+        new = self.new.model_copy(
+            update={"install_dir": expand(self.new.install_dir), "log_dir": expand(self.new.log_dir)}
+        )
+        paths = self.paths.model_copy(update={"backup_root": expand(self.paths.backup_root)})
+        return self.model_copy(update={"current": current, "new": new, "paths": paths})
+
+
+def expand_home(path: str, home: str) -> str:
+    """`~` or `~/x` -> `<home>/x`; other paths unchanged (`~user` is refused)."""
+    if path == "~":
+        return home
+    if path.startswith("~/"):
+        return f"{home.rstrip('/')}/{path[2:]}"
+    if path.startswith("~"):
+        raise ValueError(f"path {path!r}: only '~/' is supported, not '~user'")
+    return path
+
+
+def _expand_local(path: str | None) -> str | None:
+    return str(Path(path).expanduser()) if path else None
+
+
+class TargetFileError(ValueError):
+    """A target file is missing, unreadable or invalid."""
+
+
+def load_target(path: str | Path) -> Target:
+    """Read a target from a YAML or JSON file; errors name the file and the bad field."""
+    import yaml
+
+    file = Path(path).expanduser()
+    try:
+        text = file.read_text()
+    except OSError as exc:
+        raise TargetFileError(f"target file {str(file)!r}: {exc.strerror or exc}") from exc
+    try:
+        data = json.loads(text) if file.suffix == ".json" else yaml.safe_load(text)
+    except (ValueError, yaml.YAMLError) as exc:
+        raise TargetFileError(
+            f"target file {str(file)!r} is not valid {file.suffix[1:] or 'YAML'}: {exc}"
+        ) from exc
+    try:
+        return Target.model_validate(data or {})
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc']) or '<root>'}: {err['msg']} (got {err.get('input')!r})"
+            for err in exc.errors()
+        )
+        raise TargetFileError(f"target file {str(file)!r}: {problems}") from exc

@@ -1,0 +1,2 @@
+"""The runbook's tasks, one concern per module: preflight, backup, deploy, warm-up, benchmark, tunnel,
+gates and rollback."""

@@ -1,0 +1,60 @@
+"""What the tasks share: the run logger, the transient-failure retry rule, and HTTP to a service port."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import httpx
+
+from flows.hosts import Host, HostUnreachable
+
+# Failures that may pass on their own (network blips, a connection refused while a port re-opens).
+TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (HostUnreachable, httpx.TransportError, ConnectionError)
+
+
+def run_logger() -> logging.Logger | logging.LoggerAdapter:
+    """The Prefect run logger inside a flow or task run; a plain logger outside one."""
+    from prefect import get_run_logger
+    from prefect.exceptions import MissingContextError
+
+    try:
+        return get_run_logger()
+    except MissingContextError:
+        return logging.getLogger("flows")
+
+
+def retry_transient(task: Any, task_run: Any, state: Any) -> bool:
+    """Prefect `retry_condition_fn`: retry only when the task failed on a transient error."""
+    try:
+        state.result()
+    except TRANSIENT_ERRORS:
+        return True
+    except BaseException:
+        return False
+    return False
+
+
+@contextmanager
+def service_url(host: Host, port: int) -> Iterator[str]:
+    """A local base URL for a service port on the host (through an SSH port forward when remote)."""
+    with host.forward(port) as local_port:
+        yield f"http://127.0.0.1:{local_port}"
+
+
+def get_health(base_url: str, path: str = "/health", timeout: float = 10.0) -> dict[str, Any]:
+    """GET the health endpoint; the JSON body (or `{}` for a non-JSON 200). Raises on non-200."""
+    response = httpx.get(f"{base_url}{path}", timeout=timeout)
+    response.raise_for_status()
+    try:
+        body = response.json()
+    except ValueError:
+        return {}
+    return body if isinstance(body, dict) else {"body": body}
+
+
+def is_healthy(body: dict[str, Any]) -> bool:
+    """A 200 health body that does not say it is still loading or broken."""
+    return body.get("model_loaded") is not False and body.get("status") not in ("loading", "unhealthy")

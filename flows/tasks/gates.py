@@ -1,0 +1,217 @@
+"""The gate: the success criteria as a table (threshold, enforce or warn), judged on the evidence the
+other stages collected, published as a Prefect table artifact and written to the run directory."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, Literal
+
+from prefect import task
+from prefect.artifacts import create_table_artifact
+from prefect.cache_policies import NO_CACHE
+from pydantic import BaseModel
+
+from flows.target import Criterion
+from flows.tasks.benchmark import BenchmarkResult, LogScan
+from flows.tasks.common import run_logger
+from flows.tasks.tunnel import AppCheck
+
+Verdict = Literal["pass", "fail", "warn", "n/a"]
+
+DESCRIPTIONS: dict[str, str] = {
+    "model_loaded": "Health endpoint reports the model loaded",
+    "resolution": "Generates at the requested size (at least threshold px)",
+    "p95_seconds": "p95 generation time below threshold (s)",
+    "valid_image": "Every image is valid base64 of a decodable image at the right size",
+    "tunnel": "/health and /generate work through an SSH port forward",
+    "app_request": "The app's request succeeds as the app sends it",
+    "no_cuda_errors": "No CUDA errors or tracebacks in the service log",
+    "peak_vram_gb": "Peak VRAM below threshold (GB)",
+    "quality": "CLIP score not worse than the current model (by more than threshold)",
+}
+
+
+class QualityResult(BaseModel):
+    """The evaluation's verdict: CLIP scores of the current and the new service."""
+
+    current_score: float | None
+    new_score: float | None
+    passed: bool
+    detail: str
+
+
+class Evidence(BaseModel):
+    """What the stages observed; a None field means that stage did not run."""
+
+    health: dict[str, Any] | None = None
+    benchmark: BenchmarkResult | None = None
+    app: AppCheck | None = None
+    log_scan: LogScan | None = None
+    quality: QualityResult | None = None
+
+
+class GateRow(BaseModel):
+    criterion: str
+    description: str
+    threshold: float | None
+    observed: str
+    enforce: bool
+    verdict: Verdict
+
+
+class GateReport(BaseModel):
+    rows: list[GateRow]
+
+    @property
+    def passed(self) -> bool:
+        return not any(row.verdict == "fail" for row in self.rows)
+
+    @property
+    def failures(self) -> list[GateRow]:
+        return [row for row in self.rows if row.verdict == "fail"]
+
+    def table(self) -> list[dict[str, Any]]:
+        return [row.model_dump() for row in self.rows]
+
+
+# Each check returns (ok, observed); ok None = not applicable (or no evidence yet).
+Check = Callable[[Evidence, Criterion], tuple[bool | None, str]]
+
+
+def _model_loaded(ev: Evidence, c: Criterion) -> tuple[bool | None, str]:
+    if ev.health is None:
+        return False, "no health answer"
+    return bool(
+        ev.health.get("model_loaded")
+    ), f"model_loaded={ev.health.get('model_loaded')}, model={ev.health.get('model')}"
+
+
+def _resolution(ev: Evidence, c: Criterion) -> tuple[bool | None, str]:
+    bench = ev.benchmark
+    if bench is None or not bench.images:
+        return False, "no image generated"
+    width, height = (int(x) for x in bench.requested_size.split("x"))
+    sizes = sorted({i.size or "?" for i in bench.images})
+    big_enough = c.threshold is None or min(width, height) >= c.threshold
+    all_match = all(i.size == bench.requested_size for i in bench.images)
+    return big_enough and all_match, f"requested {bench.requested_size}, got {', '.join(sizes)}"
+
+
+def _p95(ev: Evidence, c: Criterion) -> tuple[bool | None, str]:
+    bench = ev.benchmark
+    if bench is None or bench.p95_s is None:
+        return False, "no successful generation"
+    ok = c.threshold is None or bench.p95_s < c.threshold
+    return ok, f"p95 {bench.p95_s:.2f} s (p50 {bench.p50_s:.2f} s, {len(bench.generation_s)} runs)"
+
+
+def _valid_image(ev: Evidence, c: Criterion) -> tuple[bool | None, str]:
+    bench = ev.benchmark
+    if bench is None:
+        return False, "no benchmark"
+    good = sum(i.ok for i in bench.images)
+    bad = [i.detail for i in bench.images if not i.ok] + bench.errors
+    return good == bench.runs and not bad, f"{good}/{bench.runs} valid" + (f"; {bad[0]}" if bad else "")
+
+
+def _tunnel(ev: Evidence, c: Criterion) -> tuple[bool | None, str]:
+    if ev.app is None:
+        return False, "not checked"
+    if not ev.app.through_tunnel:
+        return None, "local target: no tunnel"
+    return ev.app.health_ok and ev.app.generate_ok, ev.app.detail
+
+
+def _app_request(ev: Evidence, c: Criterion) -> tuple[bool | None, str]:
+    if ev.app is None:
+        return False, "not checked"
+    return ev.app.generate_ok, ev.app.detail
+
+
+def _no_cuda_errors(ev: Evidence, c: Criterion) -> tuple[bool | None, str]:
+    if ev.log_scan is None:
+        return False, "log not scanned"
+    matches = ev.log_scan.matches
+    return not matches, f"{len(matches)} error lines" + (f": {matches[0][:160]}" if matches else "")
+
+
+def _peak_vram(ev: Evidence, c: Criterion) -> tuple[bool | None, str]:
+    bench = ev.benchmark
+    if bench is None or bench.peak_vram_gb is None:
+        return None, "no GPU memory reported (CPU)"
+    ok = c.threshold is None or bench.peak_vram_gb < c.threshold
+    return ok, f"{bench.peak_vram_gb:.1f} GB"
+
+
+def _quality(ev: Evidence, c: Criterion) -> tuple[bool | None, str]:
+    if ev.quality is None:
+        return False, "not compared (quality.enabled is off; verify-sdxl does not compare)"
+    return ev.quality.passed, ev.quality.detail
+
+
+CHECKS: dict[str, Check] = {
+    "model_loaded": _model_loaded,
+    "resolution": _resolution,
+    "p95_seconds": _p95,
+    "valid_image": _valid_image,
+    "tunnel": _tunnel,
+    "app_request": _app_request,
+    "no_cuda_errors": _no_cuda_errors,
+    "peak_vram_gb": _peak_vram,
+    "quality": _quality,
+}
+
+
+def judge(criteria: list[Criterion], evidence: Evidence) -> GateReport:
+    """One row per criterion: pass, fail (enforced), warn (failed but warn-only) or n/a."""
+    rows = []
+    for criterion in criteria:
+        ok, observed = CHECKS[criterion.name](evidence, criterion)
+        verdict: Verdict = "n/a" if ok is None else "pass" if ok else "fail" if criterion.enforce else "warn"
+        rows.append(
+            GateRow(
+                criterion=criterion.name,
+                description=DESCRIPTIONS[criterion.name],
+                threshold=criterion.threshold,
+                observed=observed,
+                enforce=criterion.enforce,
+                verdict=verdict,
+            )
+        )
+    return GateReport(rows=rows)
+
+
+@task(cache_policy=NO_CACHE)
+def evaluate_gates(criteria: list[Criterion], evidence: Evidence, artifact_key: str) -> GateReport:
+    """Judge every success criterion and publish the table as a Prefect artifact."""
+    report = judge(criteria, evidence)
+    create_table_artifact(
+        key=artifact_key,
+        table=report.table(),
+        description="Success criteria of the SDXL deploy: " + ("PASSED" if report.passed else "FAILED"),
+    )
+    log = run_logger()
+    for row in report.rows:
+        log.info("gate %-15s %-4s %s", row.criterion, row.verdict, row.observed)
+    return report
+
+
+class GateFailed(RuntimeError):
+    """An enforced success criterion failed."""
+
+
+def require_passed(report: GateReport) -> None:
+    """Raise `GateFailed` naming every enforced criterion that failed, with what was observed."""
+    if not report.passed:
+        failed = ", ".join(f"{row.criterion} ({row.observed})" for row in report.failures)
+        raise GateFailed(f"enforced success criteria failed: {failed}")
+
+
+def gates_markdown(report: GateReport) -> str:
+    lines = ["| criterion | threshold | observed | mode | verdict |", "|---|---|---|---|---|"]
+    for row in report.rows:
+        threshold = "" if row.threshold is None else f"{row.threshold:g}"
+        mode = "enforce" if row.enforce else "warn"
+        observed = row.observed.replace("|", "\\|").replace("\n", " ")
+        lines.append(f"| {row.criterion} | {threshold} | {observed} | {mode} | **{row.verdict}** |")
+    return "\n".join(lines)

@@ -1,0 +1,178 @@
+"""Rollback: stop the new service, put back the current one from its backup, and prove it answers.
+
+Idempotent: each step checks first (is the new one running? does the old one answer already? does each
+file match the backup?), so running it twice, or after a deploy that was interrupted anywhere, is safe.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import httpx
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+from pydantic import BaseModel
+
+from flows.deploy_state import load_state, save_state
+from flows.hostfs import digests, file_size, run_checked, tail_bytes
+from flows.hosts import Host, q
+from flows.procs import (
+    ProcessInfo,
+    find_service,
+    is_running,
+    listener_pids,
+    pid_from_file,
+    process_info,
+    start_detached,
+    stop_process,
+    wait_port_free,
+)
+from flows.target import CurrentService, Target
+from flows.tasks.backup import BackupFile, latest_backup, verify_backup
+from flows.tasks.common import get_health, is_healthy, run_logger, service_url
+
+
+class RollbackResult(BaseModel):
+    backup_dir: str | None
+    stopped_new: str
+    restored_files: list[str]
+    restarted: str
+    health: dict[str, Any] | None
+    answering: bool
+
+
+class RollbackError(RuntimeError):
+    """The old service could not be put back; the message says where it stopped."""
+
+
+def current_answers(host: Host, service: CurrentService) -> dict[str, Any] | None:
+    """The current service's health body when it answers healthy, else None."""
+    with service_url(host, service.port) as url:
+        try:
+            body = get_health(url, service.health_path, timeout=10)
+        except httpx.HTTPError:
+            return None
+    return body if is_healthy(body) else None
+
+
+def new_service_process(host: Host, target: Target) -> ProcessInfo | None:
+    """The new service's process: as recorded in the deploy state, else from its pid file."""
+    state = load_state(host, target)
+    if state and state.new_process:
+        return state.new_process
+    pid = pid_from_file(host, target.new.pid_file)
+    info = process_info(host, pid) if pid else None
+    # Only a PID from our own pid file whose command line is our `serve` is ours to stop.
+    if info and "sdxl_deploy.cli" in info.cmdline and f"--port {target.new.port}" in info.cmdline:
+        return info
+    return None
+
+
+def resolve_backup(host: Host, target: Target, backup: str | None) -> str:
+    """A named backup (a name under backup_root, or a path), this deploy's backup, or the latest one."""
+    if backup:
+        return backup if backup.startswith("/") else f"{target.paths.backup_root}/{backup}"
+    state = load_state(host, target)
+    if state and state.backup_dir:
+        return state.backup_dir
+    return latest_backup(host, target.paths.backup_root, target.current.name)
+
+
+@task(cache_policy=NO_CACHE)
+def roll_back(host: Host, target: Target, backup: str | None = None) -> RollbackResult:
+    """Stop the new service, restore the old one's files from the backup, restart it, verify its health."""
+    log = run_logger()
+    new = new_service_process(host, target)
+    if new and is_running(host, new):
+        stopped = stop_process(host, new, target.new.stop_timeout_s)
+        wait_port_free(host, target.new.port)
+    else:
+        stopped = "the new service was not running"
+    log.info("rollback: %s", stopped)
+
+    backup_dir: str | None = None
+    service = target.current
+    restored: list[str] = []
+    health = current_answers(host, service)
+    if health is not None:
+        restarted = f"the current service already answers on port {service.port}"
+    else:
+        backup_dir = resolve_backup(host, target, backup)
+        manifest = verify_backup(host, backup_dir)
+        service = manifest.service
+        restored = restore_files(host, backup_dir, manifest.service_files())
+        health = current_answers(host, service)
+        if health is not None:
+            restarted = f"the current service already answers on port {service.port}"
+        else:
+            process = restart_current(host, service, target.new.install_dir)
+            health = wait_healthy(host, service, process)
+            restarted = f"restarted {process.describe()} from {backup_dir}"
+    log.info("rollback: %s; health %s", restarted, health)
+
+    state = load_state(host, target)
+    if state:
+        state.status, state.stage = "rolled_back", "rollback"
+        save_state(host, target, state)
+    return RollbackResult(
+        backup_dir=backup_dir,
+        stopped_new=stopped,
+        restored_files=restored,
+        restarted=restarted,
+        health=health,
+        answering=health is not None,
+    )
+
+
+def restore_files(host: Host, backup_dir: str, files: list[BackupFile]) -> list[str]:
+    """Copy back every service file that is missing or differs from the backup; the restored paths."""
+    now = digests(host, [f.original for f in files])
+    restored = []
+    for f in files:
+        digest = now[f.original]
+        if digest is None or digest.sha256 != f.sha256:
+            parent = f.original.rsplit("/", 1)[0] or "/"
+            run_checked(
+                host,
+                f"mkdir -p -- {q(parent)} && cp -p -- {q(f'{backup_dir}/{f.path}', f.original)}",
+                f"restoring {f.original}",
+            )
+            restored.append(f.original)
+    return restored
+
+
+def restart_current(host: Host, service: CurrentService, install_dir: str) -> ProcessInfo:
+    """Start the current service with its own start command, detached, after checking its port is free."""
+    holders = listener_pids(host, service.port)
+    if holders:
+        holder = find_service(host, service.port)
+        who = holder.describe() if holder else f"PIDs {holders}"
+        raise RollbackError(
+            f"port {service.port} is held by {who}, which does not answer {service.health_path}; stop it first"
+        )
+    pid_file = service.pid_file or f"{install_dir}/{service.name}.pid"
+    return start_detached(
+        host,
+        ["sh", "-c", service.start_command],
+        workdir=service.workdir,
+        log_file=service.log_file,
+        pid_file=pid_file,
+    )
+
+
+def wait_healthy(host: Host, service: CurrentService, process: ProcessInfo) -> dict[str, Any]:
+    """Poll the restarted service's health until it answers healthy; fail fast if it exits."""
+    offset = max((file_size(host, service.log_file) or 0) - 4000, 0)
+    deadline = time.monotonic() + service.health_timeout_s
+    while time.monotonic() < deadline:
+        health = current_answers(host, service)
+        if health is not None:
+            return health
+        if process_info(host, process.pid) is None:
+            text, _ = tail_bytes(host, service.log_file, offset)
+            raise RollbackError(f"the restarted service exited; its log ends with:\n{text[-2000:]}")
+        time.sleep(1.0)
+    raise RollbackError(
+        f"the restarted service did not answer {service.health_path} within {service.health_timeout_s:.0f} s"
+    )

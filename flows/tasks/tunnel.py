@@ -1,0 +1,64 @@
+"""The app's view: `/health` and one `/generate` exactly as the app sends it, through a fresh SSH local
+port forward (the `ssh -L 7860:localhost:7860` tunnel the app uses); directly on a local target."""
+
+from __future__ import annotations
+
+import time
+
+import httpx
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+from pydantic import BaseModel
+
+from flows.hosts import Host
+from flows.target import Target
+from flows.tasks.benchmark import check_image
+from flows.tasks.common import run_logger
+
+
+class AppCheck(BaseModel):
+    through_tunnel: bool
+    health_ok: bool
+    generate_ok: bool
+    seconds: float | None
+    detail: str
+
+
+@task(cache_policy=NO_CACHE)
+def check_app_path(host: Host, target: Target) -> AppCheck:
+    """Send `/health` and the app's request the way the app does (through a port forward on SSH)."""
+    log = run_logger()
+    new, payload = target.new, target.workload.app_request
+    width, height = target.workload.size
+    headers = {"Authorization": f"Bearer {new.env['SDXL_API_KEY']}"} if new.env.get("SDXL_API_KEY") else {}
+    health_ok = generate_ok = False
+    seconds = None
+    try:
+        with host.forward(new.port) as local_port:
+            url = f"http://127.0.0.1:{local_port}"
+            health = httpx.get(f"{url}/health", timeout=30)
+            health_ok = health.status_code == 200
+            started = time.perf_counter()
+            answer = httpx.post(
+                f"{url}/generate", json=payload, headers=headers, timeout=target.workload.request_timeout_s
+            )
+            seconds = round(time.perf_counter() - started, 3)
+            body = answer.json()
+            image = check_image(body.get("image", ""), width, height) if body.get("success") else None
+            generate_ok = answer.status_code == 200 and image is not None and image.ok
+            detail = (
+                f"/health {health.status_code}; /generate {answer.status_code} "
+                f"{body.get('final_resolution', body.get('error', ''))} in {seconds} s"
+                + (f" ({image.detail})" if image and not image.ok else "")
+            )
+    except (httpx.HTTPError, ValueError, OSError) as exc:
+        detail = f"{type(exc).__name__}: {exc}"
+    via = f"local port forward to {host.name}:{new.port}" if host.is_remote else "direct (local target)"
+    log.info("app path via %s: %s", via, detail)
+    return AppCheck(
+        through_tunnel=host.is_remote,
+        health_ok=health_ok,
+        generate_ok=generate_ok,
+        seconds=seconds,
+        detail=f"{via}: {detail}",
+    )

@@ -1,0 +1,219 @@
+"""The FastAPI application: routes, auth, body limit and the error-to-response mapping."""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Annotated, Any
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from sdxl_deploy import __version__
+from service.errors import BodyTooLarge, ServiceError, Unauthorized, ValidationFailed
+from service.schema import ErrorResponse, GenerateRequest, GenerateResponse, HealthResponse, ReadyResponse
+from service.settings import ServiceSettings
+from service.state import ServiceState
+
+log = logging.getLogger(__name__)
+
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorResponse} for code in (401, 413, 422, 429, 500, 503, 504)
+}
+
+
+def get_state(request: Request) -> ServiceState:
+    return request.app.state.service
+
+
+StateDep = Annotated[ServiceState, Depends(get_state)]
+
+
+def require_api_key(request: Request, state: StateDep) -> None:
+    """Check `Authorization: Bearer <key>` in constant time when an API key is configured."""
+    expected = state.settings.api_key
+    if expected is None:
+        return
+    scheme, _, given = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(
+        given.strip().encode(), expected.get_secret_value().encode()
+    ):
+        raise Unauthorized()
+
+
+Authorized = Depends(require_api_key)
+
+
+def create_app(settings: ServiceSettings | None = None, state: ServiceState | None = None) -> FastAPI:
+    """Build the app; the model starts loading when the app starts (its lifespan)."""
+    settings = settings or ServiceSettings()
+    state = state or ServiceState(settings)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if state.status == "loading" and not state.engine.loaded:
+            state.start_loading()
+        yield
+        state.queue.shutdown()
+
+    app = FastAPI(
+        title="Image generation service",
+        version=__version__,
+        description="SD1.5 / SDXL (+ refiner) behind one HTTP contract.",
+        lifespan=lifespan,
+    )
+    app.state.service = state
+    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+    _install_error_handlers(app, state)
+    _count_requests(app, state)
+
+    @app.get("/health", response_model=HealthResponse)
+    def health(state: StateDep) -> HealthResponse:
+        """Always 200 while the process lives; `status` says healthy, loading or unhealthy."""
+        return state.health()
+
+    @app.get("/ready", response_model=ReadyResponse, responses={503: {"model": ReadyResponse}})
+    async def ready(state: StateDep) -> JSONResponse:
+        """200 only when the model is loaded and a tiny operation on its device succeeds."""
+        if state.status != "ready":
+            detail = state.load_error or "model is still loading"
+            return JSONResponse(ReadyResponse(ready=False, detail=detail).model_dump(), status_code=503)
+        try:
+            await asyncio.wait_for(asyncio.to_thread(state.engine.probe), timeout=10)
+        except Exception as exc:
+            detail = f"device check failed: {type(exc).__name__}: {exc}"
+            return JSONResponse(ReadyResponse(ready=False, detail=detail).model_dump(), status_code=503)
+        return JSONResponse(ReadyResponse(ready=True, detail=f"{state.engine.device} ok").model_dump())
+
+    @app.post(
+        "/generate", response_model=GenerateResponse, responses=ERROR_RESPONSES, dependencies=[Authorized]
+    )
+    async def generate(req: GenerateRequest, state: StateDep) -> GenerateResponse:
+        """Generate one image; the answer carries it as base64 with its seed and timings."""
+        return await state.generate(req)
+
+    @app.get("/metrics", dependencies=[Authorized], response_class=Response)
+    def metrics(state: StateDep) -> Response:
+        """Prometheus metrics: requests, latency, queue depth, errors, VRAM."""
+        return Response(state.metrics.render(), media_type="text/plain; version=0.0.4")
+
+    return app
+
+
+def error_response(
+    status: int, message: str, error_type: str, headers: dict[str, str] | None = None
+) -> JSONResponse:
+    body = ErrorResponse(error=message, error_type=error_type).model_dump()
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+def _install_error_handlers(app: FastAPI, state: ServiceState) -> None:
+    """Every error kind answers `{success: false, error, error_type}` with the status from service.errors."""
+
+    @app.exception_handler(ServiceError)
+    async def on_service_error(request: Request, exc: ServiceError) -> JSONResponse:
+        state.metrics.errors.labels(exc.error_type).inc()
+        if exc.status_code >= 500:
+            log.error("%s %s failed: %s", request.method, request.url.path, exc.message)
+        return error_response(exc.status_code, exc.message, exc.error_type, exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def on_invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
+        failed = validation_error(exc)
+        state.metrics.errors.labels(failed.error_type).inc()
+        return error_response(failed.status_code, failed.message, failed.error_type)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def on_http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        kind = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http")
+        return error_response(exc.status_code, str(exc.detail), kind, getattr(exc, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def on_unexpected(request: Request, exc: Exception) -> JSONResponse:
+        state.metrics.errors.labels("internal").inc()
+        log.exception("unexpected error on %s %s", request.method, request.url.path)
+        return error_response(500, f"internal error: {type(exc).__name__}", "internal")
+
+
+def validation_error(exc: RequestValidationError) -> ValidationFailed:
+    """The first problem of a rejected body, as a message that names the field and the value."""
+    first = exc.errors()[0]
+    loc = [str(part) for part in first.get("loc", ()) if part != "body"]
+    field = ".".join(loc) or "body"
+    if first.get("type") == "json_invalid":
+        return ValidationFailed("body", first.get("ctx", {}).get("error", "?"), "malformed JSON")
+    if first.get("type") == "missing":
+        failed = ValidationFailed(field, None, "field required")
+        failed.message = f"{field}: field required"
+        return failed
+    return ValidationFailed(field, first.get("input"), first.get("msg", "invalid value"))
+
+
+def _count_requests(app: FastAPI, state: ServiceState) -> None:
+    @app.middleware("http")
+    async def count(request: Request, call_next: Any) -> Response:
+        response = await call_next(request)
+        route = request.scope.get("route")
+        path = getattr(route, "path", "unmatched")
+        state.metrics.requests.labels(path, str(response.status_code)).inc()
+        return response
+
+
+class BodyLimit:
+    """Refuse request bodies over `max_bytes` with 413, declared or streamed."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope.get("headers", [])).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+            await self._refuse(scope, send, int(declared))
+            return
+        chunks: list[bytes] = []
+        size, more = 0, True
+        while more:
+            message = await receive()
+            if message["type"] != "http.request":
+                break
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            more = message.get("more_body", False)
+            if size > self.max_bytes:
+                await self._refuse(scope, send, size)
+                return
+        body = b"".join(chunks)
+        replayed = False
+
+        async def replay() -> Message:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
+
+    async def _refuse(self, scope: Scope, send: Send, size: int) -> None:
+        error = BodyTooLarge(
+            f"body: request body of {size} bytes exceeds the limit of {self.max_bytes} bytes"
+        )
+        payload = json.dumps(ErrorResponse(error=error.message, error_type=error.error_type).model_dump())
+        await send(
+            {
+                "type": "http.response.start",
+                "status": error.status_code,
+                "headers": [(b"content-type", b"application/json"), (b"connection", b"close")],
+            }
+        )
+        await send({"type": "http.response.body", "body": payload.encode()})

@@ -1,0 +1,60 @@
+"""CLI commands of the service: `serve` and `models build|list`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+models_app = typer.Typer(help="Generated models: list them, or write one to disk.", no_args_is_help=True)
+
+
+def serve(
+    model: Annotated[str | None, typer.Option(help="Registry name or path (default: SDXL_MODEL).")] = None,
+    host: Annotated[str | None, typer.Option(help="Bind address (default 127.0.0.1).")] = None,
+    port: Annotated[int | None, typer.Option(help="Port (default 7860).")] = None,
+) -> None:
+    """Serve a model over HTTP (GET /health, GET /ready, POST /generate, GET /metrics)."""
+    from pydantic import ValidationError
+
+    from service.server import serve as run_server
+    from service.settings import ServiceSettings
+
+    overrides = {k: v for k, v in {"model": model, "host": host, "port": port}.items() if v is not None}
+    try:
+        settings = ServiceSettings(**overrides)
+    except ValidationError as exc:
+        for err in exc.errors():
+            typer.echo(f"invalid setting {'.'.join(map(str, err['loc']))}: {err['msg']}", err=True)
+        raise typer.Exit(2) from None
+    run_server(settings)
+
+
+@models_app.command("list")
+def list_models() -> None:
+    """Names that `serve --model` accepts."""
+    from service.models import known_models
+
+    for name, description in known_models().items():
+        typer.echo(f"{name:16} {description}")
+
+
+@models_app.command("build")
+def build_model(
+    name: Annotated[str, typer.Argument(help="tiny-sd15, tiny-sdxl, synthetic-sd15 or synthetic-sdxl")],
+    out: Annotated[Path, typer.Option(help="Folder to write (base/, refiner/, MODEL.json).")],
+    seed: Annotated[int, typer.Option(help="Seed of the random weights.")] = 0,
+    device: Annotated[str, typer.Option(help="Where to build (cuda is much faster for synthetic).")] = "cpu",
+    half: Annotated[
+        bool, typer.Option(help="Save in float16 (halves the size of synthetic models).")
+    ] = False,
+) -> None:
+    """Write a generated (random-weight) model to disk, to serve it from a folder like a real one."""
+    import torch
+
+    from service.builders import save_model
+
+    dtype = torch.float16 if half else torch.float32
+    path = save_model(name, out, seed=seed, device=device, dtype=dtype)
+    typer.echo(f"wrote {name} to {path}")

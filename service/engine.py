@@ -1,0 +1,341 @@
+"""The GPU work: load the pipelines once, generate images, report memory. No web imports here."""
+
+from __future__ import annotations
+
+import gc
+import logging
+import math
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from PIL import Image
+
+from service.errors import Cancelled, GenerationFailed, OutOfMemory
+from service.models import ModelSpec, resolve_model
+from service.params import GenerationParams, final_size
+from service.restorers import FaceRestorer, load_restorer
+from service.settings import ServiceSettings
+from service.worker import Job
+
+log = logging.getLogger(__name__)
+
+_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+@dataclass
+class GenerationResult:
+    """One generated image and what it cost."""
+
+    image: Image.Image
+    seed: int
+    timings: dict[str, float]
+    peak_vram_gb: float | None
+    warnings: list[str] = field(default_factory=list)
+
+
+def resolve_device(setting: str) -> torch.device:
+    """`auto` picks the first CUDA GPU when there is one, else the CPU."""
+    if setting == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(setting)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={setting!r} but no CUDA GPU is visible to torch")
+    return device
+
+
+def resolve_dtype(setting: str, device: torch.device) -> torch.dtype:
+    """`auto` is bfloat16 on CUDA GPUs that support it, float16 on older ones, float32 on the CPU."""
+    if setting != "auto":
+        return _DTYPES[setting]
+    if device.type != "cuda":
+        return torch.float32
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+class FaultInjector:
+    """Rehearsal only: make the next N generations fail like a real fault (`oom:N` or `error:N`)."""
+
+    def __init__(self, spec: str | None) -> None:
+        self.kind, self.remaining = None, 0
+        if spec:
+            kind, _, count = spec.partition(":")
+            if kind not in ("oom", "error") or not count.isdigit():
+                raise ValueError(f"inject_fault={spec!r} must look like 'oom:N' or 'error:N'")
+            self.kind, self.remaining = kind, int(count)
+        self._lock = threading.Lock()
+
+    def maybe_raise(self) -> None:
+        with self._lock:
+            if self.remaining <= 0:
+                return
+            self.remaining -= 1
+        if self.kind == "oom":
+            raise torch.OutOfMemoryError("CUDA out of memory. (injected by SDXL_INJECT_FAULT)")
+        raise RuntimeError("generation failed (injected by SDXL_INJECT_FAULT)")
+
+
+class Engine:
+    """Holds the loaded pipelines of one model and runs generations on them (one at a time)."""
+
+    def __init__(self, settings: ServiceSettings) -> None:
+        self.settings = settings
+        self.device = resolve_device(settings.device)
+        self.dtype = resolve_dtype(settings.dtype, self.device)
+        self.spec: ModelSpec | None = None
+        self.base: Any = None
+        self.refiner: Any = None
+        self.img2img: Any = None
+        self.restorer: FaceRestorer | None = None
+        self.faults = FaultInjector(settings.inject_fault)
+
+    # ----- loading -------------------------------------------------------------------------------
+
+    @property
+    def loaded(self) -> bool:
+        return self.base is not None
+
+    def load(self) -> None:
+        """Resolve the model, load base (+ refiner), move to the device, apply memory settings."""
+        s = self.settings
+        spec = resolve_model(s.model, s.cache_dir, refiner=s.refiner)
+        log.info("Loading %s (%s) on %s as %s", spec.name, spec.backend, self.device, _dtype_name(self.dtype))
+        kwargs: dict[str, Any] = {}
+        if spec.vae:
+            from diffusers import AutoencoderKL
+
+            log.info("Loading VAE from %s", spec.vae)
+            kwargs["vae"] = _load(AutoencoderKL, spec.vae, self.dtype, single_file=False)
+            log.info("VAE loaded")
+        if spec.backend == "sdxl":
+            from diffusers import StableDiffusionXLImg2ImgPipeline as Img2Img
+            from diffusers import StableDiffusionXLPipeline as Text2Img
+        else:
+            from diffusers import StableDiffusionImg2ImgPipeline as Img2Img
+            from diffusers import StableDiffusionPipeline as Text2Img
+
+            kwargs.update(safety_checker=None, requires_safety_checker=False)
+        log.info("Loading %s base model from %s (first run downloads it)", spec.backend, spec.base)
+        started = time.perf_counter()
+        base = _load(Text2Img, spec.base, self.dtype, single_file=spec.single_file, **kwargs)
+        log.info("Base model loaded in %.1f s", time.perf_counter() - started)
+        refiner = None
+        if spec.backend == "sdxl" and spec.refiner and s.load_refiner:
+            log.info("Loading refiner from %s", spec.refiner)
+            refiner = _load(
+                Img2Img,
+                spec.refiner,
+                self.dtype,
+                single_file=False,
+                text_encoder_2=base.text_encoder_2,
+                vae=base.vae,
+            )
+            log.info("Refiner loaded")
+        for pipe in (base, refiner):
+            if pipe is not None:
+                self._place(pipe)
+        self.img2img = Img2Img.from_pipe(base)
+        self.restorer = load_restorer(s.face_restorer)
+        self.spec, self.base, self.refiner = spec, base, refiner
+        self._log_device()
+        log.info("Model loaded successfully: %s", spec.name)
+
+    def _place(self, pipe: Any) -> None:
+        """Move a pipeline to the device and apply the memory settings."""
+        s = self.settings
+        if s.cpu_offload and self.device.type == "cuda":
+            pipe.enable_model_cpu_offload(device=self.device)
+        else:
+            pipe.to(self.device)
+        if s.attention_slicing:
+            pipe.enable_attention_slicing()
+        if s.vae_slicing:
+            pipe.vae.enable_slicing()
+        if s.vae_tiling:
+            pipe.vae.enable_tiling()
+        pipe.set_progress_bar_config(disable=True)
+
+    def _log_device(self) -> None:
+        if self.device.type == "cuda":
+            free, total = self.vram() or (0.0, 0.0)
+            log.info("GPU: %s", torch.cuda.get_device_name(self.device))
+            log.info("VRAM: %.1fGB free / %.1fGB total", free, total)
+        else:
+            log.info("Running on the CPU (no CUDA GPU): fine for tiny models, far too slow for real ones")
+
+    # ----- state ---------------------------------------------------------------------------------
+
+    @property
+    def refiner_loaded(self) -> bool:
+        return self.refiner is not None
+
+    def vram(self) -> tuple[float, float] | None:
+        """(free, total) GPU memory in GiB, or None without CUDA."""
+        if self.device.type != "cuda":
+            return None
+        free, total = torch.cuda.mem_get_info(self.device)
+        return free / 2**30, total / 2**30
+
+    def probe(self) -> None:
+        """A tiny operation on the device; raises if the device does not compute."""
+        value = torch.ones(8, device=self.device).add_(1).sum().item()
+        if value != 16:
+            raise RuntimeError(f"device {self.device} computed {value} for 8 * 2")
+
+    # ----- generation ----------------------------------------------------------------------------
+
+    def generate(self, p: GenerationParams, job: Job) -> GenerationResult:
+        """Run base (+ refiner) (+ hires pass) (+ face restoration) for one request."""
+        if not self.loaded:
+            raise GenerationFailed("model is not loaded")
+        timings: dict[str, float] = {}
+        warnings = list(p.warnings)
+        self._reset_peak()
+        try:
+            self.faults.maybe_raise()
+            image = self._run_stages(p, job, timings)
+        except torch.OutOfMemoryError as exc:
+            self.free_memory()
+            w, h = final_size(p)
+            raise OutOfMemory(
+                f"GPU out of memory at {w}x{h} (memory freed; try a smaller size, use_refiner=false, "
+                f"or the attention/VAE slicing settings): {str(exc).splitlines()[0]}"
+            ) from None
+        except Cancelled:
+            raise
+        except Exception as exc:
+            self.free_memory()
+            raise GenerationFailed(f"generation failed: {type(exc).__name__}: {exc}") from exc
+        return GenerationResult(image, p.seed, timings, self._peak_gb(), warnings)
+
+    def _run_stages(self, p: GenerationParams, job: Job, timings: dict[str, float]) -> Image.Image:
+        generator = torch.Generator("cpu").manual_seed(p.seed)
+        common = {
+            "prompt": p.prompt,
+            "negative_prompt": p.negative_prompt,
+            "guidance_scale": p.guidance_scale,
+            "generator": generator,
+        }
+        base_steps = round(p.steps * p.refiner_split) if p.use_refiner else p.steps
+        refiner_steps = p.steps - base_steps if p.use_refiner else 0
+        # img2img runs int(steps * strength) steps: ask for enough that at least one runs
+        hires_total = max(p.steps, math.ceil(1 / p.hires_strength))
+        hires_steps = int(hires_total * p.hires_strength) if p.hires_fix else 0
+        total = base_steps + refiner_steps + hires_steps
+        progress = _Progress(job, total)
+
+        with _timed(timings, "base"):
+            extra = {"denoising_end": p.refiner_split, "output_type": "latent"} if p.use_refiner else {}
+            out = self.base(
+                num_inference_steps=p.steps,
+                width=p.width,
+                height=p.height,
+                callback_on_step_end=progress.callback(),
+                **common,
+                **extra,
+            )
+        progress.check_cancelled()
+        image = out.images[0] if not p.use_refiner else None
+        if p.use_refiner:
+            with _timed(timings, "refiner"):
+                image = self.refiner(
+                    image=out.images,
+                    num_inference_steps=p.steps,
+                    denoising_start=p.refiner_split,
+                    callback_on_step_end=progress.callback(),
+                    **common,
+                ).images[0]
+            progress.check_cancelled()
+        if p.hires_fix:
+            w, h = final_size(p)
+            with _timed(timings, "hires"):
+                image = self.img2img(
+                    image=image.resize((w, h), Image.Resampling.LANCZOS),
+                    strength=p.hires_strength,
+                    num_inference_steps=hires_total,
+                    callback_on_step_end=progress.callback(),
+                    **common,
+                ).images[0]
+            progress.check_cancelled()
+        if p.face_restoration and self.restorer is not None:
+            with _timed(timings, "face_restoration"):
+                image = self.restorer.restore(image)
+        return image
+
+    def free_memory(self) -> None:
+        """Release what a failed request left on the GPU."""
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def _reset_peak(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+
+    def _peak_gb(self) -> float | None:
+        if self.device.type != "cuda":
+            return None
+        return round(torch.cuda.max_memory_allocated(self.device) / 2**30, 3)
+
+
+class _Progress:
+    """Counts denoising steps across stages and interrupts a pipeline whose job was cancelled."""
+
+    def __init__(self, job: Job, total: int) -> None:
+        self.job, self.total, self.done = job, total, 0
+        job.progress(0, total)
+
+    def callback(self) -> Callable[..., dict[str, Any]]:
+        def on_step_end(pipe: Any, step: int, timestep: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
+            self.done += 1
+            self.job.progress(min(self.done, self.total), self.total)
+            if self.job.cancelled.is_set():
+                pipe._interrupt = True
+            return kwargs
+
+        return on_step_end
+
+    def check_cancelled(self) -> None:
+        if self.job.cancelled.is_set():
+            raise Cancelled("cancelled while running")
+
+
+@contextmanager
+def _timed(timings: dict[str, float], stage: str) -> Iterator[None]:
+    started = time.perf_counter()
+    try:
+        yield
+    finally:
+        timings[stage] = round(time.perf_counter() - started, 4)
+
+
+def _load(cls: Any, source: str, dtype: torch.dtype, *, single_file: bool, **kwargs: Any) -> Any:
+    """The one loading path: `from_pretrained` (hub id or folder) or `from_single_file` (checkpoint)."""
+    from pathlib import Path
+
+    kwargs[_dtype_keyword()] = dtype
+    if single_file:
+        return cls.from_single_file(source, **kwargs)
+    if not Path(source).exists() and dtype in (torch.float16, torch.bfloat16):
+        try:  # hub repos ship half-precision weights: half the download
+            return cls.from_pretrained(source, variant="fp16", use_safetensors=True, **kwargs)
+        except (ValueError, OSError) as exc:
+            if "variant" not in str(exc):
+                raise
+    return cls.from_pretrained(source, **kwargs)
+
+
+def _dtype_keyword() -> str:
+    """diffusers 0.42 renamed `torch_dtype` to `dtype`; the GPU box may run an older release."""
+    import diffusers
+    from packaging.version import Version
+
+    return "dtype" if Version(diffusers.__version__) >= Version("0.42") else "torch_dtype"
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")

@@ -1,0 +1,39 @@
+"""Prometheus metrics of one service instance (its own registry, so tests can run several)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+LATENCY_BUCKETS = (0.1, 0.25, 0.5, 1, 2, 3, 5, 8, 13, 20, 30, 60, 120, 300)
+
+
+class ServiceMetrics:
+    """Requests, latency, queue depth, errors and VRAM, exposed at `GET /metrics`."""
+
+    def __init__(self, queue_depth: Callable[[], float], vram_used_gb: Callable[[], float]) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "sdxl_requests", "HTTP requests by route and status.", ["route", "status"], registry=self.registry
+        )
+        self.errors = Counter("sdxl_errors", "Errors by kind.", ["error_type"], registry=self.registry)
+        self.generation_seconds = Histogram(
+            "sdxl_generation_seconds",
+            "Time of successful /generate requests, queueing and encoding included.",
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.images = Counter("sdxl_images_generated", "Images generated.", registry=self.registry)
+        Gauge("sdxl_queue_depth", "Requests waiting for the GPU.", registry=self.registry).set_function(
+            queue_depth
+        )
+        Gauge("sdxl_vram_used_gb", "GPU memory in use (GiB).", registry=self.registry).set_function(
+            vram_used_gb
+        )
+        self.peak_vram = Gauge(
+            "sdxl_last_peak_vram_gb", "Peak VRAM of the last request.", registry=self.registry
+        )
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

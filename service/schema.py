@@ -1,0 +1,89 @@
+"""The HTTP contract: request and response bodies of every endpoint, in one place.
+
+The app written against the old SD1.5 script sends `prompt`, `num_inference_steps`, `width`, `height`,
+`use_refiner`, `use_face_restoration` and `hires_fix`, and reads `success`, `image` and
+`final_resolution`. Those fields keep their names and meaning here; everything else is additive.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+OutputFormat = Literal["png", "jpeg", "webp"]
+Backend = Literal["sd15", "sdxl"]
+
+MAX_SEED = 2**32 - 1
+
+
+class GenerateRequest(BaseModel):
+    """Body of `POST /generate`. Unknown fields are accepted and ignored (older apps send them)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    prompt: str = Field(..., min_length=1, description="What to draw.")
+    negative_prompt: str | None = Field(None, description="What to avoid.")
+    num_inference_steps: int = Field(30, ge=1, le=150, description="Denoising steps.")
+    width: int | None = Field(
+        None, ge=64, le=2048, multiple_of=8, description="Pixels; default 1024 on SDXL, 512 on SD1.5."
+    )
+    height: int | None = Field(
+        None, ge=64, le=2048, multiple_of=8, description="Pixels; default 1024 on SDXL, 512 on SD1.5."
+    )
+    guidance_scale: float = Field(7.5, ge=0.0, le=30.0, description="Classifier-free guidance strength.")
+    seed: int | None = Field(None, ge=-1, le=MAX_SEED, description="None or -1 picks a random seed.")
+    use_refiner: bool | None = Field(None, description="SDXL refiner pass; default on when one is loaded.")
+    refiner_split: float = Field(0.8, gt=0.0, lt=1.0, description="Fraction of steps run by the base model.")
+    use_face_restoration: bool = Field(False, description="Face restoration, when a restorer is installed.")
+    hires_fix: bool = Field(False, description="Upscale 1.5x and refine with an img2img pass.")
+    hires_scale: float = Field(1.5, ge=1.0, le=2.0, description="Upscale factor of the hires fix.")
+    hires_strength: float = Field(0.35, gt=0.0, le=1.0, description="Denoising strength of the hires pass.")
+    output_format: OutputFormat = Field("png", description="Image encoding of the base64 answer.")
+
+
+class GenerateResponse(BaseModel):
+    """Body of a successful `POST /generate`."""
+
+    success: Literal[True] = True
+    image: str = Field(..., description="Base64 of the encoded image (no data: prefix).")
+    final_resolution: str = Field(..., description='"WIDTHxHEIGHT" of the returned image.')
+    seed: int
+    model: str
+    output_format: OutputFormat
+    timings: dict[str, float] = Field(..., description="Seconds per stage, plus queue and total.")
+    peak_vram_gb: float | None = Field(None, description="Peak GPU memory during this request.")
+    warnings: list[str] = Field(default_factory=list)
+
+
+class HealthResponse(BaseModel):
+    """Body of `GET /health` (always 200 while the process lives)."""
+
+    status: Literal["healthy", "loading", "unhealthy"]
+    model_loaded: bool
+    cuda_available: bool
+    codeformer_available: bool
+    vram_available: str | None = Field(None, description='"12.3GB / 24.0GB" (free / total) or null.')
+    model: str
+    backend: Backend | None
+    refiner_loaded: bool
+    device: str
+    version: str
+    uptime_s: float
+    queue_depth: int
+    error: str | None = Field(None, description="Why the model failed to load, when unhealthy.")
+
+
+class ReadyResponse(BaseModel):
+    """Body of `GET /ready`."""
+
+    ready: bool
+    detail: str
+
+
+class ErrorResponse(BaseModel):
+    """Body of every error answer."""
+
+    success: Literal[False] = False
+    error: str
+    error_type: str

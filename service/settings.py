@@ -1,0 +1,89 @@
+"""Every setting of the image service, in one place (env vars `SDXL_<FIELD>` or a `.env` file)."""
+
+from __future__ import annotations
+
+import ipaddress
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+def default_cache_dir() -> Path:
+    """Where generated (tiny / synthetic) models are written: `$SDXL_DEPLOY_CACHE` or ~/.cache/sdxl-deploy."""
+    import os
+
+    return Path(os.environ.get("SDXL_DEPLOY_CACHE", Path.home() / ".cache" / "sdxl-deploy" / "models"))
+
+
+class ServiceSettings(BaseSettings):
+    """Settings of one running image service."""
+
+    model_config = SettingsConfigDict(env_prefix="SDXL_", env_file=".env", extra="ignore")
+
+    # What to serve
+    model: str = Field("tiny-sdxl", description="Registry name (sd15, sdxl, tiny-*, synthetic-*) or a path.")
+    refiner: str | None = Field(
+        None, description="Refiner hub id or folder; overrides the registry's choice."
+    )
+    load_refiner: bool = Field(True, description="Load the SDXL refiner when the model has one.")
+    cache_dir: Path = Field(default_factory=default_cache_dir, description="Folder for generated models.")
+
+    # Where to listen
+    host: str = Field("127.0.0.1", description="Bind address. Anything but loopback needs allow_public_bind.")
+    port: int = Field(7860, ge=0, le=65535)
+    allow_public_bind: bool = Field(False, description="Allow binding a non-loopback address on purpose.")
+    api_key: SecretStr | None = Field(
+        None, description="If set, requests need `Authorization: Bearer <key>`."
+    )
+
+    # Hardware and numerics
+    device: str = Field("auto", description="auto, cuda, cuda:N or cpu.")
+    dtype: Literal["auto", "float16", "bfloat16", "float32"] = Field(
+        "auto", description="auto = bfloat16 on CUDA (fp16 where bf16 is unsupported), float32 on CPU."
+    )
+    attention_slicing: bool = Field(False, description="Lower peak VRAM, slower.")
+    vae_slicing: bool = Field(False, description="Decode batch images one at a time.")
+    vae_tiling: bool = Field(False, description="Decode large images in tiles (very large sizes).")
+    cpu_offload: bool = Field(False, description="Model CPU offload: fits small GPUs, much slower.")
+    face_restorer: str | None = Field(None, description="'package.module:factory' of a face restorer.")
+
+    # Load and limits
+    max_queue: int = Field(8, ge=1, le=1024, description="Requests waiting beyond the running one; then 429.")
+    request_timeout_s: float = Field(
+        300.0, gt=0, description="Per-request limit, queueing included; then 504."
+    )
+    max_body_bytes: int = Field(65_536, ge=1024, description="Largest accepted request body; then 413.")
+    max_prompt_chars: int = Field(2000, ge=1, le=100_000, description="Longest accepted prompt.")
+    retry_after_s: int = Field(2, ge=1, description="Retry-After header value sent with 429 and 503.")
+
+    # Test-only fault injection, e.g. "oom:1" = the next 1 generation raises CUDA out-of-memory.
+    inject_fault: str | None = Field(None, description="Rehearsal only: 'oom:N' or 'error:N'.")
+
+    log_level: str = Field("info")
+
+    @field_validator("model")
+    @classmethod
+    def _model_not_empty(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("model must name a registry model or a path, got an empty string")
+        return value.strip()
+
+    @model_validator(mode="after")
+    def _refuse_unsafe_bind(self) -> ServiceSettings:
+        if not self.allow_public_bind and not _is_loopback(self.host):
+            raise ValueError(
+                f"host={self.host!r} is not a loopback address; set SDXL_ALLOW_PUBLIC_BIND=true to expose "
+                "the service on purpose (and set SDXL_API_KEY)"
+            )
+        return self
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
