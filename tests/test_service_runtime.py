@@ -171,7 +171,13 @@ def test_plain_diffusers_folder_is_served(model_cache: Path) -> None:
     spec = spec_from_path(base_only)
     assert spec.backend == "sd15" and spec.base == str(base_only.resolve())
     with thread_server(settings_for(str(base_only), model_cache)) as url:
-        assert httpx.post(f"{url}/generate", json=SMALL, timeout=60).status_code == 200
+        # a plain folder gets the real SD1.5 size range, not the tiny models' wider one
+        too_small = httpx.post(f"{url}/generate", json=SMALL, timeout=60)
+        assert too_small.status_code == 422 and "between 256 and 1024" in too_small.json()["error"]
+        ok = httpx.post(
+            f"{url}/generate", json={**SMALL, "width": 256, "height": 256, "num_inference_steps": 1}
+        )
+        assert ok.status_code == 200
 
 
 def test_settings_refuse_a_public_bind_unless_asked() -> None:
