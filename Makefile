@@ -29,12 +29,12 @@ demo: setup
 	$(PY) -m sdxl_deploy.cli demo
 
 test: setup
-	$(PY) -m ruff check .
+	$(PY) -m ruff check --no-cache .
 	$(PY) -m pytest -q -p no:cacheprovider
 
 lint: setup
-	$(PY) -m ruff check .
-	$(PY) -m ruff format --check .
+	$(PY) -m ruff check --no-cache .
+	$(PY) -m ruff format --check --no-cache .
 
 ui: setup
 	bash scripts/ui.sh

@@ -6,9 +6,8 @@ import shutil
 import sys
 from pathlib import Path
 
-from flows.hosts import q
-
 from flows.demo import demo_target
+from flows.hosts import q
 from flows.target import CurrentService, Target
 
 LEGACY_SCRIPT = Path(__file__).with_name("legacy_api.py")
