@@ -10,6 +10,7 @@ export SDXL_DEPLOY_CACHE ?= $(CURDIR)/.cache/models
 .PHONY: setup demo test lint ui clean system-deps
 
 setup: $(STAMP)
+	@mkdir -p "$(PREFECT_HOME)" "$(SDXL_DEPLOY_CACHE)"
 
 $(STAMP): pyproject.toml constraints.txt
 	@$(MAKE) --no-print-directory system-deps

@@ -61,7 +61,7 @@ DEFAULT_CRITERIA: tuple[Criterion, ...] = (
     Criterion(name="app_request"),
     Criterion(name="no_cuda_errors"),
     Criterion(name="peak_vram_gb", threshold=20),
-    Criterion(name="quality", threshold=1.0, enforce=False),
+    Criterion(name="quality", threshold=1.0),  # margin in CLIP points (non-inferiority)
 )
 
 
@@ -214,7 +214,7 @@ class QualityCheck(_Model):
         None, description="Prompt file (.txt/.csv/.jsonl); default: built-in set."
     )
     prompt_limit: int | None = Field(
-        6, ge=1, description="At most this many prompts, spread over categories."
+        12, ge=1, description="At most this many prompts, spread over categories."
     )
     seeds: int = Field(1, ge=1, le=10, description="Seeds per prompt.")
     scorer: str = Field("ViT-L-14", description="open_clip model (tiny-random-clip for rehearsals).")

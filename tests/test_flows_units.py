@@ -16,7 +16,7 @@ import pytest
 import yaml
 from PIL import Image
 
-from flows.demo import free_port
+from flows.demo import demo_target, free_port
 from flows.hostfs import digests, write_text
 from flows.hosts import LocalHost
 from flows.procs import ProcessInfo, find_service, is_running, listener_pids, start_detached, stop_process
@@ -24,7 +24,7 @@ from flows.rundir import RehearsedFailure, RunRecord, StageFailed, make_run_dir
 from flows.target import DEFAULT_CRITERIA, Criterion, Target, TargetFileError, expand_home, load_target
 from flows.tasks.backup import BackupError, backup_current, list_backups, prune_backups, verify_backup
 from flows.tasks.benchmark import BenchmarkResult, ImageCheck, LogScan, check_image, percentile
-from flows.tasks.gates import Evidence, judge
+from flows.tasks.gates import Evidence, QualityResult, judge
 from flows.tasks.rollback import restore_files
 from flows.tasks.tunnel import AppCheck
 from tests.flows_support import legacy_target
@@ -91,13 +91,25 @@ def _evidence(p95: float = 4.0, vram: float | None = 14.0, tunnel: bool = True) 
     )
 
 
-def test_gates_pass_on_good_evidence_and_quality_is_warn_only() -> None:
+def test_gates_pass_on_good_evidence_and_an_uncompared_quality_is_not_applicable() -> None:
     report = judge(list(DEFAULT_CRITERIA), _evidence())
     verdicts = {row.criterion: row.verdict for row in report.rows}
     assert report.passed
-    assert verdicts["quality"] == "warn"
+    assert verdicts["quality"] == "n/a"
     assert [r.observed for r in report.rows if r.criterion == "quality"][0].startswith("not compared")
     assert all(v == "pass" for name, v in verdicts.items() if name != "quality")
+
+
+def test_a_worse_quality_verdict_blocks_the_deploy_unless_made_warn_only(tmp_path: Path) -> None:
+    evidence = _evidence()
+    evidence.quality = QualityResult(
+        current_score=30.0, new_score=27.0, passed=False, detail="worse: CLIP 27.00 vs 30.00"
+    )
+    report = judge(list(DEFAULT_CRITERIA), evidence)
+    assert not report.passed and [r.criterion for r in report.failures] == ["quality"]
+    demo_criteria = demo_target(tmp_path, 7860).criteria
+    assert judge(demo_criteria, evidence).passed  # the demo's random weights: warn only
+    assert {r.criterion: r.verdict for r in judge(demo_criteria, evidence).rows}["quality"] == "warn"
 
 
 def test_enforced_gate_fails_and_warn_only_does_not_block() -> None:

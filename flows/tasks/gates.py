@@ -145,7 +145,7 @@ def _peak_vram(ev: Evidence, c: Criterion) -> tuple[bool | None, str]:
 
 def _quality(ev: Evidence, c: Criterion) -> tuple[bool | None, str]:
     if ev.quality is None:
-        return False, "not compared (quality.enabled is off; verify-sdxl does not compare)"
+        return None, "not compared (quality.enabled is off; verify-sdxl does not compare)"
     return ev.quality.passed, ev.quality.detail
 
 
