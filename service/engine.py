@@ -19,6 +19,7 @@ from service.errors import Cancelled, GenerationFailed, OutOfMemory
 from service.models import ModelSpec, resolve_model
 from service.params import GenerationParams, final_size
 from service.restorers import FaceRestorer, load_restorer
+from service.samplers import SchedulerCache
 from service.settings import ServiceSettings
 from service.worker import Job
 
@@ -29,13 +30,23 @@ _DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torc
 
 @dataclass
 class GenerationResult:
-    """One generated image and what it cost."""
+    """The generated images (batch_size * n_iter, in seed order) and what they cost."""
 
-    image: Image.Image
-    seed: int
+    images: list[Image.Image]
+    seeds: list[int]
     timings: dict[str, float]
     peak_vram_gb: float | None
     warnings: list[str] = field(default_factory=list)
+
+    @property
+    def image(self) -> Image.Image:
+        """The first image (what single-image callers read)."""
+        return self.images[0]
+
+    @property
+    def seed(self) -> int:
+        """The seed of the first image."""
+        return self.seeds[0]
 
 
 def resolve_device(setting: str) -> torch.device:
@@ -92,6 +103,7 @@ class Engine:
         self.img2img: Any = None
         self.restorer: FaceRestorer | None = None
         self.faults = FaultInjector(settings.inject_fault)
+        self.schedulers = SchedulerCache()
 
     # ----- loading -------------------------------------------------------------------------------
 
@@ -189,7 +201,7 @@ class Engine:
     # ----- generation ----------------------------------------------------------------------------
 
     def generate(self, p: GenerationParams, job: Job) -> GenerationResult:
-        """Run base (+ refiner) (+ hires pass) (+ face restoration) for one request."""
+        """Run base (+ refiner) (+ hires pass) (+ face restoration) for every batch of one request."""
         if not self.loaded:
             raise GenerationFailed("model is not loaded")
         timings: dict[str, float] = {}
@@ -197,7 +209,7 @@ class Engine:
         self._reset_peak()
         try:
             self.faults.maybe_raise()
-            image = self._run_stages(p, job, timings)
+            images = self._run_stages(p, job, timings)
         except torch.OutOfMemoryError as exc:
             self.free_memory()
             w, h = final_size(p)
@@ -210,24 +222,41 @@ class Engine:
         except Exception as exc:
             self.free_memory()
             raise GenerationFailed(f"generation failed: {type(exc).__name__}: {exc}") from exc
-        return GenerationResult(image, p.seed, timings, self._peak_gb(), warnings)
+        return GenerationResult(images, p.seeds, timings, self._peak_gb(), warnings)
 
-    def _run_stages(self, p: GenerationParams, job: Job, timings: dict[str, float]) -> Image.Image:
-        generator = torch.Generator("cpu").manual_seed(p.seed)
-        common = {
-            "prompt": p.prompt,
-            "negative_prompt": p.negative_prompt,
-            "guidance_scale": p.guidance_scale,
-            "generator": generator,
-        }
+    def _run_stages(self, p: GenerationParams, job: Job, timings: dict[str, float]) -> list[Image.Image]:
+        """Every batch of the request with its sampler; progress counts the steps of all of them."""
         base_steps = round(p.steps * p.refiner_split) if p.use_refiner else p.steps
         refiner_steps = p.steps - base_steps if p.use_refiner else 0
         # img2img runs int(steps * strength) steps: ask for enough that at least one runs
         hires_total = max(p.steps, math.ceil(1 / p.hires_strength))
         hires_steps = int(hires_total * p.hires_strength) if p.hires_fix else 0
-        total = base_steps + refiner_steps + hires_steps
-        progress = _Progress(job, total)
+        progress = _Progress(job, (base_steps + refiner_steps + hires_steps) * p.n_iter)
+        seeds = p.seeds
+        images: list[Image.Image] = []
+        with self.schedulers.use((self.base, self.refiner, self.img2img), p.sampler):
+            for batch in range(p.n_iter):
+                batch_seeds = seeds[batch * p.batch_size : (batch + 1) * p.batch_size]
+                images += self._run_batch(p, batch_seeds, hires_total, progress, timings)
+        return images
 
+    def _run_batch(
+        self,
+        p: GenerationParams,
+        seeds: list[int],
+        hires_total: int,
+        progress: _Progress,
+        timings: dict[str, float],
+    ) -> list[Image.Image]:
+        """One batch: image i gets its own generator seeded with seeds[i], so each one reproduces alone."""
+        generators = [torch.Generator("cpu").manual_seed(seed) for seed in seeds]
+        common = {
+            "prompt": p.prompt,
+            "negative_prompt": p.negative_prompt,
+            "guidance_scale": p.guidance_scale,
+            "generator": generators if len(generators) > 1 else generators[0],
+            "num_images_per_prompt": len(seeds),
+        }
         with _timed(timings, "base"):
             extra = {"denoising_end": p.refiner_split, "output_type": "latent"} if p.use_refiner else {}
             out = self.base(
@@ -239,32 +268,33 @@ class Engine:
                 **extra,
             )
         progress.check_cancelled()
-        image = out.images[0] if not p.use_refiner else None
+        images = out.images
         if p.use_refiner:
             with _timed(timings, "refiner"):
-                image = self.refiner(
+                images = self.refiner(
                     image=out.images,
                     num_inference_steps=p.steps,
                     denoising_start=p.refiner_split,
                     callback_on_step_end=progress.callback(),
                     **common,
-                ).images[0]
+                ).images
             progress.check_cancelled()
         if p.hires_fix:
             w, h = final_size(p)
             with _timed(timings, "hires"):
-                image = self.img2img(
-                    image=image.resize((w, h), Image.Resampling.LANCZOS),
+                images = self.img2img(
+                    image=[image.resize((w, h), Image.Resampling.LANCZOS) for image in images],
                     strength=p.hires_strength,
                     num_inference_steps=hires_total,
                     callback_on_step_end=progress.callback(),
                     **common,
-                ).images[0]
+                ).images
             progress.check_cancelled()
         if p.face_restoration and self.restorer is not None:
+            restorer = self.restorer
             with _timed(timings, "face_restoration"):
-                image = self.restorer.restore(image)
-        return image
+                images = [restorer.restore(image) for image in images]
+        return list(images)
 
     def free_memory(self) -> None:
         """Release what a failed request left on the GPU."""
@@ -309,8 +339,8 @@ def _timed(timings: dict[str, float], stage: str) -> Iterator[None]:
     started = time.perf_counter()
     try:
         yield
-    finally:
-        timings[stage] = round(time.perf_counter() - started, 4)
+    finally:  # summed over the batches of a request
+        timings[stage] = round(timings.get(stage, 0.0) + time.perf_counter() - started, 4)
 
 
 def _load(cls: Any, source: str, dtype: torch.dtype, *, single_file: bool, **kwargs: Any) -> Any:

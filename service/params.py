@@ -7,7 +7,10 @@ from dataclasses import dataclass, field
 
 from service.errors import ValidationFailed
 from service.models import ModelSpec
-from service.schema import MAX_SEED, GenerateRequest
+from service.samplers import resolve_sampler
+from service.schema import MAX_BATCH, MAX_SEED, GenerateRequest
+
+MAX_IMAGES = 4 * MAX_BATCH  # batch_size * n_iter per request
 
 
 @dataclass(frozen=True)
@@ -28,6 +31,14 @@ class GenerationParams:
     hires_strength: float
     face_restoration: bool
     warnings: tuple[str, ...] = field(default_factory=tuple)
+    sampler: str | None = None  # A1111 name; None: the model's own scheduler
+    batch_size: int = 1
+    n_iter: int = 1  # batches run one after another in the same job
+
+    @property
+    def seeds(self) -> list[int]:
+        """The seed of every image: seed + i, as A1111 numbers them across batches."""
+        return [(self.seed + i) % (MAX_SEED + 1) for i in range(self.batch_size * self.n_iter)]
 
 
 def resolve_params(
@@ -37,6 +48,7 @@ def resolve_params(
     refiner_loaded: bool,
     restorer_loaded: bool,
     max_prompt_chars: int,
+    n_iter: int = 1,
 ) -> GenerationParams:
     """Fill backend defaults, check backend-specific bounds, and say what will be ignored."""
     if not req.prompt.strip():
@@ -72,6 +84,14 @@ def resolve_params(
                 f"{final_w}x{final_h} exceeds {spec.max_size} px for {spec.name}",
             )
 
+    sampler = None if req.sampler is None else resolve_sampler(req.sampler, "sampler")
+    if not 1 <= req.batch_size <= MAX_BATCH:
+        raise ValidationFailed("batch_size", req.batch_size, f"must be between 1 and {MAX_BATCH}")
+    if n_iter < 1 or req.batch_size * n_iter > MAX_IMAGES:
+        raise ValidationFailed(
+            "n_iter", n_iter, f"batch_size * n_iter must be between 1 and {MAX_IMAGES} images"
+        )
+
     seed = secrets.randbelow(MAX_SEED + 1) if req.seed is None or req.seed < 0 else req.seed
     return GenerationParams(
         prompt=req.prompt,
@@ -88,6 +108,9 @@ def resolve_params(
         hires_strength=req.hires_strength,
         face_restoration=req.use_face_restoration and restorer_loaded,
         warnings=tuple(warnings),
+        sampler=sampler,
+        batch_size=req.batch_size,
+        n_iter=n_iter,
     )
 
 

@@ -11,10 +11,13 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from service.samplers import SAMPLER_NAMES
+
 OutputFormat = Literal["png", "jpeg", "webp"]
 Backend = Literal["sd15", "sdxl"]
 
 MAX_SEED = 2**32 - 1
+MAX_BATCH = 8
 
 
 class GenerateRequest(BaseModel):
@@ -40,6 +43,14 @@ class GenerateRequest(BaseModel):
     hires_scale: float = Field(1.5, ge=1.0, le=2.0, description="Upscale factor of the hires fix.")
     hires_strength: float = Field(0.35, gt=0.0, le=1.0, description="Denoising strength of the hires pass.")
     output_format: OutputFormat = Field("png", description="Image encoding of the base64 answer.")
+    sampler: str | None = Field(
+        None,
+        max_length=64,
+        description=f"A1111 sampler name ({', '.join(SAMPLER_NAMES)}); default: the model's own scheduler.",
+    )
+    batch_size: int = Field(
+        1, ge=1, le=MAX_BATCH, description="Images in one batch; image i uses seed + i (as in A1111)."
+    )
 
 
 class GenerateResponse(BaseModel):
@@ -54,6 +65,11 @@ class GenerateResponse(BaseModel):
     timings: dict[str, float] = Field(..., description="Seconds per stage, plus queue and total.")
     peak_vram_gb: float | None = Field(None, description="Peak GPU memory during this request.")
     warnings: list[str] = Field(default_factory=list)
+    seeds: list[int] = Field(default_factory=list, description="The seed of every image, first = `seed`.")
+    images: list[str] | None = Field(
+        None, description="Base64 of every image when batch_size > 1 (`image` is the first)."
+    )
+    sampler: str | None = Field(None, description="The sampler used; null: the model's own scheduler.")
 
 
 class HealthResponse(BaseModel):

@@ -6,6 +6,7 @@ import asyncio
 import logging
 import threading
 import time
+from dataclasses import dataclass
 from functools import partial
 from typing import Literal
 
@@ -89,7 +90,7 @@ class ServiceState:
 
     # ----- the generation path -------------------------------------------------------------------
 
-    def params_for(self, req: GenerateRequest) -> GenerationParams:
+    def params_for(self, req: GenerateRequest, n_iter: int = 1) -> GenerationParams:
         """Validate a request against the loaded model (422 on a bad value)."""
         self.ensure_ready()
         assert self.engine.spec is not None
@@ -99,42 +100,58 @@ class ServiceState:
             refiner_loaded=self.engine.refiner_loaded,
             restorer_loaded=self.engine.restorer is not None,
             max_prompt_chars=self.settings.max_prompt_chars,
+            n_iter=n_iter,
         )
 
     async def run(self, params: GenerationParams) -> tuple[GenerationResult, Job]:
         """Queue one generation on the GPU worker (429 when full, 504 past the timeout)."""
         return await self.queue.run(partial(self.engine.generate, params), self.settings.request_timeout_s)
 
-    async def generate(self, req: GenerateRequest) -> GenerateResponse:
-        """Validate, queue, generate, encode: what `POST /generate` does."""
+    async def produce(self, req: GenerateRequest, n_iter: int = 1) -> Generated:
+        """The one generation path of every API: validate, queue, generate, encode, count."""
         started = time.perf_counter()
-        params = self.params_for(req)
+        params = self.params_for(req, n_iter)
         result, job = await self.run(params)
-        image_b64, encode_s = await encode(result, req.output_format)
+        images_b64, encode_s = await encode(result, req.output_format)
         total = time.perf_counter() - started
         timings = {"queue": round(job.queue_seconds, 4), **result.timings, "encode": encode_s}
         timings["total"] = round(total, 4)
-        self.record_success(total, len([result]), result.peak_vram_gb)
+        self.record_success(total, len(result.images), result.peak_vram_gb)
         width, height = final_size(params)
         log.info(
-            "generated %dx%d steps=%d seed=%d refiner=%s in %.2f s",
+            "generated %d x %dx%d steps=%d sampler=%s seeds=%s refiner=%s in %.2f s",
+            len(result.images),
             width,
             height,
             params.steps,
-            result.seed,
+            params.sampler or "default",
+            result.seeds if len(result.seeds) <= 4 else f"{result.seed}..{result.seeds[-1]}",
             params.use_refiner,
             total,
         )
+        return Generated(params, result, images_b64, timings)
+
+    async def generate(self, req: GenerateRequest) -> GenerateResponse:
+        """What `POST /generate` does: one batch, the first image in `image`, all of them in `images`."""
+        done = await self.produce(req)
+        result = done.result
         return GenerateResponse(
-            image=image_b64,
+            image=done.images_b64[0],
             final_resolution=f"{result.image.width}x{result.image.height}",
             seed=result.seed,
-            model=self.engine.spec.name if self.engine.spec else self.settings.model,
+            model=self.model_name,
             output_format=req.output_format,
-            timings=timings,
+            timings=done.timings,
             peak_vram_gb=result.peak_vram_gb,
             warnings=result.warnings,
+            seeds=result.seeds,
+            images=done.images_b64 if len(done.images_b64) > 1 else None,
+            sampler=done.params.sampler,
         )
+
+    @property
+    def model_name(self) -> str:
+        return self.engine.spec.name if self.engine.spec else self.settings.model
 
     def record_success(self, seconds: float, images: int, peak_vram_gb: float | None) -> None:
         self.metrics.generation_seconds.observe(seconds)
@@ -143,8 +160,18 @@ class ServiceState:
             self.metrics.peak_vram.set(peak_vram_gb)
 
 
-async def encode(result: GenerationResult, output_format: OutputFormat) -> tuple[str, float]:
-    """Encode off the event loop; return the base64 text and the seconds it took."""
+@dataclass(frozen=True)
+class Generated:
+    """What the generation path hands to an API layer: the resolved params, the result, base64 images."""
+
+    params: GenerationParams
+    result: GenerationResult
+    images_b64: list[str]
+    timings: dict[str, float]
+
+
+async def encode(result: GenerationResult, output_format: OutputFormat) -> tuple[list[str], float]:
+    """Encode every image off the event loop; return the base64 texts and the seconds it took."""
     started = time.perf_counter()
-    text = await asyncio.to_thread(to_base64, result.image, output_format)
-    return text, round(time.perf_counter() - started, 4)
+    texts = await asyncio.to_thread(lambda: [to_base64(image, output_format) for image in result.images])
+    return texts, round(time.perf_counter() - started, 4)
