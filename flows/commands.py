@@ -12,6 +12,13 @@ STAGE_NAMES = "preflight, backup, baseline, ship, stop_current, start_new, warmu
 
 TargetOption = Annotated[Path, typer.Option("--target", "-t", help="Target file (YAML or JSON).")]
 RunsOption = Annotated[Path, typer.Option(help="Where run directories are written.")]
+ForceUnlockOption = Annotated[
+    bool,
+    typer.Option(
+        help="Clear the host's deploy lock even when its owner cannot be checked from here (taken from "
+        "another machine). A lock whose run provably ended is cleared without it."
+    ),
+]
 
 
 def _check_stage(value: str | None) -> str | None:
@@ -50,6 +57,7 @@ def deploy(
         Path | None, typer.Option(help="Ship this prebuilt wheel instead of building one.")
     ] = None,
     runs_dir: RunsOption = Path("runs"),
+    force_unlock: ForceUnlockOption = False,
 ) -> None:
     """Upgrade the target's current service to SDXL (rolls back by itself on any failure)."""
     from flows.runbook import deploy_sdxl
@@ -61,6 +69,7 @@ def deploy(
         fail_at=_check_stage(fail_at),
         wheel=str(wheel) if wheel else None,
         runs_dir=str(runs_dir),
+        force_unlock=force_unlock,
     )
 
 
@@ -75,11 +84,18 @@ def rollback(
     target_file: TargetOption,
     backup: Annotated[str | None, typer.Option(help="Backup name or path (default: latest).")] = None,
     runs_dir: RunsOption = Path("runs"),
+    force_unlock: ForceUnlockOption = False,
 ) -> None:
     """Put the old service back from the latest (or a named) backup."""
     from flows.runbook import rollback_sdxl
 
-    _run(rollback_sdxl, target=_load(target_file), backup=backup, runs_dir=str(runs_dir))
+    _run(
+        rollback_sdxl,
+        target=_load(target_file),
+        backup=backup,
+        runs_dir=str(runs_dir),
+        force_unlock=force_unlock,
+    )
 
 
 def demo(

@@ -44,3 +44,9 @@ def save_state(host: Host, target: Target, state: DeployState) -> DeployState:
     state.updated_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
     write_text(host, target.new.state_file, state.model_dump_json(indent=2))
     return state
+
+
+def interrupted_deploy(host: Host, target: Target) -> DeployState | None:
+    """The recorded deploy when it never finished (its control side died or lost the link), else None."""
+    state = load_state(host, target)
+    return state if state is not None and state.status == "in_progress" else None

@@ -49,14 +49,16 @@ def read_text(host: Host, path: str) -> str | None:
 
 
 def write_text(host: Host, path: str, text: str) -> None:
-    """Write a file atomically (upload beside it, then rename)."""
+    """Write a file atomically (upload beside it, then rename), readable by its owner only (0600)."""
     parent = str(PurePosixPath(path).parent)
     make_dirs(host, parent)
     with tempfile.TemporaryDirectory() as tmp:
         local = Path(tmp) / "upload"
         local.write_text(text)
         host.put(local, f"{path}.tmp")
-    run_checked(host, f"mv -f -- {q(f'{path}.tmp', path)}", f"writing {path}")
+    run_checked(
+        host, f"chmod 600 -- {q(f'{path}.tmp')} && mv -f -- {q(f'{path}.tmp', path)}", f"writing {path}"
+    )
 
 
 def file_size(host: Host, path: str) -> int | None:

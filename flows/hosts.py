@@ -218,6 +218,7 @@ class SSHHost(Host):
         self._sftp: paramiko.SFTPClient | None = None
         self._home: str | None = None
         self._lock = threading.RLock()
+        self.reconnects = 0  # links that dropped and were re-established (reported by the flows)
 
     # -- connection
 
@@ -236,6 +237,7 @@ class SSHHost(Host):
                 log.warning("connection to %s dropped; reconnecting", self.name)
                 self._drop()
                 self._client = self._reconnect()
+                self.reconnects += 1
             else:
                 self._client = self._connect()
             transport = self._client.get_transport()

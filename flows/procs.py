@@ -125,15 +125,16 @@ def start_detached(
 ) -> ProcessInfo:
     """Start `argv` in its own session (survives the SSH channel), output appended to `log_file`.
 
-    The child writes its own PID into `pid_file` before it execs, so the PID is exact even where
-    `setsid` forks.
+    The child writes its own PID into `pid_file` (mode 0600) before it execs, so the PID is exact even
+    where `setsid` forks.
     """
     log_dir, pid_dir = (p.rsplit("/", 1)[0] or "/" for p in (log_file, pid_file))
     make_dirs(host, log_dir, pid_dir, workdir)
     env_argv = ["env", *(f"{k}={v}" for k, v in (env or {}).items())]
     command = (
         f"cd -- {q(workdir)} && rm -f -- {q(pid_file)} && "
-        f'{{ setsid sh -c \'echo $$ > "$0" && exec "$@"\' {q(pid_file, *env_argv, *argv)} '
+        f'{{ setsid sh -c \'m=$(umask); umask 077; echo $$ > "$0" || exit 1; umask "$m"; exec "$@"\' '
+        f"{q(pid_file, *env_argv, *argv)} "
         f">> {q(log_file)} 2>&1 < /dev/null & }}"
     )
     run_checked(host, command, f"starting {shlex.join(argv)[:200]}")

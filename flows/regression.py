@@ -22,6 +22,7 @@ from evaluation.prompts import builtin_prompts, load_prompts, spread
 from evaluation.regression import RegressionDetected, RegressionRun, run_regression_benchmark
 from flows.runbook import choose_target, connect
 from flows.rundir import make_run_dir
+from flows.secrets import api_key
 from flows.target import Target
 from flows.tasks.common import run_logger, service_url
 
@@ -70,7 +71,7 @@ def benchmark_deployed(
             min_runs=min_runs,
             price_per_hour=price_per_hour,
             accept=accept,
-            api_key=target.new.env.get("SDXL_API_KEY"),
+            api_key=api_key(target.new),
         )
 
 

@@ -9,16 +9,18 @@ from __future__ import annotations
 
 from contextlib import ExitStack
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact
 
-from flows.deploy_state import DeployState, load_state, save_state
+from flows.deploy_state import DeployState, interrupted_deploy, load_state, save_state
 from flows.hostfs import home_dir
 from flows.hosts import Host
+from flows.lock import host_lock, new_owner
 from flows.procs import find_service
 from flows.rundir import RunRecord, RunSummary, StageFailed, report_markdown
+from flows.supervisor import Restarts, read_restarts
 from flows.target import Target, load_target
 from flows.tasks.backup import backup_current
 from flows.tasks.benchmark import run_benchmark, scan_log
@@ -94,6 +96,7 @@ def deploy_sdxl(
     fail_at: Stage | None = None,
     wheel: str | None = None,
     runs_dir: str = "runs",
+    force_unlock: bool = False,
 ) -> RunSummary:
     """Upgrade the current service to SDXL; any failure after the old service stopped rolls back.
 
@@ -104,6 +107,8 @@ def deploy_sdxl(
         fail_at: Rehearsal only: inject a failure at the start of this stage.
         wheel: A prebuilt wheel of this project to ship (default: build one now).
         runs_dir: Where the run directory (summary.json, report.md) is written.
+        force_unlock: Clear the host's deploy lock even when its owner cannot be checked from here
+            (taken from another machine); a lock whose owner provably ended is cleared anyway.
     """
     target = choose_target(target, target_file)
     run = RunRecord("deploy-sdxl", target, runs_dir, fail_at)
@@ -120,8 +125,17 @@ def deploy_sdxl(
         try:
             with run.stage("preflight"):
                 host, target = connect(stack, target)
+                take_lock(stack, host, target, run, force_unlock)
+                interrupted = interrupted_deploy(host, target)
+                if interrupted and not dry_run:
+                    run.summary.facts["recovered"] = recover(host, target, interrupted)
                 host_facts = inspect_host(host, target)
                 current = inspect_current(host, target)
+                if interrupted and dry_run and current.problems:
+                    current.problems.append(
+                        f"an interrupted deploy ({interrupted.run_id}, stage {interrupted.stage}) left the host "
+                        "as it is: a real deploy, or rollback-sdxl, restores the old service first"
+                    )
                 run.summary.facts["preflight"] = {
                     "host": host_facts.model_dump(),
                     "current": current.model_dump(),
@@ -173,10 +187,33 @@ def deploy_sdxl(
 
         state.status, state.stage = "deployed", "done"
         save_state(host, target, state)
+        note_reconnects(run, host)
         run.summary.new_service_answering = True
         return _finish(
             run, "completed", f"deployed {target.new.model} on port {target.new.port}; all gates passed"
         )
+
+
+def take_lock(stack: ExitStack, host: Host, target: Target, run: RunRecord, force: bool) -> None:
+    """Hold the host's deploy lock until the flow ends (refused, naming the holder, when another run has it)."""
+    owner = new_owner(run.summary.flow, run.dir.name)
+    stack.enter_context(host_lock(host, target.new.install_dir, owner, force))
+
+
+def recover(host: Host, target: Target, interrupted: DeployState) -> dict[str, Any]:
+    """Put the old service back after a deploy that died without finishing (control side killed, link lost)."""
+    print(
+        f"found an interrupted deploy: run {interrupted.run_id} stopped at stage {interrupted.stage} "
+        f"(last update {interrupted.updated_at}); restoring the old service first"
+    )
+    result = roll_back(host, target)
+    return {"run_id": interrupted.run_id, "stage": interrupted.stage, **result.model_dump(exclude={"health"})}
+
+
+def note_reconnects(run: RunRecord, host: Host | None) -> None:
+    """Record how often the SSH link dropped and was re-established during the run."""
+    if host is not None and getattr(host, "reconnects", 0):
+        run.summary.facts["ssh_reconnects"] = host.reconnects  # type: ignore[attr-defined]
 
 
 def _after_failure(
@@ -195,7 +232,11 @@ def _after_failure(
     run.summary.old_service_answering = _old_service_answers(host, target)
     if host is not None and state:
         state.status = "rolled_back" if run.summary.rolled_back else "failed"
-        save_state(host, target, state)
+        try:
+            save_state(host, target, state)
+        except Exception as exc:  # the link may be gone: the next deploy or rollback finds "in_progress"
+            print(f"could not record the final deploy state: {exc}")
+    note_reconnects(run, host)
     answering = {True: "; old service answering", False: "; OLD SERVICE NOT ANSWERING", None: ""}
     _finish(run, "failed", f"{failure}{outcome}{answering[run.summary.old_service_answering]}")
 
@@ -281,6 +322,10 @@ def verify_sdxl(
                 health = new_service_health(host, target)
                 process = find_service(host, target.new.port, target.new.pid_file)
                 run.summary.facts["process"] = process.describe() if process else None
+                restarts = read_restarts(host, target.new.install_dir)
+                run.summary.facts["restarts"] = restarts.model_dump()
+                if restarts.count:
+                    print(f"the service was restarted by its supervisor: {restarts.describe()}")
             with run.stage("benchmark"):
                 bench = run_benchmark(host, target)
                 state = load_state(host, target)
@@ -294,11 +339,17 @@ def verify_sdxl(
                 run.record_gates(gates)
                 require_passed(gates)
         except StageFailed as failure:
-            _finish(run, "failed", str(failure))
+            restarts_note = ""
+            if "restarts" in run.summary.facts and run.summary.facts["restarts"]["count"]:
+                restarts_note = f"; supervisor: {Restarts(**run.summary.facts['restarts']).describe()}"
+            _finish(run, "failed", f"{failure}{restarts_note}")
             raise VerifyFailed(f"verify-sdxl {failure}", str(run.dir)) from None
     run.summary.new_service_answering = True
+    restarted = f"; supervisor: {restarts.describe()}" if restarts.count else "; no restarts"
     return _finish(
-        run, "completed", f"{target.new.model} on port {target.new.port} meets every enforced criterion"
+        run,
+        "completed",
+        f"{target.new.model} on port {target.new.port} meets every enforced criterion{restarted}",
     )
 
 
@@ -308,6 +359,7 @@ def rollback_sdxl(
     target_file: str | None = None,
     backup: str | None = None,
     runs_dir: str = "runs",
+    force_unlock: bool = False,
 ) -> RunSummary:
     """Put the old service back: stop the new one, restore from the latest (or a named) backup, verify.
 
@@ -316,6 +368,7 @@ def rollback_sdxl(
         target_file: A YAML/JSON target file on the worker's machine.
         backup: A backup name under backup_root (or a path); default: this deploy's, else the latest.
         runs_dir: Where the run directory (summary.json, report.md) is written.
+        force_unlock: Clear the host's deploy lock even when its owner cannot be checked from here.
     """
     target = choose_target(target, target_file)
     run = RunRecord("rollback-sdxl", target, runs_dir)
@@ -323,6 +376,7 @@ def rollback_sdxl(
         try:
             with run.stage("rollback"):
                 host, target = connect(stack, target)
+                take_lock(stack, host, target, run, force_unlock)
                 result = roll_back(host, target, backup)
                 run.summary.facts["rollback"] = result.model_dump()
                 run.summary.backup_dir = result.backup_dir

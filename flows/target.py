@@ -14,6 +14,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 DEFAULT_PORT = 7860
+# Environment names that hold secrets: refused in `new.env`, allowed (as references) in `new.secret_env`.
+SECRET_WORDS = ("KEY", "TOKEN", "SECRET", "PASSWORD", "PASSWD", "CREDENTIAL")
 
 # What the app (`aiImageGenerator.ts`) sends today; the benchmark and the tunnel check send the same.
 APP_REQUEST: dict[str, Any] = {
@@ -136,7 +138,15 @@ class NewService(_Model):
         "sdxl", min_length=1, description="Model to serve (sdxl, synthetic-sdxl, a folder...)."
     )
     port: int = Field(DEFAULT_PORT, ge=1, le=65535, description="Port it listens on (loopback).")
-    env: dict[str, str] = Field(default_factory=dict, description="Extra environment, e.g. SDXL_API_KEY.")
+    env: dict[str, str] = Field(
+        default_factory=dict, description="Extra environment, e.g. HF_HOME (no secrets: see secret_env)."
+    )
+    secret_env: dict[str, str] = Field(
+        default_factory=dict,
+        description="Secret environment, resolved at run time and never stored: NAME -> 'env:VAR' (a "
+        "variable of the flow's process) or 'secret:BLOCK' (a Prefect Secret block), e.g. "
+        "SDXL_API_KEY: env:SDXL_API_KEY.",
+    )
     python: str = Field("python3", min_length=1, description="Interpreter on the host that has torch etc.")
     install_dir: str = Field("~/sdxl-deploy", description="Releases, pid file and deploy state live here.")
     log_dir: str = Field("~/sdxl-deploy/logs", description="Where the service log goes.")
@@ -155,7 +165,26 @@ class NewService(_Model):
         for name in env:
             if not name.replace("_", "a").isalnum() or name[:1].isdigit():
                 raise ValueError(f"new.env: {name!r} is not a valid environment variable name")
+            if any(word in name.upper() for word in SECRET_WORDS):
+                raise ValueError(
+                    f"new.env: {name!r} looks like a secret; put it in new.secret_env as "
+                    f"{name}: env:{name} (or secret:<Prefect Secret block>) so its value is never stored"
+                )
         return env
+
+    @field_validator("secret_env")
+    @classmethod
+    def _secret_sources(cls, secret_env: dict[str, str]) -> dict[str, str]:
+        for name, source in secret_env.items():
+            if not name.replace("_", "a").isalnum() or name[:1].isdigit():
+                raise ValueError(f"new.secret_env: {name!r} is not a valid environment variable name")
+            kind, _, ref = source.partition(":")
+            if kind not in ("env", "secret") or not ref.strip():
+                raise ValueError(
+                    f"new.secret_env.{name}: {source!r} must be 'env:VARIABLE' or 'secret:BLOCK_NAME' "
+                    "(a reference, never the secret itself)"
+                )
+        return secret_env
 
     @property
     def pid_file(self) -> str:

@@ -59,7 +59,7 @@ class ServiceSettings(BaseSettings):
     retry_after_s: int = Field(2, ge=1, description="Retry-After header value sent with 429 and 503.")
 
     # Test-only fault injection, e.g. "oom:1" = the next 1 generation raises CUDA out-of-memory.
-    inject_fault: str | None = Field(None, description="Rehearsal only: 'oom:N' or 'error:N'.")
+    inject_fault: str | None = Field(None, description="Rehearsal only: 'oom:N', 'error:N' or 'crash:N'.")
 
     log_level: str = Field("info")
 

@@ -11,7 +11,7 @@ import pytest
 
 from tests.servers import settings_for, thread_server
 
-pytest_plugins = ["tests.sshd"]
+pytest_plugins = ["tests.sshd", "tests.flows_support"]
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -1,14 +1,23 @@
-"""Helpers for the runbook tests: targets inside a temporary "box", the legacy stand-in service."""
+"""Helpers and fixtures for the runbook tests: targets inside a temporary "box", the legacy stand-in
+service, a throwaway Prefect server, the project's wheel (registered as a plugin in conftest.py)."""
 
 from __future__ import annotations
 
+import json
 import shutil
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
-from flows.demo import demo_target
-from flows.hosts import q
-from flows.target import CurrentService, Target
+import pytest
+from prefect.settings import PREFECT_HOME, temporary_settings
+from prefect.testing.utilities import prefect_test_harness
+
+from flows.demo import demo_target, free_port, start_current, stop_all
+from flows.hosts import LocalHost, q
+from flows.target import Connection, CurrentService, Target
+from flows.tasks.deploy import build_wheel
+from tests.sshd import SSHServer
 
 LEGACY_SCRIPT = Path(__file__).with_name("legacy_api.py")
 
@@ -37,3 +46,54 @@ def legacy_target(box: Path, port: int, python: str = sys.executable) -> Target:
         stop_timeout_s=10,
     )
     return target.model_copy(update={"current": current})
+
+
+def ssh_connection(server: SSHServer, known_hosts: str | None = None) -> Connection:
+    return Connection(
+        kind="ssh",
+        hostname=server.hostname,
+        port=server.port,
+        username=server.username,
+        key_filename=str(server.key_filename),
+        known_hosts=str(known_hosts or server.known_hosts),
+    )
+
+
+def summary_of(state) -> dict:
+    """The summary.json of a flow run's final state."""
+    outcome = state.result(raise_on_failure=False)
+    return json.loads((Path(outcome.run_dir) / "summary.json").read_text())
+
+
+def is_legacy(health: dict | None) -> bool:
+    """The stand-in's health body (tiny-sdxl's also names its model and backend)."""
+    return health is not None and health.get("status") == "healthy" and "backend" not in health
+
+
+@pytest.fixture(scope="session")
+def prefect_api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Flows run against a throwaway Prefect server and database (one per session)."""
+    home = tmp_path_factory.mktemp("prefect-home")
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("PREFECT_HOME", str(home))
+        env.setenv("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+        with temporary_settings({PREFECT_HOME: home}), prefect_test_harness(server_startup_timeout=180):
+            yield
+
+
+@pytest.fixture(scope="session")
+def wheel(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """This project's wheel, built once for every deploy of the session."""
+    return str(build_wheel.fn(tmp_path_factory.mktemp("wheel")))
+
+
+@pytest.fixture
+def legacy(tmp_path: Path) -> Iterator[tuple[LocalHost, Target]]:
+    """A local box with the user's SD1.5 script (the stand-in) running; everything stopped afterwards."""
+    host = LocalHost()
+    target = legacy_target(tmp_path / "box", free_port())
+    start_current(host, target)
+    try:
+        yield host, target
+    finally:
+        stop_all(host, target)

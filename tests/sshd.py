@@ -87,11 +87,14 @@ class SSHServer:
         self.start()
         self.known_hosts.write_text(old_known_hosts)
 
-    def drop_connections(self) -> None:
-        """Kill the per-connection sshd processes (children of the listener): every client's link drops."""
+    def drop_connections(self) -> list[int]:
+        """Kill the per-connection sshd processes (children of the listener): every client's link drops.
+        Returns the PIDs killed."""
         assert self.process is not None
-        for pid in _children(self.process.pid):
+        killed = _children(self.process.pid)
+        for pid in killed:
             os.kill(pid, signal.SIGKILL)
+        return killed
 
     def host(self, **options: object) -> SSHHost:
         """A connected SSHHost for this server (keyword arguments override the defaults)."""

@@ -10,66 +10,24 @@ from __future__ import annotations
 import json
 import re
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from prefect.settings import PREFECT_HOME, temporary_settings
-from prefect.testing.utilities import prefect_test_harness
 
 from flows.demo import free_port, run_demo, start_current, stop_all
 from flows.deploy_state import DeployState, load_state, save_state
 from flows.hosts import LocalHost
 from flows.procs import find_service, is_running, listener_pids
 from flows.runbook import ROLLBACK_FROM, STAGES, deploy_sdxl, rollback_sdxl, verify_sdxl
-from flows.target import Connection, Target
+from flows.target import Target
 from flows.tasks.backup import backup_current, list_backups, verify_backup
-from flows.tasks.deploy import build_wheel, ship_release, start_new_service, stop_service
+from flows.tasks.deploy import ship_release, start_new_service, stop_service
 from flows.tasks.preflight import inspect_current
 from flows.tasks.rollback import current_answers, new_service_process
-from tests.flows_support import legacy_target
+from tests.flows_support import is_legacy, legacy_target, ssh_connection, summary_of
 from tests.sshd import SSHServer
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="session")
-def prefect_api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
-    """Flows in this module run against a throwaway Prefect server and database."""
-    home = tmp_path_factory.mktemp("prefect-home")
-    with pytest.MonkeyPatch.context() as env:
-        env.setenv("PREFECT_HOME", str(home))
-        env.setenv("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-        with temporary_settings({PREFECT_HOME: home}), prefect_test_harness(server_startup_timeout=180):
-            yield
-
-
-@pytest.fixture(scope="session")
-def wheel(tmp_path_factory: pytest.TempPathFactory) -> str:
-    """This project's wheel, built once for every deploy of the session."""
-    return str(build_wheel.fn(tmp_path_factory.mktemp("wheel")))
-
-
-@pytest.fixture
-def legacy(tmp_path: Path) -> Iterator[tuple[LocalHost, Target]]:
-    """A local box with the user's SD1.5 script (the stand-in) running; everything stopped afterwards."""
-    host = LocalHost()
-    target = legacy_target(tmp_path / "box", free_port())
-    start_current(host, target)
-    try:
-        yield host, target
-    finally:
-        stop_all(host, target)
-
-
-def summary_of(state) -> dict:
-    outcome = state.result(raise_on_failure=False)
-    return json.loads((Path(outcome.run_dir) / "summary.json").read_text())
-
-
-def is_legacy(health: dict | None) -> bool:
-    """The stand-in's health body (tiny-sdxl's also names its model and backend)."""
-    return health is not None and health.get("status") == "healthy" and "backend" not in health
 
 
 def test_demo_upgrades_tiny_sd15_to_tiny_sdxl(prefect_api: None, tmp_path: Path) -> None:
@@ -209,17 +167,6 @@ def test_rollback_after_an_interrupted_deploy_is_safe_twice(
 
 
 # --- over SSH -------------------------------------------------------------------------------------
-
-
-def ssh_connection(server: SSHServer, known_hosts: str | None = None) -> Connection:
-    return Connection(
-        kind="ssh",
-        hostname=server.hostname,
-        port=server.port,
-        username=server.username,
-        key_filename=str(server.key_filename),
-        known_hosts=str(known_hosts or server.known_hosts),
-    )
 
 
 def test_ssh_deploy_tunnel_verify_and_rollback(

@@ -18,7 +18,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel
 
-from flows.hostfs import digests, read_text, run_checked, write_text
+from flows.hostfs import Digest, digests, read_text, run_checked, write_text
 from flows.hosts import Host, q
 from flows.procs import ProcessInfo, listener_pids
 from flows.target import CurrentService, Target
@@ -71,6 +71,24 @@ def backup_current(host: Host, target: Target, process: ProcessInfo | None) -> B
     path = _make_unique_dir(
         host, target.paths.backup_root, backup_name(current.name, datetime.now(timezone.utc))
     )
+    try:
+        manifest = _fill_backup(host, target, process, path, originals)
+    except Exception as exc:
+        # A half-made backup (e.g. the disk filled up) is removed, so it never passes for a backup and
+        # frees the space; older backups are never touched: pruning runs only after verification.
+        removed = host.run(f"rm -rf -- {q(path)}").ok
+        note = f"the partial backup {path} was removed" if removed else f"remove the partial backup {path}"
+        raise BackupError(f"{exc}; {note}; older backups are untouched") from exc
+    pruned = prune_backups(host, target.paths.backup_root, current.name, target.paths.keep_backups, keep=path)
+    log.info("backup %s: %d files, verified; pruned %d old backups", path, len(manifest.files), len(pruned))
+    return BackupInfo(path=path, manifest=manifest, pruned=pruned)
+
+
+def _fill_backup(
+    host: Host, target: Target, process: ProcessInfo | None, path: str, originals: dict[str, Digest | None]
+) -> Manifest:
+    """Copy everything into `path`, write the manifest and verify it."""
+    current = target.current
     copies = {original: f"files/{original.lstrip('/')}" for original in current.files}
     steps = [f"mkdir -p -- {q(f'{path}/logs')}"]
     for original, relative in copies.items():
@@ -103,17 +121,15 @@ def backup_current(host: Host, target: Target, process: ProcessInfo | None) -> B
     )
     write_text(host, f"{path}/{MANIFEST}", manifest.model_dump_json(indent=2))
     verify_backup(host, path)
-    pruned = prune_backups(host, target.paths.backup_root, current.name, target.paths.keep_backups, keep=path)
-    log.info("backup %s: %d files, verified; pruned %d old backups", path, len(files), len(pruned))
-    return BackupInfo(path=path, manifest=manifest, pruned=pruned)
+    return manifest
 
 
 def _make_unique_dir(host: Host, root: str, name: str) -> str:
     """Create `<root>/<name>` (or `<name>-2`, `-3`...) without ever reusing an existing backup."""
-    run_checked(host, f"mkdir -p -- {q(root)}", f"creating {root}")
+    run_checked(host, f"mkdir -p -- {q(root)} && chmod 700 -- {q(root)}", f"creating {root} (private)")
     for attempt in range(1, 100):
         path = f"{root}/{name}" if attempt == 1 else f"{root}/{name}-{attempt}"
-        if host.run(f"mkdir -- {q(path)}").ok:
+        if host.run(f"mkdir -m 700 -- {q(path)}").ok:
             return path
     raise BackupError(f"could not create a new backup directory under {root}")
 

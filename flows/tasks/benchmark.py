@@ -17,6 +17,7 @@ from pydantic import BaseModel
 
 from flows.hostfs import tail_bytes
 from flows.hosts import Host
+from flows.secrets import api_key
 from flows.target import Target
 from flows.tasks.common import run_logger, service_url
 from service.client import ServiceCallError, ServiceClient
@@ -87,7 +88,7 @@ def run_benchmark(host: Host, target: Target) -> BenchmarkResult:
     with (
         service_url(host, target.new.port) as url,
         ServiceClient(
-            url, api_key=target.new.env.get("SDXL_API_KEY"), timeout=workload.request_timeout_s
+            url, api_key=api_key(target.new), timeout=workload.request_timeout_s
         ) as client,
     ):
         for run in range(workload.benchmark_runs):

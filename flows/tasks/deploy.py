@@ -20,6 +20,8 @@ from pydantic import BaseModel
 from flows.hostfs import digests, file_size, make_dirs, read_text, run_checked, write_text
 from flows.hosts import Host, q
 from flows.procs import ProcessInfo, start_detached, stop_process, wait_port_free
+from flows.secrets import service_env
+from flows.supervisor import prepare_supervisor
 from flows.target import Target
 from flows.tasks.common import run_logger
 
@@ -38,6 +40,7 @@ class Started(BaseModel):
     process: ProcessInfo
     log_file: str
     log_offset: int
+    install_dir: str = ""  # where its supervisor records restarts
 
 
 class DeployError(RuntimeError):
@@ -91,10 +94,19 @@ def ship_release(host: Host, target: Target, wheel: Path) -> Release:
         return Release(release_id=release_id, path=path, site=site, wheel_sha256=sha, reused=True)
 
     make_dirs(host, path)
-    host.put(wheel, remote_wheel)
-    shipped = digests(host, [remote_wheel])[remote_wheel]
-    if shipped is None or (shipped.sha256, shipped.size) != (sha, wheel.stat().st_size):
-        raise DeployError(f"uploaded wheel {remote_wheel} does not match the local one (size or sha256)")
+    # Upload beside the final name and check size and sha256 on the host before anything is installed:
+    # a cut link leaves only a `.part` file, which is never installed and is overwritten next time.
+    partial = f"{remote_wheel}.part"
+    host.put(wheel, partial)
+    shipped = digests(host, [partial])[partial]
+    expected = (sha, wheel.stat().st_size)
+    if shipped is None or (shipped.sha256, shipped.size) != expected:
+        got = f"{shipped.size} bytes, sha256 {shipped.sha256[:12]}..." if shipped else "no file"
+        raise DeployError(
+            f"uploaded wheel {partial} does not match the local one ({expected[1]} bytes, sha256 "
+            f"{sha[:12]}...): got {got}; nothing was installed"
+        )
+    run_checked(host, f"mv -f -- {q(partial, remote_wheel)}", f"moving {partial} into place")
     run_checked(
         host,
         f"rm -rf -- {q(site)} && {q(target.new.python)} -m pip install --no-deps --no-index "
@@ -135,16 +147,18 @@ def serve_argv(target: Target) -> list[str]:
 
 @task(cache_policy=NO_CACHE)
 def start_new_service(host: Host, target: Target, release: Release) -> Started:
-    """Start the new service from the release, detached, with its pid file and log file."""
+    """Start the new service from the release, detached under its restart-loop supervisor, with its pid
+    file and log file; its environment (secrets included) goes through a private env file."""
     new = target.new
     offset = file_size(host, new.log_file) or 0
+    env = {"PYTHONPATH": release.site, **service_env(new)}
+    supervisor = prepare_supervisor(host, new.install_dir, env)
     process = start_detached(
         host,
-        serve_argv(target),
+        [*supervisor, *serve_argv(target)],
         workdir=release.path,
         log_file=new.log_file,
         pid_file=new.pid_file,
-        env={"PYTHONPATH": release.site, **new.env},
     )
-    run_logger().info("started %s, log %s", process.describe(), new.log_file)
-    return Started(process=process, log_file=new.log_file, log_offset=offset)
+    run_logger().info("started %s under its supervisor, log %s", process.describe(), new.log_file)
+    return Started(process=process, log_file=new.log_file, log_offset=offset, install_dir=new.install_dir)

@@ -17,6 +17,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from flows.hosts import Host
+from flows.secrets import api_key
 from flows.target import Target
 from flows.tasks.common import run_logger, service_url
 from flows.tasks.gates import QualityResult
@@ -84,7 +85,7 @@ def assess_quality(
                 seeds,
                 run_dir,
                 settings,
-                api_key=target.new.env.get("SDXL_API_KEY"),
+                api_key=api_key(target.new),
             )
         scorer = load_scorer(check.scorer, check.scorer_weights)
         scored = score_generations(

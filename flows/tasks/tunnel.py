@@ -11,6 +11,7 @@ from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel
 
 from flows.hosts import Host
+from flows.secrets import api_key
 from flows.target import Target
 from flows.tasks.benchmark import check_image
 from flows.tasks.common import run_logger
@@ -30,7 +31,8 @@ def check_app_path(host: Host, target: Target) -> AppCheck:
     log = run_logger()
     new, payload = target.new, target.workload.app_request
     width, height = target.workload.size
-    headers = {"Authorization": f"Bearer {new.env['SDXL_API_KEY']}"} if new.env.get("SDXL_API_KEY") else {}
+    key = api_key(new)
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
     health_ok = generate_ok = False
     seconds = None
     try:
