@@ -17,6 +17,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from sdxl_deploy import __version__
+from service import a1111
 from service.errors import BodyTooLarge, ServiceError, Unauthorized, ValidationFailed
 from service.schema import ErrorResponse, GenerateRequest, GenerateResponse, HealthResponse, ReadyResponse
 from service.settings import ServiceSettings
@@ -104,6 +105,7 @@ def create_app(settings: ServiceSettings | None = None, state: ServiceState | No
         """Prometheus metrics: requests, latency, queue depth, errors, VRAM."""
         return Response(state.metrics.render(), media_type="text/plain; version=0.0.4")
 
+    app.include_router(a1111.create_router())  # /sdapi/v1: the AUTOMATIC1111-compatible API
     return app
 
 

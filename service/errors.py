@@ -31,6 +31,13 @@ class ValidationFailed(ServiceError):
         self.field = field
 
 
+class Unsupported(ServiceError):
+    """An operation this server does not offer, e.g. an AUTOMATIC1111 route beyond txt2img (404)."""
+
+    status_code = 404
+    error_type = "unsupported"
+
+
 class BodyTooLarge(ServiceError):
     """The request body is larger than `max_body_bytes` (413)."""
 
