@@ -63,9 +63,11 @@ class Txt2ImgRequest(BaseModel):
     """Body of `POST /sdapi/v1/txt2img` (A1111 names and defaults). Other A1111 fields are accepted and
     ignored; non-default values of them are logged and listed in `info.warnings`."""
 
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False)
 
-    prompt: str = Field("", description="What to draw (must contain visible text here).")
+    prompt: str = Field(
+        "", min_length=1, description="What to draw; unlike A1111, it must contain visible text."
+    )
     negative_prompt: str = Field("", description="What to avoid.")
     steps: Steps = Field(50, description="Denoising steps.")
     width: Size = Field(512, description="Pixels, a multiple of 8 within the model's size range.")
@@ -280,7 +282,7 @@ def _refuse_extensions(body: Txt2ImgRequest, warnings: list[str]) -> None:
         raise ValidationFailed("script_name", body.script_name, "scripts are not supported by this server")
     for name, entry in (body.alwayson_scripts or {}).items():
         args = entry.get("args") if isinstance(entry, dict) else None
-        if not args or args[0] is False:  # what clients send for an extension they leave off
+        if not args or (isinstance(args, list) and args[0] is False):  # an extension left off
             warnings.append(f"alwayson_scripts.{name} ignored (disabled)")
             continue
         raise ValidationFailed(
