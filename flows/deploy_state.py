@@ -10,7 +10,7 @@ from typing import Literal
 from pydantic import BaseModel, ValidationError
 
 from flows.hostfs import read_text, write_text
-from flows.hosts import Host
+from flows.hosts import Host, HostUnreachable
 from flows.procs import ProcessInfo
 from flows.target import Target
 
@@ -41,8 +41,12 @@ def load_state(host: Host, target: Target) -> DeployState | None:
 
 
 def save_state(host: Host, target: Target, state: DeployState) -> DeployState:
+    """Record the state (an atomic rewrite, so it is retried once when the SSH link drops meanwhile)."""
     state.updated_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    write_text(host, target.new.state_file, state.model_dump_json(indent=2))
+    try:
+        write_text(host, target.new.state_file, state.model_dump_json(indent=2))
+    except HostUnreachable:
+        write_text(host, target.new.state_file, state.model_dump_json(indent=2))  # reconnects first
     return state
 
 

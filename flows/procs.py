@@ -24,7 +24,9 @@ class ProcessInfo(BaseModel):
     group_leader: bool
 
     def describe(self) -> str:
-        return f"PID {self.pid} ({self.cmdline[:120]})"
+        # Long command lines keep both ends: the program and its last arguments (model, port).
+        text = self.cmdline if len(self.cmdline) <= 160 else f"{self.cmdline[:70]} ... {self.cmdline[-85:]}"
+        return f"PID {self.pid} ({text})"
 
 
 class ProcessError(RuntimeError):

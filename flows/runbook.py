@@ -319,13 +319,13 @@ def verify_sdxl(
         try:
             with run.stage("health"):
                 host, target = connect(stack, target)
+                restarts = read_restarts(host, target.new.install_dir)
+                run.summary.facts["restarts"] = restarts.model_dump()
+                if restarts.count or restarts.gave_up:
+                    print(f"the service was restarted by its supervisor: {restarts.describe()}")
                 health = new_service_health(host, target)
                 process = find_service(host, target.new.port, target.new.pid_file)
                 run.summary.facts["process"] = process.describe() if process else None
-                restarts = read_restarts(host, target.new.install_dir)
-                run.summary.facts["restarts"] = restarts.model_dump()
-                if restarts.count:
-                    print(f"the service was restarted by its supervisor: {restarts.describe()}")
             with run.stage("benchmark"):
                 bench = run_benchmark(host, target)
                 state = load_state(host, target)
@@ -340,8 +340,9 @@ def verify_sdxl(
                 require_passed(gates)
         except StageFailed as failure:
             restarts_note = ""
-            if "restarts" in run.summary.facts and run.summary.facts["restarts"]["count"]:
-                restarts_note = f"; supervisor: {Restarts(**run.summary.facts['restarts']).describe()}"
+            recorded = Restarts(**run.summary.facts["restarts"]) if "restarts" in run.summary.facts else None
+            if recorded and (recorded.count or recorded.gave_up):
+                restarts_note = f"; supervisor: {recorded.describe()}"
             _finish(run, "failed", f"{failure}{restarts_note}")
             raise VerifyFailed(f"verify-sdxl {failure}", str(run.dir)) from None
     run.summary.new_service_answering = True

@@ -24,9 +24,10 @@ MAX_QUICK_CRASHES = 3
 
 SUPERVISOR_SCRIPT = r"""#!/bin/sh
 # sdxl-deploy supervisor (written by deploy-sdxl): restart the service when it exits, with backoff.
-# usage: sh supervise.sh RESTARTS_FILE ENV_FILE MAX_QUICK_CRASHES COMMAND [ARGS...]
-restarts_file=$1 env_file=$2 max_quick=$3
-shift 3
+# usage: sh supervise.sh MAX_QUICK_CRASHES COMMAND [ARGS...]; its env file and restart record lie beside it
+here=$(dirname -- "$0")
+restarts_file=$here/sdxl-api.restarts env_file=$here/sdxl-api.env max_quick=$1
+shift
 if [ -f "$env_file" ]; then . "$env_file"; fi
 child='' stopping=''
 trap 'stopping=1; [ -n "$child" ] && kill -TERM "$child" 2>/dev/null' TERM INT HUP
@@ -83,7 +84,7 @@ def prepare_supervisor(host: Host, install_dir: str, env: dict[str, str]) -> lis
     write_text(host, script, SUPERVISOR_SCRIPT)
     write_text(host, env_file, "".join(f"export {name}={q(value)}\n" for name, value in env.items()))
     run_checked(host, f"rm -f -- {q(restarts)}", f"resetting {restarts}")
-    return ["sh", script, restarts, env_file, str(MAX_QUICK_CRASHES)]
+    return ["sh", script, str(MAX_QUICK_CRASHES)]
 
 
 def read_restarts(host: Host, install_dir: str) -> Restarts:

@@ -4,6 +4,8 @@ service, a throwaway Prefect server, the project's wheel (registered as a plugin
 from __future__ import annotations
 
 import json
+import os
+import re
 import shutil
 import sys
 from collections.abc import Iterator
@@ -20,6 +22,9 @@ from flows.tasks.deploy import build_wheel
 from tests.sshd import SSHServer
 
 LEGACY_SCRIPT = Path(__file__).with_name("legacy_api.py")
+# Per test: HTTP requests the services logged, faults injected, backups verified intact afterwards.
+FAULT_COUNTS: dict[str, dict[str, int]] = {}
+REQUEST_LINE = re.compile(rb'"(?:GET|POST) /')
 
 
 def legacy_target(box: Path, port: int, python: str = sys.executable) -> Target:
@@ -97,3 +102,18 @@ def legacy(tmp_path: Path) -> Iterator[tuple[LocalHost, Target]]:
         yield host, target
     finally:
         stop_all(host, target)
+
+
+@pytest.fixture
+def fault_counts(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[dict[str, int]]:
+    """Count the requests the services logged during the test; the test adds the faults it injected and
+    the backups it verified. With SDXL_FAULT_COUNTS=<file> the totals are written there (RELIABILITY.md)."""
+    counts = {"faults": 0, "backups_verified": 0}
+    yield counts
+    logs = [p for p in tmp_path.rglob("*.log") if p.is_file()]
+    counts["requests"] = sum(len(REQUEST_LINE.findall(p.read_bytes())) for p in logs)
+    FAULT_COUNTS[request.node.nodeid] = counts
+    out = os.environ.get("SDXL_FAULT_COUNTS")
+    if out:
+        previous = json.loads(Path(out).read_text()) if Path(out).is_file() else {}
+        Path(out).write_text(json.dumps(previous | FAULT_COUNTS, indent=2) + "\n")

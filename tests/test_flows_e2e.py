@@ -27,7 +27,7 @@ from flows.tasks.rollback import current_answers, new_service_process
 from tests.flows_support import is_legacy, legacy_target, ssh_connection, summary_of
 from tests.sshd import SSHServer
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("fault_counts")]
 
 
 def test_demo_upgrades_tiny_sd15_to_tiny_sdxl(prefect_api: None, tmp_path: Path) -> None:

@@ -24,17 +24,29 @@ from pathlib import Path
 
 import httpx
 import pytest
+from prefect.blocks.system import Secret
 from prefect.client.orchestration import get_client
 from prefect.settings import get_current_settings
+from pydantic import ValidationError
 
 from flows.demo import TINY_REQUEST, free_port, start_current, stop_all
 from flows.deploy_state import load_state
-from flows.hosts import LocalHost
+from flows.hosts import LocalHost, q
 from flows.lock import HostLocked, acquire_lock, lock_path, new_owner, read_lock, release_lock
-from flows.procs import find_service, is_running, listener_pids, pid_from_file, process_info
+from flows.procs import (
+    find_service,
+    group_members,
+    is_running,
+    listener_pids,
+    pid_from_file,
+    process_info,
+    start_detached,
+    stop_process,
+)
 from flows.runbook import deploy_sdxl, rollback_sdxl, verify_sdxl
-from flows.supervisor import supervisor_paths
-from flows.target import Target
+from flows.secrets import SecretUnavailable, api_key, service_env
+from flows.supervisor import prepare_supervisor, read_restarts, supervisor_paths
+from flows.target import NewService, Target
 from flows.tasks.backup import backup_current, list_backups, verify_backup
 from flows.tasks.rollback import current_answers, new_service_process
 from service.client import ServiceClient
@@ -125,7 +137,7 @@ def stage_is(state_file: str, stage: str) -> Callable[[], bool]:
 
 
 def test_a_second_deploy_is_refused_and_a_stale_lock_is_cleared(
-    prefect_api: None, legacy: tuple[LocalHost, Target], tmp_path: Path
+    prefect_api: None, legacy: tuple[LocalHost, Target], tmp_path: Path, fault_counts: dict[str, int]
 ) -> None:
     host, target = legacy
     install, runs = target.new.install_dir, str(tmp_path / "runs")
@@ -163,6 +175,7 @@ def test_a_second_deploy_is_refused_and_a_stale_lock_is_cleared(
     assert forced.is_completed(), forced.message
     assert read_lock(host, install) is None
     assert is_legacy(current_answers(host, target.current))
+    fault_counts["faults"] += 3  # a live holder, a dead one, one that cannot be checked
 
 
 def _race_for_lock(host: LocalHost, install: str, names: tuple[str, ...]) -> tuple[list, list[str]]:
@@ -185,7 +198,7 @@ def _race_for_lock(host: LocalHost, install: str, names: tuple[str, ...]) -> tup
     return winners, losers
 
 
-def test_two_deploys_racing_for_the_lock_never_both_win(tmp_path: Path) -> None:
+def test_two_deploys_racing_for_the_lock_never_both_win(tmp_path: Path, fault_counts: dict[str, int]) -> None:
     host, install = LocalHost(), str(tmp_path / "install")
     for round_ in range(10):
         winners, losers = _race_for_lock(host, install, (f"alice-{round_}", f"bob-{round_}"))
@@ -193,13 +206,14 @@ def test_two_deploys_racing_for_the_lock_never_both_win(tmp_path: Path) -> None:
         assert read_lock(host, install).token == winners[0].token
         release_lock(host, install, winners[0])
     assert sorted(p.name for p in Path(install).iterdir()) == []  # no temporary lock folders left
+    fault_counts["faults"] += 10
 
 
 # --- the SSH link drops ----------------------------------------------------------------------------
 
 
 def test_link_cut_during_upload_changes_nothing(
-    prefect_api: None, private_sshd: SSHServer, wheel: str, tmp_path: Path
+    prefect_api: None, private_sshd: SSHServer, wheel: str, tmp_path: Path, fault_counts: dict[str, int]
 ) -> None:
     local = LocalHost()
     target = fast(legacy_target(tmp_path / "box", free_port()))
@@ -225,12 +239,18 @@ def test_link_cut_during_upload_changes_nothing(
         assert_old_service_back(local, target, summary, "ship")
         assert find_service(local, target.current.port) == before  # never touched
         assert not list(releases.glob("*/site")) and not list(releases.glob("*/*.whl"))  # nothing installed
+        fault_counts.update(faults=1, backups_verified=1)
     finally:
         stop_all(local, target)
 
 
 def test_link_cut_during_warmup_is_survived_secrets_stay_private_and_restarts_are_reported(
-    prefect_api: None, private_sshd: SSHServer, wheel: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    prefect_api: None,
+    private_sshd: SSHServer,
+    wheel: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    fault_counts: dict[str, int],
 ) -> None:
     key = f"sk-test-{uuid.uuid4().hex}"
     monkeypatch.setenv("SDXL_TEST_API_KEY", key)
@@ -287,6 +307,8 @@ def test_link_cut_during_warmup_is_survived_secrets_stay_private_and_restarts_ar
         assert verified.is_completed(), verified.message
         checked = summary_of(verified)
         assert checked["facts"]["restarts"]["count"] == 1 and "supervisor: 1 restart(s)" in checked["message"]
+        verify_backup(local, summary["backup_dir"])
+        fault_counts.update(faults=2, backups_verified=1)
     finally:
         stop_all(local, target)
 
@@ -302,7 +324,11 @@ deploy_sdxl(target=Target.model_validate_json(sys.argv[1]), wheel=sys.argv[2], r
 
 
 def test_control_process_killed_after_the_old_service_stopped(
-    prefect_api: None, legacy: tuple[LocalHost, Target], wheel: str, tmp_path: Path
+    prefect_api: None,
+    legacy: tuple[LocalHost, Target],
+    wheel: str,
+    tmp_path: Path,
+    fault_counts: dict[str, int],
 ) -> None:
     host, target = legacy
     target, runs = fast(target), str(tmp_path / "runs")
@@ -343,6 +369,7 @@ def test_control_process_killed_after_the_old_service_stopped(
         rolled = rollback_sdxl(target=target, runs_dir=runs, return_state=True)
         assert rolled.is_completed() and "already answers" in summary_of(rolled)["message"]
     assert is_legacy(current_answers(host, target.current))
+    fault_counts.update(faults=1, backups_verified=2)
 
 
 # --- the new service misbehaves -------------------------------------------------------------------
@@ -360,7 +387,12 @@ NEW_SERVICE_FAULTS: dict[str, tuple[dict, str]] = {
 
 @pytest.mark.parametrize("fault", NEW_SERVICE_FAULTS)
 def test_a_failing_new_service_is_rolled_back(
-    prefect_api: None, legacy: tuple[LocalHost, Target], wheel: str, tmp_path: Path, fault: str
+    prefect_api: None,
+    legacy: tuple[LocalHost, Target],
+    wheel: str,
+    tmp_path: Path,
+    fault: str,
+    fault_counts: dict[str, int],
 ) -> None:
     host, target = legacy
     change, expected = NEW_SERVICE_FAULTS[fault]
@@ -376,13 +408,14 @@ def test_a_failing_new_service_is_rolled_back(
     assert summary["rolled_back"]
     assert_old_service_back(host, target, summary, "warmup")
     assert load_state(host, target).status == "rolled_back"
+    fault_counts.update(faults=1, backups_verified=1)
 
 
 # --- the disk fills up ----------------------------------------------------------------------------
 
 
 def test_disk_full_while_backing_up_loses_no_backup(
-    prefect_api: None, legacy: tuple[LocalHost, Target], tmp_path: Path
+    prefect_api: None, legacy: tuple[LocalHost, Target], tmp_path: Path, fault_counts: dict[str, int]
 ) -> None:
     host, target = legacy
     root = Path(target.paths.backup_root)
@@ -413,5 +446,63 @@ def test_disk_full_while_backing_up_loses_no_backup(
             Path(older).name
         ]
         verify_backup(host, older)
+        fault_counts.update(faults=1, backups_verified=1)
     finally:
         subprocess.run(["umount", str(root)], check=False)
+
+
+# --- the supervisor and the secrets, on their own ------------------------------------------------
+
+
+def test_the_supervisor_restarts_a_crash_gives_up_on_a_crash_loop_and_stops_with_its_service(
+    tmp_path: Path, fault_counts: dict[str, int]
+) -> None:
+    host, install = LocalHost(), str(tmp_path / "install")
+    marker, seen = tmp_path / "crashed-once", tmp_path / "seen-env"
+    # Crashes (exit 3) the first time, then runs; it prints the env it got from the private env file.
+    flaky = f'echo "$GREETING" > {q(str(seen))}; [ -e {q(str(marker))} ] || {{ touch {q(str(marker))}; exit 3; }}; exec sleep 300'
+    files = {"workdir": install, "log_file": f"{install}/svc.log", "pid_file": f"{install}/svc.pid"}
+    prefix = prepare_supervisor(host, install, {"GREETING": "it's private"})
+    supervisor = start_detached(host, [*prefix, "sh", "-c", flaky], **files)
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and len(group_members(host, supervisor.pid)) < 2:
+        time.sleep(0.1)
+    restarts = read_restarts(host, install)
+    assert restarts.count == 1 and restarts.last_exit == 3 and not restarts.gave_up
+    assert seen.read_text() == "it's private\n" and mode(supervisor_paths(install)[1]) == 0o600
+    assert "it's private" not in supervisor.cmdline
+    assert "with TERM" in stop_process(host, supervisor, timeout_s=10)
+    assert group_members(host, supervisor.pid) == []  # the service went with it
+
+    # A crash loop (3 quick exits in a row) is not a blip: it gives up and exits with the service's code.
+    looping = start_detached(host, [*prepare_supervisor(host, install, {}), "sh", "-c", "exit 4"], **files)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and is_running(host, looping):
+        time.sleep(0.2)
+    restarts = read_restarts(host, install)
+    assert (
+        not is_running(host, looping) and restarts.gave_up and restarts.count == 2 and restarts.last_exit == 4
+    )
+    assert "gave up after 2 restart(s)" in restarts.describe()
+    fault_counts.update(faults=4)  # one crash, three in a loop
+
+
+def test_secrets_are_references_resolved_at_run_time(
+    prefect_api: None, monkeypatch: pytest.MonkeyPatch, fault_counts: dict[str, int]
+) -> None:
+    with pytest.raises(ValidationError, match="'SDXL_API_KEY' looks like a secret; put it in new.secret_env"):
+        NewService(env={"SDXL_API_KEY": "sk-live-123"})
+    with pytest.raises(ValidationError, match="must be 'env:VARIABLE' or 'secret:BLOCK_NAME'"):
+        NewService(secret_env={"SDXL_API_KEY": "sk-live-123"})
+    from_env = NewService(secret_env={"SDXL_API_KEY": "env:SDXL_TEST_KEY"})
+    monkeypatch.delenv("SDXL_TEST_KEY", raising=False)
+    with pytest.raises(SecretUnavailable, match="SDXL_TEST_KEY is not set"):
+        service_env(from_env)
+    monkeypatch.setenv("SDXL_TEST_KEY", "from-env")
+    assert api_key(from_env) == "from-env" and "from-env" not in from_env.model_dump_json()
+
+    Secret(value="from-block").save("sdxl-test-api-key", overwrite=True)
+    from_block = NewService(secret_env={"SDXL_API_KEY": "secret:sdxl-test-api-key"}, env={"HF_HOME": "/x"})
+    assert service_env(from_block) == {"HF_HOME": "/x", "SDXL_API_KEY": "from-block"}
+    with pytest.raises(SecretUnavailable, match="'no-such-block' could not be loaded"):
+        api_key(NewService(secret_env={"SDXL_API_KEY": "secret:no-such-block"}))
