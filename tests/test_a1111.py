@@ -129,6 +129,22 @@ def test_progress_during_a_job(api: webuiapi.WebUIApi) -> None:
     assert after["progress"] == 0 and after["state"]["job_count"] == 0
 
 
+def test_parallel_requests_share_the_one_queue(api: webuiapi.WebUIApi) -> None:
+    seeds = [501, 502, 503]
+    results: dict[int, webuiapi.WebUIApiResult] = {}
+
+    def call(seed: int) -> None:
+        results[seed] = api.txt2img(prompt="a bird", seed=seed, **TINY)
+
+    threads = [threading.Thread(target=call, args=(seed,)) for seed in seeds]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=180)
+    assert {seed: results[seed].info["all_seeds"] for seed in seeds} == {seed: [seed] for seed in seeds}
+    assert len({first_png(result) for result in results.values()}) == 3
+
+
 def test_models_options_and_scripts(api: webuiapi.WebUIApi) -> None:
     assert api.util_get_model_names() == ["tiny-sdxl", "tiny-sdxl-refiner"]
     assert api.util_get_current_model() == "tiny-sdxl"
@@ -212,6 +228,9 @@ def test_generate_takes_samplers_and_batches(url: str) -> None:
             prompt="a cat", seed=11, sampler="k_euler_a", num_inference_steps=2, width=64, height=64
         )
         assert alias.sampler == "Euler a" and alias.image != single.image
+        # a sampler lasts one job: the model's own scheduler is back for the next request
+        again = client.generate(prompt="a cat", seed=11, num_inference_steps=2, width=64, height=64)
+        assert again.image == single.image
         with pytest.raises(ServiceCallError) as bad:
             client.generate(prompt="a cat", sampler="Heun++")
         assert bad.value.status == 422 and "sampler: unknown sampler" in bad.value.message
