@@ -14,11 +14,19 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from sdxl_deploy import __version__
 from service import a1111
-from service.errors import BodyTooLarge, ServiceError, Unauthorized, ValidationFailed
+from service.errors import (
+    BodyTooLarge,
+    ClientTooSlow,
+    HeadersTooLarge,
+    ServiceError,
+    Unauthorized,
+    ValidationFailed,
+)
 from service.schema import ErrorResponse, GenerateRequest, GenerateResponse, HealthResponse, ReadyResponse
 from service.settings import ServiceSettings
 from service.state import ServiceState
@@ -26,8 +34,9 @@ from service.state import ServiceState
 log = logging.getLogger(__name__)
 
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
-    code: {"model": ErrorResponse} for code in (401, 413, 422, 429, 500, 503, 504)
+    code: {"model": ErrorResponse} for code in (401, 408, 413, 422, 429, 431, 500, 503, 504)
 }
+"""Every error status a body-taking route can answer; each body is an `ErrorResponse`."""
 
 
 def get_state(request: Request) -> ServiceState:
@@ -71,7 +80,12 @@ def create_app(settings: ServiceSettings | None = None, state: ServiceState | No
         lifespan=lifespan,
     )
     app.state.service = state
-    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(
+        BodyLimit,
+        max_bytes=settings.max_body_bytes,
+        timeout_s=settings.body_timeout_s,
+        max_head_bytes=settings.max_header_bytes,
+    )
     _install_error_handlers(app, state)
     _count_requests(app, state)
 
@@ -100,13 +114,52 @@ def create_app(settings: ServiceSettings | None = None, state: ServiceState | No
         """Generate one image; the answer carries it as base64 with its seed and timings."""
         return await state.generate(req)
 
-    @app.get("/metrics", dependencies=[Authorized], response_class=Response)
+    @app.get(
+        "/metrics",
+        dependencies=[Authorized],
+        response_class=Response,
+        responses={
+            200: {"content": {"text/plain": {"schema": {"type": "string"}}}},
+            401: {"model": ErrorResponse},
+        },
+    )
     def metrics(state: StateDep) -> Response:
         """Prometheus metrics: requests, latency, queue depth, errors, VRAM."""
         return Response(state.metrics.render(), media_type="text/plain; version=0.0.4")
 
     app.include_router(a1111.create_router())  # /sdapi/v1: the AUTOMATIC1111-compatible API
+    if state.settings.api_key is not None:
+        _declare_bearer_auth(app)
     return app
+
+
+def _declare_bearer_auth(app: FastAPI) -> None:
+    """Say in the OpenAPI schema which operations need `Authorization: Bearer <key>` (those whose
+    dependencies include `require_api_key`); only done when a key is configured."""
+    from fastapi.openapi.utils import get_openapi
+    from fastapi.routing import APIRoute
+
+    def needs_key(dependant: Any) -> bool:
+        return any(d.call is require_api_key or needs_key(d) for d in dependant.dependencies)
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = get_openapi(
+                title=app.title, version=app.version, description=app.description, routes=app.routes
+            )
+            schema.setdefault("components", {}).setdefault("securitySchemes", {})["bearerAuth"] = {
+                "type": "http",
+                "scheme": "bearer",
+            }
+            for route in app.routes:
+                if isinstance(route, APIRoute) and needs_key(route.dependant):
+                    for method in route.methods:
+                        operation = schema["paths"][route.path_format][method.lower()]
+                        operation["security"] = [{"bearerAuth": []}]
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
 
 def error_response(
@@ -134,14 +187,32 @@ def _install_error_handlers(app: FastAPI, state: ServiceState) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def on_http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if exc.status_code == 400:  # FastAPI could not decode the body (e.g. not UTF-8): a bad body, 422
+            failed = ValidationFailed("body", None, f"malformed body: {exc.detail}")
+            failed.message = f"body: malformed body ({exc.detail})"
+            state.metrics.errors.labels(failed.error_type).inc()
+            return error_response(failed.status_code, failed.message, failed.error_type)
         kind = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http")
-        return error_response(exc.status_code, str(exc.detail), kind, getattr(exc, "headers", None))
+        headers = getattr(exc, "headers", None)
+        if exc.status_code == 405:  # Starlette names only the first route's methods when routes share a path
+            headers = {**(headers or {}), "Allow": ", ".join(_allowed_methods(request))}
+        return error_response(exc.status_code, str(exc.detail), kind, headers)
 
     @app.exception_handler(Exception)
     async def on_unexpected(request: Request, exc: Exception) -> JSONResponse:
         state.metrics.errors.labels("internal").inc()
         log.exception("unexpected error on %s %s", request.method, request.url.path)
         return error_response(500, f"internal error: {type(exc).__name__}", "internal")
+
+
+def _allowed_methods(request: Request) -> list[str]:
+    """Every method some route serves on this path (for a 405's `Allow`)."""
+    allowed: set[str] = set()
+    for route in request.app.router.routes:
+        methods = getattr(route, "methods", None)
+        if methods and route.matches(request.scope)[0] is not Match.NONE:
+            allowed |= methods
+    return sorted(allowed)
 
 
 def validation_error(exc: RequestValidationError) -> ValidationFailed:
@@ -169,30 +240,49 @@ def _count_requests(app: FastAPI, state: ServiceState) -> None:
 
 
 class BodyLimit:
-    """Refuse request bodies over `max_bytes` with 413, declared or streamed."""
+    """Refuse request bodies over `max_bytes` with 413 (declared or streamed), bodies slower than
+    `timeout_s` with 408, and a request line + headers over `max_head_bytes` with 431; each closes the
+    connection. (uvicorn's own head limit only applies to heads that arrive in pieces.)"""
 
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
-        self.app, self.max_bytes = app, max_bytes
+    def __init__(
+        self, app: ASGIApp, max_bytes: int, timeout_s: float = 30.0, max_head_bytes: int = 16_384
+    ) -> None:
+        self.app, self.max_bytes, self.timeout_s = app, max_bytes, timeout_s
+        self.max_head_bytes = max_head_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        head = len(scope.get("raw_path") or b"") + len(scope.get("query_string", b""))
+        head += sum(len(name) + len(value) + 4 for name, value in scope.get("headers", []))
+        if head > self.max_head_bytes:
+            message = f"headers: request line and headers of {head} bytes exceed {self.max_head_bytes} bytes"
+            await self._refuse(send, HeadersTooLarge(message))
+            return
         declared = dict(scope.get("headers", [])).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
-            await self._refuse(scope, send, int(declared))
+            await self._refuse(send, self._too_large(int(declared)))
             return
         chunks: list[bytes] = []
         size, more = 0, True
+        deadline = asyncio.get_running_loop().time() + self.timeout_s
         while more:
-            message = await receive()
+            try:
+                message = await asyncio.wait_for(receive(), deadline - asyncio.get_running_loop().time())
+            except asyncio.TimeoutError:  # builtin TimeoutError only from 3.11
+                log.warning("closed %s %s: body not received within %g s", *_where(scope), self.timeout_s)
+                await self._refuse(
+                    send, ClientTooSlow(f"body: request body not received within {self.timeout_s:g} s")
+                )
+                return
             if message["type"] != "http.request":
                 break
             chunks.append(message.get("body", b""))
             size += len(chunks[-1])
             more = message.get("more_body", False)
             if size > self.max_bytes:
-                await self._refuse(scope, send, size)
+                await self._refuse(send, self._too_large(size))
                 return
         body = b"".join(chunks)
         replayed = False
@@ -206,16 +296,21 @@ class BodyLimit:
 
         await self.app(scope, replay, send)
 
-    async def _refuse(self, scope: Scope, send: Send, size: int) -> None:
-        error = BodyTooLarge(
-            f"body: request body of {size} bytes exceeds the limit of {self.max_bytes} bytes"
-        )
+    def _too_large(self, size: int) -> BodyTooLarge:
+        return BodyTooLarge(f"body: request body of {size} bytes exceeds the limit of {self.max_bytes} bytes")
+
+    @staticmethod
+    async def _refuse(send: Send, error: ServiceError) -> None:
         payload = json.dumps(ErrorResponse(error=error.message, error_type=error.error_type).model_dump())
-        await send(
-            {
-                "type": "http.response.start",
-                "status": error.status_code,
-                "headers": [(b"content-type", b"application/json"), (b"connection", b"close")],
-            }
-        )
-        await send({"type": "http.response.body", "body": payload.encode()})
+        body = payload.encode()
+        headers = [
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(body)).encode()),
+            (b"connection", b"close"),
+        ]
+        await send({"type": "http.response.start", "status": error.status_code, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+
+
+def _where(scope: Scope) -> tuple[str, str]:
+    return scope.get("method", "?"), scope.get("path", "?")

@@ -45,6 +45,20 @@ class BodyTooLarge(ServiceError):
     error_type = "validation"
 
 
+class HeadersTooLarge(ServiceError):
+    """The request line and headers are larger than `max_header_bytes` (431)."""
+
+    status_code = 431
+    error_type = "validation"
+
+
+class ClientTooSlow(ServiceError):
+    """The request body did not arrive within `body_timeout_s` (408); the connection is closed."""
+
+    status_code = 408
+    error_type = "client_timeout"
+
+
 class Unauthorized(ServiceError):
     """Missing or wrong API key (401)."""
 

@@ -58,6 +58,23 @@ class ServiceSettings(BaseSettings):
     max_prompt_chars: int = Field(2000, ge=1, le=100_000, description="Longest accepted prompt.")
     retry_after_s: int = Field(2, ge=1, description="Retry-After header value sent with 429 and 503.")
 
+    # Limits and timeouts: slow or oversized clients are cut off before they reach the app.
+    header_timeout_s: float = Field(
+        10.0, gt=0, le=300, description="Request line + headers must arrive within this; then 408 and close."
+    )
+    body_timeout_s: float = Field(
+        30.0, gt=0, le=600, description="The whole request body must arrive within this; then 408 and close."
+    )
+    keep_alive_s: float = Field(
+        5.0, gt=0, le=300, description="An idle keep-alive connection is closed after."
+    )
+    max_header_bytes: int = Field(
+        16_384, ge=1024, le=1_048_576, description="Largest request line + headers; then 431."
+    )
+    max_connections: int | None = Field(
+        None, ge=1, description="Open connections before uvicorn answers 503; default max_queue * 4 + 64."
+    )
+
     # Test-only fault injection, e.g. "oom:1" = the next 1 generation raises CUDA out-of-memory.
     inject_fault: str | None = Field(None, description="Rehearsal only: 'oom:N', 'error:N' or 'crash:N'.")
 
