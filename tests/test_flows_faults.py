@@ -506,3 +506,4 @@ def test_secrets_are_references_resolved_at_run_time(
     assert service_env(from_block) == {"HF_HOME": "/x", "SDXL_API_KEY": "from-block"}
     with pytest.raises(SecretUnavailable, match="'no-such-block' could not be loaded"):
         api_key(NewService(secret_env={"SDXL_API_KEY": "secret:no-such-block"}))
+    fault_counts["faults"] += 4  # a value in env, a value in secret_env, a missing variable, a missing block

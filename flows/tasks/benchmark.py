@@ -87,9 +87,7 @@ def run_benchmark(host: Host, target: Target) -> BenchmarkResult:
     wall, generation, vram, images, errors, model = [], [], [], [], [], None
     with (
         service_url(host, target.new.port) as url,
-        ServiceClient(
-            url, api_key=api_key(target.new), timeout=workload.request_timeout_s
-        ) as client,
+        ServiceClient(url, api_key=api_key(target.new), timeout=workload.request_timeout_s) as client,
     ):
         for run in range(workload.benchmark_runs):
             started = time.perf_counter()
