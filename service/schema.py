@@ -41,7 +41,9 @@ class GenerateRequest(BaseModel):
     use_face_restoration: bool = Field(False, description="Face restoration, when a restorer is installed.")
     hires_fix: bool = Field(False, description="Upscale 1.5x and refine with an img2img pass.")
     hires_scale: float = Field(1.5, ge=1.0, le=2.0, description="Upscale factor of the hires fix.")
-    hires_strength: float = Field(0.35, gt=0.0, le=1.0, description="Denoising strength of the hires pass.")
+    hires_strength: float = Field(
+        0.35, ge=0.01, le=1.0, description="Denoising strength of the hires pass (at least 0.01)."
+    )
     output_format: OutputFormat = Field("png", description="Image encoding of the base64 answer.")
     sampler: str | None = Field(
         None,
