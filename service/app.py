@@ -6,7 +6,7 @@ import asyncio
 import hmac
 import json
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from typing import Annotated, Any
 
@@ -134,32 +134,47 @@ def create_app(settings: ServiceSettings | None = None, state: ServiceState | No
 
 
 def _declare_bearer_auth(app: FastAPI) -> None:
-    """Say in the OpenAPI schema which operations need `Authorization: Bearer <key>` (those whose
-    dependencies include `require_api_key`); only done when a key is configured."""
+    """Say in the OpenAPI schema which operations need the API key (those whose dependencies include a
+    key check) and how it may be sent; only done when a key is configured."""
     from fastapi.openapi.utils import get_openapi
     from fastapi.routing import APIRoute
 
-    def needs_key(dependant: Any) -> bool:
-        return any(d.call is require_api_key or needs_key(d) for d in dependant.dependencies)
+    # each key check -> the schemes it accepts (the A1111 router also takes HTTP Basic, as A1111 does)
+    schemes = {require_api_key: ["bearerAuth"], a1111.require_key: ["bearerAuth", "basicAuth"]}
+
+    def accepted(dependant: Any) -> list[str]:
+        for dep in dependant.dependencies:
+            found = schemes.get(dep.call) or accepted(dep)
+            if found:
+                return found
+        return []
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
             schema = get_openapi(
                 title=app.title, version=app.version, description=app.description, routes=app.routes
             )
-            schema.setdefault("components", {}).setdefault("securitySchemes", {})["bearerAuth"] = {
-                "type": "http",
-                "scheme": "bearer",
-            }
-            for route in app.routes:
-                if isinstance(route, APIRoute) and needs_key(route.dependant):
-                    for method in route.methods:
-                        operation = schema["paths"][route.path_format][method.lower()]
-                        operation["security"] = [{"bearerAuth": []}]
+            schema.setdefault("components", {}).setdefault("securitySchemes", {}).update(
+                bearerAuth={"type": "http", "scheme": "bearer"},
+                basicAuth={"type": "http", "scheme": "basic", "description": "the API key as password"},
+            )
+            for route in _all_routes(app.routes):
+                names = accepted(route.dependant) if isinstance(route, APIRoute) else []
+                for method in getattr(route, "methods", None) or () if names else ():
+                    operation = schema["paths"].get(route.path_format, {}).get(method.lower())
+                    if operation is not None:  # HEAD and hidden routes are not in the schema
+                        operation["security"] = [{name: []} for name in names]
             app.openapi_schema = schema
         return app.openapi_schema
 
     app.openapi = openapi  # type: ignore[method-assign]
+
+
+def _all_routes(routes: list[Any]) -> Iterator[Any]:
+    """Routes, with those of included routers (FastAPI keeps an included router as one route)."""
+    for route in routes:
+        router = getattr(route, "original_router", None)
+        yield from _all_routes(router.routes) if router is not None else (route,)
 
 
 def error_response(
