@@ -122,7 +122,7 @@ async def run_load(service: Service) -> LoadResult:
                     await asyncio.sleep(float(answer.headers.get("retry-after", 2)))  # as a polite client
 
         async def watch() -> None:
-            async with httpx.AsyncClient(base_url=service.url, timeout=2.0) as probe:
+            async with httpx.AsyncClient(base_url=service.url, timeout=3.0) as probe:
                 while not done.is_set():
                     started = time.perf_counter()
                     try:
