@@ -16,6 +16,8 @@ from typing import Any
 import torch
 from PIL import Image
 
+from service.accel import SpeedPlan, apply_speed, plan_speed, warm_up
+from service.encoding import configure as configure_encoder
 from service.errors import Cancelled, GenerationFailed, OutOfMemory
 from service.models import ModelSpec, resolve_model
 from service.params import GenerationParams, final_size
@@ -107,6 +109,8 @@ class Engine:
         self.img2img: Any = None
         self.restorer: FaceRestorer | None = None
         self.faults = FaultInjector(settings.inject_fault)
+        self.speed: SpeedPlan | None = None  # the speed techniques in force (service/accel.py)
+        self.warmup_s: float | None = None  # seconds of the load-time warm-up (the first compile)
         self.schedulers = SchedulerCache()
 
     # ----- loading -------------------------------------------------------------------------------
@@ -118,6 +122,7 @@ class Engine:
     def load(self) -> None:
         """Resolve the model, load base (+ refiner), move to the device, apply memory settings."""
         s = self.settings
+        configure_encoder(s.png_encoder, s.encode_threads)
         spec = resolve_model(s.model, s.cache_dir, refiner=s.refiner)
         log.info("Loading %s (%s) on %s as %s", spec.name, spec.backend, self.device, _dtype_name(self.dtype))
         kwargs: dict[str, Any] = {}
@@ -154,9 +159,14 @@ class Engine:
         for pipe in (base, refiner):
             if pipe is not None:
                 self._place(pipe)
-        self.img2img = Img2Img.from_pipe(base)
+        # from_pipe casts the shared modules to its own dtype argument, float32 when none is given
+        self.img2img = Img2Img.from_pipe(base, **{_dtype_keyword(): self.dtype})
+        self.speed = plan_speed(s, self.device)
+        apply_speed(self.speed, (base, refiner, self.img2img))
         self.restorer = load_restorer(s.face_restorer)
         self.spec, self.base, self.refiner = spec, base, refiner
+        if self.speed.warmup:
+            self.warmup_s = warm_up(self)
         self._log_device()
         log.info("Model loaded successfully: %s", spec.name)
 

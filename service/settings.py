@@ -9,6 +9,11 @@ from typing import Literal
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+Toggle = Literal["auto", "on", "off"]
+"""A speed switch: auto decides by device; on / off force it."""
+
+_TOGGLE_WORDS = {"true": "on", "1": "on", "yes": "on", "false": "off", "0": "off", "no": "off"}
+
 
 def default_cache_dir() -> Path:
     """Where generated (tiny / synthetic) models are written: `$SDXL_DEPLOY_CACHE` or ~/.cache/sdxl-deploy."""
@@ -49,6 +54,39 @@ class ServiceSettings(BaseSettings):
     cpu_offload: bool = Field(False, description="Model CPU offload: fits small GPUs, much slower.")
     face_restorer: str | None = Field(None, description="'package.module:factory' of a face restorer.")
 
+    # ----- Speed (service/accel.py, docs/BENCHMARKS.md) ------------------------------------------------
+    # Each technique is a switch: "auto" (the default) turns it on where it helps (CUDA) and off elsewhere;
+    # "on" / "off" (or true / false) force it. None of them changes what the model computes beyond
+    # floating-point rounding; quality-changing techniques would be opt-in only.
+    sdpa: Toggle = Field("auto", description="PyTorch scaled_dot_product_attention (auto: on everywhere).")
+    channels_last: Toggle = Field(
+        "auto", description="UNet and VAE in channels_last memory format (auto: CUDA)."
+    )
+    fuse_qkv: Toggle = Field(
+        "auto", description="Fuse attention q/k/v projections into one matmul (auto: CUDA)."
+    )
+    cudnn_benchmark: Toggle = Field(
+        "auto", description="Let cuDNN pick the fastest convolutions (auto: CUDA)."
+    )
+    compile: Toggle = Field("auto", description="torch.compile the UNets and VAE decoder (auto: CUDA).")
+    compile_vae: bool = Field(True, description="With compile on, also compile the VAE decoder.")
+    cuda_graphs: Toggle = Field(
+        "auto",
+        description="Compile with CUDA graphs (mode reduce-overhead) (auto: on when compiling on CUDA).",
+    )
+    compile_cache_dir: Path | None = Field(
+        None,
+        description="Persistent torch.compile cache (TORCHINDUCTOR_CACHE_DIR); default <cache_dir>/torch-compile.",
+    )
+    warmup_on_load: Toggle = Field(
+        "auto",
+        description="Run a warm-up generation before /ready, so compilation happens at start (auto: when compiling).",
+    )
+    png_encoder: Literal["fast", "pillow"] = Field(
+        "fast", description="fast: multi-threaded PNG writer (same pixels); pillow: Pillow's encoder."
+    )
+    encode_threads: int = Field(0, ge=0, le=64, description="Threads of the fast PNG writer; 0 = auto.")
+
     # Load and limits
     max_queue: int = Field(8, ge=1, le=1024, description="Requests waiting beyond the running one; then 429.")
     request_timeout_s: float = Field(
@@ -79,6 +117,25 @@ class ServiceSettings(BaseSettings):
     inject_fault: str | None = Field(None, description="Rehearsal only: 'oom:N', 'error:N' or 'crash:N'.")
 
     log_level: str = Field("info")
+
+    @field_validator(
+        "sdpa",
+        "channels_last",
+        "fuse_qkv",
+        "cudnn_benchmark",
+        "compile",
+        "cuda_graphs",
+        "warmup_on_load",
+        mode="before",
+    )
+    @classmethod
+    def _toggle_words(cls, value: object) -> object:
+        """Accept true/false (and 1/0, yes/no) for the speed switches beside auto/on/off."""
+        if isinstance(value, bool):
+            return "on" if value else "off"
+        if isinstance(value, str):
+            return _TOGGLE_WORDS.get(value.strip().lower(), value.strip().lower())
+        return value
 
     @field_validator("model")
     @classmethod

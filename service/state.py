@@ -47,7 +47,7 @@ class ServiceState:
 
     def _load(self) -> None:
         try:
-            self.engine.load()
+            self.queue.call(self.engine.load)  # on the GPU worker thread (see GenerationQueue.call)
             self.status = "ready"
         except Exception as exc:  # keep the process up and say why (a failed setup is a state, not a crash)
             self.load_error = f"{type(exc).__name__}: {exc}"

@@ -73,6 +73,14 @@ class GenerationQueue:
             raise
         return result, job
 
+    def call(self, fn: Callable[[], T]) -> T:
+        """Run `fn` on the GPU worker thread and wait for it (blocking; for loading, not for requests).
+
+        The model is loaded and warmed up on the thread that later runs every request: CUDA graphs recorded
+        by torch.compile belong to the thread that recorded them, and recording from another thread fails.
+        """
+        return self._executor.submit(fn).result()
+
     def _execute(self, job: Job, work: Callable[[Job], T]) -> T:
         self._forget(job)
         if job.cancelled.is_set():

@@ -1,0 +1,217 @@
+"""Speed: apply the speed settings to loaded pipelines, and warm them up before the service says ready.
+
+Each technique is one setting (the "Speed" block of `ServiceSettings`); `auto` turns it on where it helps
+(CUDA) and off on the CPU, so tests and CPU boxes run plain eager diffusers. What each one bought is measured
+by the benchmark (`sdxl-deploy bench-gpu`, docs/BENCHMARKS.md), not assumed here.
+
+- dtype: bfloat16 on CUDA (chosen by `engine.resolve_dtype`, setting `dtype`).
+- sdpa: PyTorch's fused scaled-dot-product attention (diffusers' default; off = the classic processor).
+- fuse_qkv: one matmul for q/k/v (self-attention) and k/v (cross-attention) instead of three / two.
+- channels_last: NHWC UNet and VAE, the layout tensor-core convolutions want.
+- cudnn_benchmark: cuDNN times its convolution algorithms once per shape and keeps the fastest.
+- compile: `torch.compile` of the UNets (and the VAE decoder), with Inductor's cache persisted in
+  `compile_cache_dir` so a restart reuses the compiled kernels instead of compiling for minutes.
+- cuda_graphs: compile mode `reduce-overhead`: each UNet call is replayed as one CUDA graph, removing the
+  CPU launch overhead (what limits SD1.5 at 512 px).
+- warmup_on_load: one short generation at the default size during load, so the first compile happens
+  before `/ready` and not in a client's request.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from service.settings import ServiceSettings, Toggle
+
+if TYPE_CHECKING:
+    from service.engine import Engine
+
+log = logging.getLogger(__name__)
+
+WARMUP_STEPS = 4  # with the refiner's default split 0.8: 3 base steps and 1 refiner step
+
+
+@dataclass(frozen=True)
+class SpeedPlan:
+    """The speed techniques in force for one loaded model (settings resolved against the device)."""
+
+    sdpa: bool
+    fuse_qkv: bool
+    channels_last: bool
+    cudnn_benchmark: bool
+    compile: bool
+    compile_vae: bool
+    cuda_graphs: bool
+    warmup: bool
+    cache_dir: str | None
+    notes: tuple[str, ...] = field(default_factory=tuple)
+
+    @property
+    def compile_mode(self) -> str:
+        """torch.compile mode: reduce-overhead records CUDA graphs; default does not."""
+        return "reduce-overhead" if self.cuda_graphs else "default"
+
+    def as_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "notes": list(self.notes), "compile_mode": self.compile_mode}
+
+
+def _on(value: Toggle, auto: bool) -> bool:
+    return auto if value == "auto" else value == "on"
+
+
+def plan_speed(settings: ServiceSettings, device: torch.device) -> SpeedPlan:
+    """Resolve the speed settings for `device`: auto = on for CUDA, off on the CPU (sdpa: on everywhere)."""
+    cuda = device.type == "cuda"
+    notes: list[str] = []
+    sdpa = _on(settings.sdpa, True)
+    fuse_qkv = _on(settings.fuse_qkv, cuda)
+    if settings.attention_slicing and (sdpa or fuse_qkv):
+        notes.append("attention_slicing keeps its own attention processor: sdpa and fuse_qkv not applied")
+        sdpa = fuse_qkv = False
+    if fuse_qkv and not sdpa:
+        notes.append("fuse_qkv needs sdpa (its processor is SDPA-based): not applied")
+        fuse_qkv = False
+    compile_ = _on(settings.compile, cuda)
+    if compile_ and settings.cpu_offload:
+        notes.append("compile off: cpu_offload moves modules between devices at every call")
+        compile_ = False
+    cuda_graphs = _on(settings.cuda_graphs, compile_ and cuda)
+    if cuda_graphs and not (compile_ and cuda):
+        notes.append("cuda_graphs needs compile on a CUDA device: not applied")
+        cuda_graphs = False
+    cache_dir = None
+    if compile_:
+        cache_dir = str(settings.compile_cache_dir or Path(settings.cache_dir) / "torch-compile")
+    return SpeedPlan(
+        sdpa=sdpa,
+        fuse_qkv=fuse_qkv,
+        channels_last=_on(settings.channels_last, cuda),
+        cudnn_benchmark=_on(settings.cudnn_benchmark, cuda) and cuda,
+        compile=compile_,
+        compile_vae=compile_ and settings.compile_vae,
+        cuda_graphs=cuda_graphs,
+        warmup=_on(settings.warmup_on_load, compile_),
+        cache_dir=cache_dir,
+        notes=tuple(notes),
+    )
+
+
+def use_compile_cache(cache_dir: str | Path) -> Path:
+    """Point Inductor's on-disk caches (FX graphs, AOT autograd, Triton kernels) at `cache_dir`.
+
+    Must run before the first compilation of the process. The setting wins over a `TORCHINDUCTOR_CACHE_DIR`
+    already in the environment: torch itself puts its default (/tmp/torchinductor_<user>, gone after a
+    reboot) there as soon as Inductor is first used, and child processes inherit it.
+    """
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(cache_dir)
+    path = Path(cache_dir)
+    path.mkdir(parents=True, exist_ok=True)
+    import torch._functorch.config as functorch_config
+    import torch._inductor.config as inductor_config
+
+    inductor_config.fx_graph_cache = True
+    functorch_config.enable_autograd_cache = True
+    # 1x1 convolutions as matmuls: Inductor fuses their epilogues (diffusers' SDXL compile recipe)
+    inductor_config.conv_1x1_as_mm = True
+    return path
+
+
+def _denoisers_and_vaes(pipes: Iterable[Any]) -> Iterator[tuple[str, torch.nn.Module]]:
+    """("unet", module) and ("vae", module) of each pipeline, each shared module once."""
+    seen: set[int] = set()
+    for pipe in pipes:
+        if pipe is None:
+            continue
+        for name in ("unet", "vae"):
+            module = getattr(pipe, name, None)
+            if module is not None and id(module) not in seen:
+                seen.add(id(module))
+                yield name, module
+
+
+def apply_speed(plan: SpeedPlan, pipes: Iterable[Any]) -> list[str]:
+    """Apply `plan` to the pipelines' UNets and VAEs in place (shared modules once); return what was done."""
+    from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
+
+    done: list[str] = []
+    if plan.cudnn_benchmark:
+        torch.backends.cudnn.benchmark = True
+        done.append("cudnn_benchmark")
+    if plan.compile and plan.cache_dir:
+        done.append(f"compile_cache={use_compile_cache(plan.cache_dir)}")
+    for name, module in _denoisers_and_vaes(list(pipes)):
+        if not plan.sdpa and not plan.fuse_qkv:
+            module.set_attn_processor(AttnProcessor())
+        elif plan.sdpa and not plan.fuse_qkv:
+            module.set_attn_processor(AttnProcessor2_0())
+        if plan.fuse_qkv and not getattr(module, "_sdxl_deploy_fused", False):
+            module.fuse_qkv_projections()  # sets the SDPA-based FusedAttnProcessor2_0
+            module._sdxl_deploy_fused = True
+        if plan.channels_last:
+            module.to(memory_format=torch.channels_last)
+        # dynamic=False: base and refiner UNets share forward's code object, so with automatic dynamic
+        # shapes the refiner's first call turned into a slow symbolic-shape recompile (> 6 min on SDXL);
+        # static shapes compile each (model, size) once, cached on disk.
+        if plan.compile and name == "unet":
+            module.compile(mode=plan.compile_mode, fullgraph=False, dynamic=False)
+        elif plan.compile_vae and name == "vae":
+            module.decoder.compile(mode=plan.compile_mode, fullgraph=False, dynamic=False)
+        done.append(f"{name}:{'sdpa' if plan.sdpa else 'classic-attn'}{'+fused' if plan.fuse_qkv else ''}")
+    log.info("speed plan: %s; applied: %s", plan.as_dict(), ", ".join(done))
+    return done
+
+
+def is_compiled(module: torch.nn.Module) -> bool:
+    """Whether `module.compile()` wrapped this module's call."""
+    return getattr(module, "_compiled_call_impl", None) is not None
+
+
+def warm_up(engine: Engine) -> float:
+    """One short generation at the model's default size through the service's own path; returns seconds.
+
+    Compiles the UNet(s) and the VAE decoder for the default size with CFG on (what real requests use), so a
+    cold start pays the compile before `/ready`. The compiled functions keep the CUDA-graph tree they were
+    compiled with, so the GPU worker thread replays (and, on its first request, records) graphs in that same
+    tree: the loader thread must not reset it.
+    """
+    from service.params import resolve_params
+    from service.schema import GenerateRequest
+    from service.worker import Job
+
+    assert engine.spec is not None
+    started = time.perf_counter()
+    # base alone first (base UNet + VAE decoder), then base + refiner (the refiner's UNet): timed apart
+    for use_refiner in (False, True) if engine.refiner_loaded else (False,):
+        params = resolve_params(
+            GenerateRequest(
+                prompt="warm-up", num_inference_steps=WARMUP_STEPS, seed=0, use_refiner=use_refiner
+            ),
+            engine.spec,
+            refiner_loaded=engine.refiner_loaded,
+            restorer_loaded=False,
+            max_prompt_chars=engine.settings.max_prompt_chars,
+        )
+        log.info(
+            "speed: warming up %s at %dx%d (the first compile takes minutes)",
+            "base + refiner" if use_refiner else "base",
+            params.width,
+            params.height,
+        )
+        t0 = time.perf_counter()
+        engine.generate(params, Job())
+        log.info(
+            "speed: warm-up %s took %.1f s",
+            "base + refiner" if use_refiner else "base",
+            time.perf_counter() - t0,
+        )
+    seconds = time.perf_counter() - started
+    log.info("speed: warm-up took %.1f s", seconds)
+    return seconds
