@@ -58,3 +58,52 @@ def build_model(
     dtype = torch.float16 if half else torch.float32
     path = save_model(name, out, seed=seed, device=device, dtype=dtype)
     typer.echo(f"wrote {name} to {path}")
+
+
+def bench_gpu(
+    models: Annotated[
+        str, typer.Option(help="Comma-separated model families to time: sdxl, sd15.")
+    ] = "sdxl,sd15",
+    out: Annotated[Path, typer.Option(help="Folder for bench.json and table.txt.")] = Path("bench-out"),
+    work: Annotated[
+        Path, typer.Option(help="Local folder for the generated models, compile caches and logs.")
+    ] = Path("/tmp/sdxl-bench"),
+    reps: Annotated[int, typer.Option(help="Timed requests per scenario on the service.")] = 5,
+    baseline_reps: Annotated[int, typer.Option(help="Timed runs per scenario on the baseline.")] = 3,
+    concurrency: Annotated[int, typer.Option(help="Concurrent clients (0 or 1: skip).")] = 8,
+    ablate_cuda_graphs: Annotated[
+        bool, typer.Option(help="Also start the service with CUDA graphs off (one more compile).")
+    ] = False,
+    restart: Annotated[bool, typer.Option(help="Time a restart with the warm compile cache.")] = True,
+    pytest_gpu: Annotated[bool, typer.Option(help="Run the GPU-marked tests first.")] = True,
+    ablation: Annotated[
+        bool, typer.Option(help="Time the eager techniques one by one (classic attention -> SDPA -> ...).")
+    ] = True,
+    budget_s: Annotated[float, typer.Option(help="Skip optional stages past this many seconds.")] = 570.0,
+    tiny: Annotated[bool, typer.Option(help="Tiny models at 128 px: a quick dry run (CPU is fine).")] = False,
+) -> None:
+    """GPU benchmark: plain diffusers (fp16 eager, +- slicing) beside the service end to end over HTTP."""
+    from service.bench import BenchConfig, run_bench
+
+    families = tuple(f.strip() for f in models.split(",") if f.strip())
+    unknown = set(families) - {"sdxl", "sd15"}
+    if unknown:
+        typer.echo(f"unknown model families {sorted(unknown)}; use sdxl and/or sd15", err=True)
+        raise typer.Exit(2)
+    config = BenchConfig(
+        families=families,
+        out=out,
+        work=work,
+        reps=reps,
+        baseline_reps=baseline_reps,
+        concurrency=concurrency,
+        ablate_cuda_graphs=ablate_cuda_graphs,
+        restart=restart,
+        pytest_gpu=pytest_gpu,
+        ablation=ablation,
+        budget_s=budget_s,
+        tiny=tiny,
+    )
+    results = run_bench(config)
+    if results.errors:
+        raise typer.Exit(1)
