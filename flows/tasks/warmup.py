@@ -3,6 +3,7 @@ warm-up requests (the first real generation compiles kernels and fills caches)."
 
 from __future__ import annotations
 
+import re
 import time
 from contextlib import ExitStack
 from typing import Any
@@ -23,6 +24,7 @@ from flows.tasks.deploy import Started
 from service.client import ServiceCallError, ServiceClient
 
 POLL_S = 0.5
+_COMPILED = re.compile(r"speed: warm-up took ([0-9.]+) s")  # logged by service/accel.py
 LINK_GRACE_S = 120.0  # how long the SSH link may stay down during warm-up before it counts as a failure
 
 
@@ -31,6 +33,7 @@ class WarmupResult(BaseModel):
     health: dict[str, Any]
     warmup_s: list[float]
     log_offset: int
+    compile_s: float | None = None  # the service's load-time warm-up (torch.compile), from its log
 
 
 class ServiceDidNotStart(RuntimeError):
@@ -78,14 +81,23 @@ def warm_up(host: Host, target: Target, started: Started) -> WarmupResult:
                         f"lost the link to {host.name} for more than {LINK_GRACE_S:.0f} s during warm-up"
                     ) from exc
             if time.monotonic() - began > new.ready_timeout_s:
+                compiling = (
+                    " while compiling (see SDXL_COMPILE / docs/BENCHMARKS.md)" if watch.compiling else ""
+                )
                 raise ServiceDidNotStart(
-                    f"the new service was not ready after {new.ready_timeout_s:.0f} s; last log lines:\n"
-                    + watch.recent_text()
+                    f"the new service was not ready after {new.ready_timeout_s:.0f} s{compiling}; "
+                    "last log lines:\n" + watch.recent_text()
                 )
             time.sleep(POLL_S)
         ready_after = time.monotonic() - began
         health = client.health()
         log.info("new service ready after %.1f s: %s", ready_after, health)
+        if watch.compile_s is not None:
+            log.info(
+                "the service compiled its models in %.1f s before /ready (cached on disk: the next start "
+                "reuses it)",
+                watch.compile_s,
+            )
         timings = []
         for number in range(1, target.workload.warmup_requests + 1):
             t0 = time.perf_counter()
@@ -99,7 +111,11 @@ def warm_up(host: Host, target: Target, started: Started) -> WarmupResult:
             log.info("warm-up requests: %s s", timings)
         watch.check_alive("during the warm-up requests")
     return WarmupResult(
-        ready_after_s=round(ready_after, 2), health=health, warmup_s=timings, log_offset=watch.offset
+        ready_after_s=round(ready_after, 2),
+        health=health,
+        warmup_s=timings,
+        log_offset=watch.offset,
+        compile_s=watch.compile_s,
     )
 
 
@@ -110,12 +126,22 @@ class _Watch:
         self.host, self.started, self.log = host, started, log
         self.offset = started.log_offset
         self.recent: list[str] = []
+        self.compiling = False  # the service said it is compiling (first compile: minutes)
+        self.compile_s: float | None = None
 
     def follow_log(self) -> None:
         text, self.offset = tail_bytes(self.host, self.started.log_file, self.offset)
         for line in text.splitlines():
             self.log.info("[service] %s", line)
             self.recent = (self.recent + [line])[-20:]
+            if "speed: warming up" in line and not self.compiling:
+                self.compiling = True
+                self.log.info(
+                    "warm-up: the service is compiling its models (first time: minutes, then cached)"
+                )
+            done = _COMPILED.search(line)
+            if done:
+                self.compile_s = float(done.group(1))
 
     def recent_text(self) -> str:
         return "\n".join(self.recent)
