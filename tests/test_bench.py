@@ -1,0 +1,61 @@
+"""The GPU benchmark's pure parts on the CPU: scenarios as data, the image comparison, the table, the CLI."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+
+from service.bench import SCENARIOS, Results, image_diff, scenario_sizes, table
+from tests.servers import REPO
+
+
+def test_scenarios_cover_the_issue_targets() -> None:
+    by_name = {s.name: s for s in SCENARIOS}
+    assert by_name["sdxl-1024-30"].steps == 30 and by_name["sdxl-1024-30"].target_p50_s == 0.85
+    refiner = by_name["sdxl-1024-20+refiner"]
+    assert refiner.use_refiner and refiner.refiner_split == 0.8 and refiner.steps == 20
+    assert by_name["sd15-512-20"].size == 512 and by_name["sd15-512-20"].target_p50_s == 0.15
+    assert scenario_sizes(refiner, tiny=True) == (4, 128) and scenario_sizes(refiner, tiny=False) == (
+        20,
+        1024,
+    )
+
+
+def test_image_diff_is_zero_for_equal_images_and_measures_a_shift() -> None:
+    a = np.random.default_rng(0).integers(0, 250, (32, 32, 3), dtype=np.uint8)
+    assert image_diff(a, a) == {"mean_abs": 0.0, "max_abs": 0.0, "psnr_db": float("inf")}
+    shifted = image_diff(a + 1, a)
+    assert shifted["mean_abs"] == 1.0 and shifted["max_abs"] == 1.0 and round(shifted["psnr_db"], 1) == 48.1
+
+
+def test_table_puts_baseline_beside_service_and_says_met_or_missed() -> None:
+    r = Results(meta={"gpu": "NVIDIA H200", "torch": "2.11", "diffusers": "0.42.1"})
+    r.baseline["sdxl"] = {
+        "sdxl-1024-30": {"fp16_eager": {"pipeline_p50_s": 3.2, "pipeline_plus_png_b64_p50_s": 3.4}}
+    }
+    same = {"psnr_db": 49.7, "dtype_floor_psnr_db": 14.1, "ok": True}
+    r.service["sdxl"] = {
+        "sdxl-1024-30": {"e2e_p50_s": 1.105, "same_seed_vs_eager": same, "peak_vram_gib": 12.8},
+        "sdxl-1024-20+refiner": {"e2e_p50_s": 0.842},
+        "cold_start": {"ready_s": 285.0, "warmup_compile_s": 248.5},
+    }
+    text = table(r)
+    assert "NVIDIA H200" in text
+    row = next(line for line in text.splitlines() if line.startswith("sdxl-1024-30"))
+    assert "3.200 s" in row and "1.105 s" in row and "MISSED" in row and "49.7 dB" in row
+    refiner = next(line for line in text.splitlines() if line.startswith("sdxl-1024-20+refiner"))
+    assert "met" in refiner and "MISSED" not in refiner
+    assert "cold start to ready 285.000 s (warm-up/compile 248.500 s)" in text
+
+
+def test_bench_gpu_is_a_cli_command() -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "sdxl_deploy.cli", "bench-gpu", "--help"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0 and "--tiny" in out.stdout and "--models" in out.stdout
