@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import typer
+from click.testing import Result
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -209,6 +211,11 @@ def test_the_report_shows_images_and_charts_in_chromium(evaluation: EvaluationRe
 # ---------------------------------------------------------------- the CLI
 
 
+def _invoke(app: typer.Typer, args: list[str]) -> Result:
+    """Run the CLI with a wide terminal, so rich never wraps a long temp path inside a checked phrase."""
+    return CliRunner().invoke(app, args, env={"COLUMNS": "1000"})
+
+
 def test_cli_evaluate_then_report(services: tuple[str, str], tmp_path: Path) -> None:
     from sdxl_deploy.cli import app
 
@@ -230,25 +237,25 @@ def test_cli_evaluate_then_report(services: tuple[str, str], tmp_path: Path) -> 
         "tiny-random-clip",
     ]
     args += ["--margin", "100", "--runs-dir", str(tmp_path / "runs")]
-    result = CliRunner().invoke(app, args)
+    result = _invoke(app, args)
     assert result.exit_code == 0, result.output
     assert "random-weight stand-ins" in result.output
     run_dir = Path(result.output.split("report: ", 1)[1].split()[0]).parent
     assert len(pd.read_csv(run_dir / "generations.csv")) == 4
 
     (run_dir / "report.html").unlink()
-    result = CliRunner().invoke(app, ["report", str(run_dir)])
+    result = _invoke(app, ["report", str(run_dir)])
     assert result.exit_code == 0 and (run_dir / "report.html").is_file(), result.output
 
     bad = tmp_path / "prompts.csv"
     bad.write_text("text\na cat\n")
-    result = CliRunner().invoke(app, [*args[:5], "--prompts", str(bad)])
+    result = _invoke(app, [*args[:5], "--prompts", str(bad)])
     assert result.exit_code == 2 and "no 'Prompt' column" in result.output
 
     from tests.servers import free_port
 
     down = f"http://127.0.0.1:{free_port()}"
-    result = CliRunner().invoke(app, ["evaluate", "--baseline", down, *args[3:]])
+    result = _invoke(app, ["evaluate", "--baseline", down, *args[3:]])
     assert result.exit_code == 2 and f"baseline service at {down} did not answer GET /health" in result.output
 
 
