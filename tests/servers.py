@@ -15,7 +15,7 @@ from pathlib import Path
 import httpx
 import uvicorn
 
-from service.app import create_app
+from service.server import uvicorn_config
 from service.settings import ServiceSettings
 
 REPO = Path(__file__).resolve().parents[1]
@@ -44,13 +44,12 @@ def wait_ready(url: str, timeout: float = 180.0, proc: subprocess.Popen | None =
 
 @contextmanager
 def thread_server(settings: ServiceSettings, *, wait: bool = True) -> Iterator[str]:
-    """Serve `create_app(settings)` with real uvicorn on a free loopback port in a background thread."""
+    """Serve `settings` with real uvicorn on a free loopback port in a background thread, configured
+    exactly as `sdxl-deploy serve` (limits and timeouts from `service.server.uvicorn_config`)."""
     port = free_port()
-    config = uvicorn.Config(
-        create_app(settings), host="127.0.0.1", port=port, log_level="warning", timeout_keep_alive=5
-    )
+    config = uvicorn_config(settings, host="127.0.0.1", port=port, log_level="warning")
     server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, daemon=True)
+    thread = threading.Thread(target=server.run, daemon=True, name=f"uvicorn-{port}")
     thread.start()
     url = f"http://127.0.0.1:{port}"
     try:

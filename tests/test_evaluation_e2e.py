@@ -262,20 +262,6 @@ def test_cli_evaluate_then_report(services: tuple[str, str], tmp_path: Path) -> 
 # ---------------------------------------------------------------- the regression-benchmark flow
 
 
-@pytest.fixture(scope="module")
-def prefect_api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
-    """A throwaway Prefect API and database for the flow runs of this module."""
-    from prefect.settings import PREFECT_HOME, temporary_settings
-    from prefect.testing.utilities import prefect_test_harness
-
-    home = tmp_path_factory.mktemp("prefect-home")
-    with pytest.MonkeyPatch.context() as env:
-        env.setenv("PREFECT_HOME", str(home))
-        env.setenv("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-        with temporary_settings({PREFECT_HOME: home}), prefect_test_harness(server_startup_timeout=180):
-            yield
-
-
 def test_evaluation_artifacts_have_stable_keys(prefect_api: None, evaluation: EvaluationResult) -> None:
     from prefect import flow
     from prefect.client.orchestration import get_client

@@ -36,8 +36,7 @@ from schemathesis.specs.openapi.checks import (
 
 from service.app import create_app
 from service.settings import ServiceSettings
-from tests.hardened import hardened_server
-from tests.servers import settings_for
+from tests.servers import settings_for, thread_server
 
 API_KEY = "fuzz-key-7f3a"
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
@@ -99,7 +98,7 @@ schema.config.checks.positive_data_acceptance = PositiveDataAcceptanceConfig(
 
 @pytest.fixture(scope="module")
 def fuzz_url(model_cache: Path) -> Iterator[str]:
-    with hardened_server(fuzz_settings(model_cache)) as url:
+    with thread_server(fuzz_settings(model_cache)) as url:
         served = httpx.get(f"{url}/openapi.json").json()
         assert served == schema.raw_schema, "the fuzzed schema is not the one the service serves"
         yield url
@@ -143,7 +142,7 @@ def test_fuzzing_covered_every_operation() -> None:
 def test_valid_but_slow_request_answers_a_declared_504(model_cache: Path) -> None:
     """The expensive end of the valid range on a CPU: 504 in the declared error shape, then work goes on."""
     service = settings_for("tiny-sdxl", model_cache, request_timeout_s=1.0)
-    with hardened_server(service) as url:
+    with thread_server(service) as url:
         openapi = schemathesis.openapi.from_url(f"{url}/openapi.json")
         operation = openapi["/generate"]["POST"]
         body = {"prompt": "x", "width": 1024, "height": 1024, "num_inference_steps": 150, "hires_fix": False}

@@ -22,8 +22,7 @@ from pydantic import ValidationError
 
 from service.client import decode_image
 from service.settings import ServiceSettings
-from tests.hardened import hardened_server
-from tests.servers import REPO, free_port, settings_for
+from tests.servers import REPO, free_port, settings_for, thread_server
 
 SMALL = {"width": 64, "height": 64, "num_inference_steps": 1, "use_refiner": False}
 LIMITS = {"header_timeout_s": 1.0, "body_timeout_s": 1.0, "keep_alive_s": 1.0, "max_header_bytes": 8192}
@@ -31,7 +30,7 @@ LIMITS = {"header_timeout_s": 1.0, "body_timeout_s": 1.0, "keep_alive_s": 1.0, "
 
 @pytest.fixture(scope="module")
 def url(model_cache: Path) -> Iterator[str]:
-    with hardened_server(settings_for("tiny-sdxl", model_cache, **LIMITS)) as base:
+    with thread_server(settings_for("tiny-sdxl", model_cache, **LIMITS)) as base:
         yield base
 
 
@@ -297,7 +296,7 @@ def test_hostile_model_name_fails_to_load_without_executing(model_cache: Path, t
     canary = tmp_path / "canary"
     settings = settings_for("tiny-sdxl", model_cache)
     settings.model = f"$(touch {canary}); `touch {canary}`"
-    with hardened_server(settings, wait=False) as base:
+    with thread_server(settings, wait=False) as base:
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             health = httpx.get(f"{base}/health", timeout=5).json()
