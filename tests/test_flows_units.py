@@ -339,3 +339,27 @@ def test_cli_refuses_an_unknown_stage() -> None:
         timeout=60,
     )
     assert result.returncode != 0 and "'lunch' is not a stage" in result.stderr
+
+
+class _CorruptingHost(LocalHost):
+    """A real local host whose uploads arrive with one byte changed, as a bad link or disk would do."""
+
+    def put(self, local: Path, remote: str) -> None:
+        super().put(local, remote)
+        data = bytearray(Path(remote).read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        Path(remote).write_bytes(bytes(data))
+
+
+def test_a_corrupted_upload_is_refused_before_anything_is_installed(tmp_path: Path) -> None:
+    from flows.tasks.deploy import DeployError, ship_release
+
+    wheel = tmp_path / "sdxl_deploy-9.9.9-py3-none-any.whl"
+    wheel.write_bytes(b"not really a wheel, but its bytes are what is checked" * 100)
+    target = Target().model_copy(deep=True)
+    target.new.install_dir = str(tmp_path / "box" / "sdxl-deploy")
+    with pytest.raises(DeployError, match=r"does not match the local one .*nothing was installed"):
+        ship_release.fn(_CorruptingHost(), target, wheel)
+    releases = list((tmp_path / "box" / "sdxl-deploy" / "releases").iterdir())
+    assert len(releases) == 1
+    assert sorted(p.name for p in releases[0].iterdir()) == [wheel.name + ".part"]  # no wheel, no site/
