@@ -204,6 +204,10 @@ def test_prefect_yaml_declares_the_deployments() -> None:
         path, function = deployments[name]["entrypoint"].split(":")
         assert path == "flows/runbook.py" and getattr(runbook, function).name == name
         assert set(deployments[name]["parameters"]) <= set(getattr(runbook, function).parameters.properties)
+    from flows.regression import regression_benchmark
+
+    nightly = deployments["regression-benchmark"]["parameters"]
+    assert "target_file" in nightly and set(nightly) <= set(regression_benchmark.parameters.properties)
 
 
 def test_the_ui_shows_the_target_field_by_field() -> None:
