@@ -8,10 +8,7 @@ ignored with a logged warning (also listed in `info.warnings`); operations it do
 
 from __future__ import annotations
 
-import base64
-import binascii
 import datetime
-import hmac
 import json
 import logging
 import math
@@ -23,10 +20,11 @@ from pydantic import BaseModel, ConfigDict, Field
 from pydantic import ValidationError as PydanticValidationError
 
 from sdxl_deploy import __version__
-from service.errors import Unauthorized, Unsupported, ValidationFailed
+from service.deps import StateDep, require_api_key_or_basic
+from service.errors import Unsupported, ValidationFailed
 from service.params import MAX_IMAGES
 from service.samplers import SAMPLERS, karras_variant, resolve_sampler
-from service.schema import ErrorResponse, GenerateRequest
+from service.schema import GenerateRequest, error_responses
 from service.state import Generated, ServiceState
 
 log = logging.getLogger(__name__)
@@ -391,39 +389,9 @@ def progress_of(state: ServiceState) -> ProgressResponse:
 # ----- routes --------------------------------------------------------------------------------------
 
 
-def _state(request: Request) -> ServiceState:
-    return request.app.state.service
-
-
-StateDep = Annotated[ServiceState, Depends(_state)]
-
-
-def require_key(request: Request, state: StateDep) -> None:
-    """With an API key set: `Authorization: Bearer <key>`, or HTTP Basic with the key as password
-    (A1111 clients such as webuiapi's `set_auth` speak Basic; the user name is not checked)."""
-    expected = state.settings.api_key
-    if expected is None:
-        return
-    scheme, _, given = request.headers.get("authorization", "").partition(" ")
-    secret = given.strip()
-    if scheme.lower() == "basic":
-        try:
-            secret = base64.b64decode(secret, validate=True).decode().partition(":")[2]
-        except (binascii.Error, UnicodeDecodeError):
-            secret = ""
-    elif scheme.lower() != "bearer":
-        secret = ""
-    if not secret or not hmac.compare_digest(secret.encode(), expected.get_secret_value().encode()):
-        raise Unauthorized()
-
-
-def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
-    return {code: {"model": ErrorResponse} for code in codes}
-
-
-_ERRORS = _errors(401, 422)
-_BODY_ERRORS = _errors(401, 408, 413, 422)
-_GEN_ERRORS = _errors(401, 408, 413, 422, 429, 500, 503, 504)
+_ERRORS = error_responses(401, 422)
+_BODY_ERRORS = error_responses(401, 408, 413, 422)
+_GEN_ERRORS = error_responses(401, 408, 413, 422, 429, 500, 503, 504)
 _UNSUPPORTED = (
     "img2img",
     "extra-single-image",
@@ -437,7 +405,9 @@ _UNSUPPORTED = (
 
 def create_router() -> APIRouter:
     """The `/sdapi/v1` routes; every one needs the API key when one is set."""
-    router = APIRouter(prefix=PREFIX, tags=["AUTOMATIC1111"], dependencies=[Depends(require_key)])
+    router = APIRouter(
+        prefix=PREFIX, tags=["AUTOMATIC1111"], dependencies=[Depends(require_api_key_or_basic)]
+    )
 
     @router.post("/txt2img", response_model=Txt2ImgResponse, responses=_GEN_ERRORS)
     async def txt2img(body: Txt2ImgRequest, state: StateDep) -> Txt2ImgResponse:
@@ -520,7 +490,7 @@ def create_router() -> APIRouter:
             methods=["POST"],
             response_model=None,
             status_code=404,
-            responses=_errors(401, 404, 408, 413),
+            responses=error_responses(401, 404, 408, 413),
             summary=f"{op} (not supported: 404)",
         )
     return router

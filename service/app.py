@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import asyncio
-import hmac
 import json
 import logging
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
-from typing import Annotated, Any
+from typing import Any
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -19,43 +18,29 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from sdxl_deploy import __version__
 from service import a1111
+from service.deps import StateDep, require_api_key, require_api_key_or_basic
 from service.errors import (
     BodyTooLarge,
     ClientTooSlow,
     HeadersTooLarge,
     ServiceError,
-    Unauthorized,
     ValidationFailed,
 )
-from service.schema import ErrorResponse, GenerateRequest, GenerateResponse, HealthResponse, ReadyResponse
+from service.schema import (
+    ErrorResponse,
+    GenerateRequest,
+    GenerateResponse,
+    HealthResponse,
+    ReadyResponse,
+    error_responses,
+)
 from service.settings import ServiceSettings
 from service.state import ServiceState
 
 log = logging.getLogger(__name__)
 
-ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
-    code: {"model": ErrorResponse} for code in (401, 408, 413, 422, 429, 431, 500, 503, 504)
-}
+ERROR_RESPONSES = error_responses(401, 408, 413, 422, 429, 431, 500, 503, 504)
 """Every error status a body-taking route can answer; each body is an `ErrorResponse`."""
-
-
-def get_state(request: Request) -> ServiceState:
-    return request.app.state.service
-
-
-StateDep = Annotated[ServiceState, Depends(get_state)]
-
-
-def require_api_key(request: Request, state: StateDep) -> None:
-    """Check `Authorization: Bearer <key>` in constant time when an API key is configured."""
-    expected = state.settings.api_key
-    if expected is None:
-        return
-    scheme, _, given = request.headers.get("authorization", "").partition(" ")
-    if scheme.lower() != "bearer" or not hmac.compare_digest(
-        given.strip().encode(), expected.get_secret_value().encode()
-    ):
-        raise Unauthorized()
 
 
 Authorized = Depends(require_api_key)
@@ -140,7 +125,7 @@ def _declare_bearer_auth(app: FastAPI) -> None:
     from fastapi.routing import APIRoute
 
     # each key check -> the schemes it accepts (the A1111 router also takes HTTP Basic, as A1111 does)
-    schemes = {require_api_key: ["bearerAuth"], a1111.require_key: ["bearerAuth", "basicAuth"]}
+    schemes = {require_api_key: ["bearerAuth"], require_api_key_or_basic: ["bearerAuth", "basicAuth"]}
 
     def accepted(dependant: Any) -> list[str]:
         for dep in dependant.dependencies:
@@ -196,17 +181,14 @@ def _install_error_handlers(app: FastAPI, state: ServiceState) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def on_invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
-        failed = validation_error(exc)
-        state.metrics.errors.labels(failed.error_type).inc()
-        return error_response(failed.status_code, failed.message, failed.error_type)
+        return await on_service_error(request, validation_error(exc))
 
     @app.exception_handler(StarletteHTTPException)
     async def on_http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         if exc.status_code == 400:  # FastAPI could not decode the body (e.g. not UTF-8): a bad body, 422
             failed = ValidationFailed("body", None, f"malformed body: {exc.detail}")
             failed.message = f"body: malformed body ({exc.detail})"
-            state.metrics.errors.labels(failed.error_type).inc()
-            return error_response(failed.status_code, failed.message, failed.error_type)
+            return await on_service_error(request, failed)
         kind = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http")
         headers = getattr(exc, "headers", None)
         if exc.status_code == 405:  # Starlette names only the first route's methods when routes share a path

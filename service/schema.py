@@ -7,7 +7,7 @@ The app written against the old SD1.5 script sends `prompt`, `num_inference_step
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -105,3 +105,8 @@ class ErrorResponse(BaseModel):
     success: Literal[False] = False
     error: str
     error_type: str
+
+
+def error_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI `responses=` for these error statuses, each answered with an `ErrorResponse` body."""
+    return {code: {"model": ErrorResponse} for code in codes}
