@@ -68,7 +68,16 @@ def thread_server(settings: ServiceSettings, *, wait: bool = True) -> Iterator[s
 def process_server(
     model: str, *, env: dict[str, str] | None = None, log: Path | None = None
 ) -> Iterator[str]:
-    """Run `python -m sdxl_deploy.cli serve` as its own process, as the deploy flow does."""
+    """Run `python -m sdxl_deploy.cli serve` as its own process, as the deploy flow does; yields its URL."""
+    with served_process(model, env=env, log=log) as (url, _):
+        yield url
+
+
+@contextmanager
+def served_process(
+    model: str, *, env: dict[str, str] | None = None, log: Path | None = None
+) -> Iterator[tuple[str, subprocess.Popen]]:
+    """`process_server`, yielding the process too (for tests that watch its memory or its life)."""
     port = free_port()
     full_env = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
     out = open(log, "wb") if log else subprocess.DEVNULL  # noqa: SIM115 - closed below
@@ -81,7 +90,7 @@ def process_server(
     url = f"http://127.0.0.1:{port}"
     try:
         wait_ready(url, proc=proc)
-        yield url
+        yield url, proc
     finally:
         proc.terminate()
         try:

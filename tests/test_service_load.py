@@ -9,9 +9,6 @@ key the clients send never shows up in the service's log or in any open endpoint
 from __future__ import annotations
 
 import asyncio
-import os
-import subprocess
-import sys
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -22,7 +19,7 @@ import httpx
 import pytest
 
 from service.client import decode_image
-from tests.servers import REPO, free_port, wait_ready
+from tests.servers import served_process
 
 REQUESTS, CONCURRENCY, MAX_QUEUE = 200, 32, 8
 TIME_LIMIT_S = 180.0
@@ -42,35 +39,16 @@ class Service:
 def service(model_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
     """`sdxl-deploy serve` in its own process, with an API key from the environment and an info log."""
     log = tmp_path_factory.mktemp("load") / "service.log"
-    port = free_port()
     env = {
-        **os.environ,
-        "PYTHONPATH": str(REPO),
         "SDXL_DEPLOY_CACHE": str(model_cache),
         "SDXL_CACHE_DIR": str(model_cache),
         "SDXL_API_KEY": API_KEY,
         "SDXL_MAX_QUEUE": str(MAX_QUEUE),
         "SDXL_LOG_LEVEL": "info",
     }
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "sdxl_deploy.cli", "serve", "--model", "tiny-sdxl", "--port", str(port)],
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
-        url = f"http://127.0.0.1:{port}"
-        try:
-            wait_ready(url, proc=proc)
-            yield Service(url, proc.pid, log)
-            assert proc.poll() is None, "the service died under load"
-        finally:
-            proc.terminate()
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+    with served_process("tiny-sdxl", env=env, log=log) as (url, proc):
+        yield Service(url, proc.pid, log)
+        assert proc.poll() is None, "the service died under load"
 
 
 def rss_mb(pid: int) -> float:
