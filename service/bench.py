@@ -800,21 +800,18 @@ def gpu_state() -> dict[str, Any]:
 
     state: dict[str, Any] = {}
     with suppress(OSError, subprocess.SubprocessError):
-        state["nvidia_smi"] = subprocess.run(
-            ["nvidia-smi", "--query-gpu=memory.used,memory.total,utilization.gpu", "--format=csv,noheader"],
-            capture_output=True,
-            text=True,
-            timeout=20,
-        ).stdout.strip()
-        state["compute_apps"] = subprocess.run(
-            ["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader"],
-            capture_output=True,
-            text=True,
-            timeout=20,
-        ).stdout.strip()
+        state["nvidia_smi"] = _nvidia_smi("--query-gpu=memory.used,memory.total,utilization.gpu")
+        state["compute_apps"] = _nvidia_smi("--query-compute-apps=pid,used_memory")
     if torch.cuda.is_available():
         state["bench_process_reserved_gib"] = round(torch.cuda.memory_reserved() / 2**30, 2)
     return state
+
+
+def _nvidia_smi(query: str) -> str:
+    """One `nvidia-smi --query-...` answer as CSV lines without a header."""
+    return subprocess.run(
+        ["nvidia-smi", query, "--format=csv,noheader"], capture_output=True, text=True, timeout=20
+    ).stdout.strip()
 
 
 def _free_port() -> int:
@@ -843,12 +840,7 @@ def environment() -> dict[str, Any]:
         meta["gpu"] = props.name
         meta["gpu_memory_gib"] = round(props.total_memory / 2**30, 1)
         with suppress(OSError, subprocess.SubprocessError):
-            meta["driver"] = subprocess.run(
-                ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                capture_output=True,
-                text=True,
-                timeout=20,
-            ).stdout.strip()
+            meta["driver"] = _nvidia_smi("--query-gpu=driver_version")
     else:
         meta["gpu"] = None
     return meta
