@@ -11,6 +11,7 @@ from service import commands as service_commands
 app = typer.Typer(help=__doc__, no_args_is_help=True, pretty_exceptions_show_locals=False)
 app.command("serve")(service_commands.serve)
 app.command("bench-gpu")(service_commands.bench_gpu)
+app.command("bench-unet")(service_commands.bench_unet)
 app.add_typer(service_commands.models_app, name="models")
 for _name in ("deploy", "verify", "rollback", "demo"):
     app.command(_name)(getattr(flow_commands, _name))

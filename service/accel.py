@@ -15,6 +15,9 @@ by the benchmark (`sdxl-deploy bench-gpu`, docs/BENCHMARKS.md), not assumed here
   CPU launch overhead (what limits SD1.5 at 512 px).
 - warmup_on_load: one short generation at the default size during load, so the first compile happens
   before `/ready` and not in a client's request.
+- coalesce: compatible requests waiting in the queue run as one batched call (`service/worker.py`), in
+  batches of 2, 4, ... images up to `coalesce_max_images`; with compile on, each of those sizes is warmed up
+  too (static shapes: each batch size is its own compiled graph).
 """
 
 from __future__ import annotations
@@ -52,6 +55,7 @@ class SpeedPlan:
     cuda_graphs: bool
     warmup: bool
     cache_dir: str | None
+    coalesce_sizes: tuple[int, ...] = (1,)  # images per call the queue may form from waiting requests
     notes: tuple[str, ...] = field(default_factory=tuple)
 
     @property
@@ -67,8 +71,9 @@ def _on(value: Toggle, auto: bool) -> bool:
     return auto if value == "auto" else value == "on"
 
 
-def plan_speed(settings: ServiceSettings, device: torch.device) -> SpeedPlan:
-    """Resolve the speed settings for `device`: auto = on for CUDA, off on the CPU (sdpa: on everywhere)."""
+def plan_speed(settings: ServiceSettings, device: torch.device, backend: str = "sdxl") -> SpeedPlan:
+    """Resolve the speed settings for `device`: auto = on for CUDA, off on the CPU (sdpa: on everywhere);
+    coalescing's auto is on for SD1.5 on CUDA only (measured: docs/BENCHMARKS.md, bench-unet)."""
     cuda = device.type == "cuda"
     notes: list[str] = []
     sdpa = _on(settings.sdpa, True)
@@ -90,6 +95,9 @@ def plan_speed(settings: ServiceSettings, device: torch.device) -> SpeedPlan:
     cache_dir = None
     if compile_:
         cache_dir = str(settings.compile_cache_dir or Path(settings.cache_dir) / "torch-compile")
+    coalesce_sizes = (1,)
+    if _on(settings.coalesce, cuda and backend == "sd15"):
+        coalesce_sizes = tuple(2**i for i in range(settings.coalesce_max_images.bit_length()))
     return SpeedPlan(
         sdpa=sdpa,
         fuse_qkv=fuse_qkv,
@@ -100,6 +108,7 @@ def plan_speed(settings: ServiceSettings, device: torch.device) -> SpeedPlan:
         cuda_graphs=cuda_graphs,
         warmup=_on(settings.warmup_on_load, compile_),
         cache_dir=cache_dir,
+        coalesce_sizes=coalesce_sizes,
         notes=tuple(notes),
     )
 
@@ -188,11 +197,22 @@ def warm_up(engine: Engine) -> float:
 
     assert engine.spec is not None
     started = time.perf_counter()
-    # base alone first (base UNet + VAE decoder), then base + refiner (the refiner's UNet): timed apart
-    for use_refiner in (False, True) if engine.refiner_loaded else (False,):
+    sizes = engine.speed.coalesce_sizes if engine.speed else (1,)
+    # base alone first (base UNet + VAE decoder), then base + refiner (the refiner's UNet): timed apart;
+    # then each batch size that coalesced requests may form (a batch of k compiles like k images)
+    shapes = [
+        (use_refiner, k)
+        for k in sizes
+        for use_refiner in ((False, True) if engine.refiner_loaded else (False,))
+    ]
+    for use_refiner, images in shapes:
         params = resolve_params(
             GenerateRequest(
-                prompt="warm-up", num_inference_steps=WARMUP_STEPS, seed=0, use_refiner=use_refiner
+                prompt="warm-up",
+                num_inference_steps=WARMUP_STEPS,
+                seed=0,
+                use_refiner=use_refiner,
+                batch_size=images,
             ),
             engine.spec,
             refiner_loaded=engine.refiner_loaded,
@@ -200,16 +220,18 @@ def warm_up(engine: Engine) -> float:
             max_prompt_chars=engine.settings.max_prompt_chars,
         )
         log.info(
-            "speed: warming up %s at %dx%d (the first compile takes minutes)",
+            "speed: warming up %s at %dx%d, %d image(s) (the first compile takes minutes)",
             "base + refiner" if use_refiner else "base",
             params.width,
             params.height,
+            images,
         )
         t0 = time.perf_counter()
         engine.generate(params, Job())
         log.info(
-            "speed: warm-up %s took %.1f s",
+            "speed: warm-up %s, %d image(s) took %.1f s",
             "base + refiner" if use_refiner else "base",
+            images,
             time.perf_counter() - t0,
         )
     seconds = time.perf_counter() - started

@@ -611,19 +611,23 @@ class Bench:
             svc.generate(self._request(s, seed=i))
         single = n / (time.perf_counter() - t0)
 
-        def client(i: int) -> list[float]:
+        def client(i: int) -> list[tuple[float, int]]:
             times = []
             for r in range(rounds):
                 t = time.perf_counter()
-                svc.generate(self._request(s, seed=1000 + i * rounds + r))
-                times.append(time.perf_counter() - t)
+                answer = svc.generate(self._request(s, seed=1000 + i * rounds + r))
+                times.append((time.perf_counter() - t, int(answer["timings"].get("batched_with", 1))))
             return times
 
         t0 = time.perf_counter()
         with ThreadPoolExecutor(n) as pool:
-            latencies = [x for xs in pool.map(client, range(n)) for x in xs]
+            answers = [x for xs in pool.map(client, range(n)) for x in xs]
         concurrent = n * rounds / (time.perf_counter() - t0)
+        latencies = [seconds for seconds, _ in answers]
+        batched = [together for _, together in answers]
         return {
+            "coalesced_requests": sum(1 for together in batched if together > 1),
+            "mean_requests_per_call": round(statistics.fmean(batched), 2),
             "clients": n,
             "single_stream_images_per_s": round(single, 3),
             "concurrent_images_per_s": round(concurrent, 3),
@@ -902,7 +906,9 @@ def table(results: Results) -> str:
         if conc:
             lines.append(
                 f"{family}: {conc['clients']} clients {conc['concurrent_images_per_s']} img/s vs single "
-                f"{conc['single_stream_images_per_s']} img/s = {_fmt(conc['speedup'], 'x')} (target 1.30x)"
+                f"{conc['single_stream_images_per_s']} img/s = {_fmt(conc['speedup'], 'x')} (target 1.30x); "
+                f"{conc.get('coalesced_requests', 0)} requests coalesced, "
+                f"{conc.get('mean_requests_per_call', 1)} per call"
             )
         peaks = [
             v.get("peak_vram_gib") for v in svc.values() if isinstance(v, dict) and v.get("peak_vram_gib")

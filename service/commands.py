@@ -107,3 +107,33 @@ def bench_gpu(
     results = run_bench(config)
     if results.errors:
         raise typer.Exit(1)
+
+
+def bench_unet(
+    out: Annotated[
+        Path, typer.Option(help="Folder for bench-unet.json (and a throw-away compile cache).")
+    ] = Path("bench-unet-out"),
+    family: Annotated[str, typer.Option(help="sdxl (1024 px) or sd15 (512 px).")] = "sdxl",
+    calls: Annotated[int, typer.Option(help="Timed UNet calls per variant.")] = 30,
+    budget_s: Annotated[
+        float, typer.Option(help="Skip the remaining variants past this many seconds.")
+    ] = 540.0,
+    only: Annotated[
+        str | None,
+        typer.Option(help="Comma-separated variant indexes of service.bench_unet.VARIANTS to run."),
+    ] = None,
+    tiny: Annotated[
+        bool, typer.Option(help="Tiny model on the CPU: a dry run, figures mean nothing.")
+    ] = False,
+) -> None:
+    """GPU probe: one UNet call with CFG under each speed variant (attention kernel, compile, batch)."""
+    import logging
+
+    from service.bench_unet import VARIANTS, run
+
+    if family not in ("sdxl", "sd15"):
+        typer.echo(f"family={family!r}: use sdxl or sd15", err=True)
+        raise typer.Exit(2)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    variants = VARIANTS if only is None else tuple(VARIANTS[int(i)] for i in only.split(","))
+    run(out, family=family, calls=calls, budget_s=budget_s, variants=variants, tiny=tiny)

@@ -25,6 +25,11 @@ class ServiceMetrics:
             registry=self.registry,
         )
         self.images = Counter("sdxl_images_generated", "Images generated.", registry=self.registry)
+        self.coalesced = Counter(
+            "sdxl_coalesced_requests",
+            "Requests that ran in one batched pipeline call with other waiting requests.",
+            registry=self.registry,
+        )
         Gauge("sdxl_queue_depth", "Requests waiting for the GPU.", registry=self.registry).set_function(
             queue_depth
         )

@@ -124,3 +124,25 @@ def final_size(params: GenerationParams) -> tuple[int, int]:
     if params.hires_fix:
         return _scaled(params.width, params.hires_scale), _scaled(params.height, params.hires_scale)
     return params.width, params.height
+
+
+def coalesce_key(params: GenerationParams) -> tuple[object, ...] | None:
+    """Requests with equal keys can run in one pipeline call (one prompt and seed per image); None: alone.
+
+    Everything that decides the shape of the call or the computation besides prompt and seed is in the key.
+    A missing negative prompt and a given one stay apart: SDXL encodes "no negative prompt" as zeros, not as
+    the empty text. Hires passes and multi-batch (n_iter) requests always run alone.
+    """
+    if params.hires_fix or params.n_iter != 1:
+        return None
+    return (
+        params.steps,
+        params.width,
+        params.height,
+        params.guidance_scale,
+        params.use_refiner,
+        params.refiner_split if params.use_refiner else None,
+        params.sampler,
+        params.negative_prompt is None,
+        params.face_restoration,
+    )

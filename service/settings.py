@@ -82,6 +82,17 @@ class ServiceSettings(BaseSettings):
         "auto",
         description="Run a warm-up generation before /ready, so compilation happens at start (auto: when compiling).",
     )
+    coalesce: Toggle = Field(
+        "auto",
+        description="Run compatible waiting requests as one batched pipeline call (auto: SD1.5 on CUDA, where "
+        "it measured 1.26x / 1.44x images/s at 2 / 4 images; SDXL at 1024 px gained 1.07x, not worth the latency).",
+    )
+    coalesce_max_images: int = Field(
+        4,
+        ge=1,
+        le=8,
+        description="Most images in one coalesced call; calls use powers of two up to it (each size compiles once).",
+    )
     png_encoder: Literal["fast", "pillow"] = Field(
         "fast", description="fast: multi-threaded PNG writer (same pixels); pillow: Pillow's encoder."
     )
@@ -126,6 +137,7 @@ class ServiceSettings(BaseSettings):
         "compile",
         "cuda_graphs",
         "warmup_on_load",
+        "coalesce",
         mode="before",
     )
     @classmethod

@@ -7,7 +7,6 @@ import logging
 import threading
 import time
 from dataclasses import dataclass
-from functools import partial
 from typing import Literal
 
 from sdxl_deploy import __version__
@@ -15,7 +14,7 @@ from service.encoding import to_base64
 from service.engine import Engine, GenerationResult
 from service.errors import NotReady
 from service.metrics import ServiceMetrics
-from service.params import GenerationParams, final_size, resolve_params
+from service.params import GenerationParams, coalesce_key, final_size, resolve_params
 from service.schema import GenerateRequest, GenerateResponse, HealthResponse, OutputFormat
 from service.settings import ServiceSettings
 from service.worker import GenerationQueue, Job
@@ -48,6 +47,8 @@ class ServiceState:
     def _load(self) -> None:
         try:
             self.queue.call(self.engine.load)  # on the GPU worker thread (see GenerationQueue.call)
+            if self.engine.speed is not None:
+                self.queue.batch_sizes = self.engine.speed.coalesce_sizes
             self.status = "ready"
         except Exception as exc:  # keep the process up and say why (a failed setup is a state, not a crash)
             self.load_error = f"{type(exc).__name__}: {exc}"
@@ -104,8 +105,15 @@ class ServiceState:
         )
 
     async def run(self, params: GenerationParams) -> tuple[GenerationResult, Job]:
-        """Queue one generation on the GPU worker (429 when full, 504 past the timeout)."""
-        return await self.queue.run(partial(self.engine.generate, params), self.settings.request_timeout_s)
+        """Queue one generation on the GPU worker (429 when full, 504 past the timeout); it may run in one
+        batched call with compatible waiting requests (`coalesce` setting)."""
+        return await self.queue.run_batched(
+            self.engine.generate_jobs,
+            self.settings.request_timeout_s,
+            payload=params,
+            group=coalesce_key(params),
+            images=len(params.seeds),
+        )
 
     async def produce(self, req: GenerateRequest, n_iter: int = 1) -> Generated:
         """The one generation path of every API: validate, queue, generate, encode, count."""
@@ -117,6 +125,8 @@ class ServiceState:
         timings = {"queue": round(job.queue_seconds, 4), **result.timings, "encode": encode_s}
         timings["total"] = round(total, 4)
         self.record_success(total, len(result.images), result.peak_vram_gb)
+        if job.batched_with > 1:
+            self.metrics.coalesced.inc()
         width, height = final_size(params)
         log.info(
             "generated %d x %dx%d steps=%d sampler=%s seeds=%s refiner=%s in %.2f s",

@@ -1,29 +1,47 @@
-"""One GPU worker thread behind a bounded queue, with per-job progress and cancellation."""
+"""One GPU worker thread behind a bounded queue: per-job progress and cancellation, and coalescing of
+compatible waiting jobs into one batched call.
+
+Coalescing: a job may carry a `group` (a hashable key; equal keys mean "these can run in one pipeline call")
+and a number of `images`. When the worker takes a job, it also takes the waiting jobs of the same group, in
+arrival order, as long as the total number of images stays within the largest of `batch_sizes`; then it
+drops the last ones until the total is one of `batch_sizes` (the shapes that were compiled ahead). With
+`batch_sizes == (1,)` every job runs alone, which is the default.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import threading
 import time
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from collections import deque
+from collections.abc import Callable, Hashable
+from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from service.errors import Cancelled, GenerationTimeout, Overloaded
 
 T = TypeVar("T")
 
+BatchWork = Callable[[list["Job"]], list[Any]]
+"""Runs jobs together on the worker thread and returns one result per job, in order."""
 
-@dataclass
+
+@dataclass(eq=False)
 class Job:
     """One request's life in the queue: when it was queued and started, how far it got."""
 
+    work: BatchWork | None = None
+    payload: Any = None  # what `work` needs to know about this job (the generation parameters)
+    group: Hashable | None = None  # jobs of one group may run in one call; None: always alone
+    images: int = 1
     queued_at: float = field(default_factory=time.perf_counter)
     started_at: float | None = None
     step: int = 0
     total_steps: int = 0
+    batched_with: int = 1  # how many jobs ran in the call this one ran in (itself included)
     cancelled: threading.Event = field(default_factory=threading.Event)
+    future: Future[Any] = field(default_factory=Future, repr=False)
 
     def progress(self, step: int, total: int) -> None:
         """Called by the pipeline after each denoising step."""
@@ -35,41 +53,57 @@ class Job:
 
 
 class GenerationQueue:
-    """Runs jobs one at a time on a dedicated thread; refuses work beyond `max_queue` waiting jobs."""
+    """Runs jobs on one dedicated thread; refuses work beyond `max_queue` waiting jobs."""
 
-    def __init__(self, max_queue: int, retry_after_s: int) -> None:
+    def __init__(self, max_queue: int, retry_after_s: int, batch_sizes: tuple[int, ...] = (1,)) -> None:
         self.max_queue = max_queue
         self.retry_after_s = retry_after_s
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gpu-worker")
-        self._lock = threading.Lock()
-        self._waiting: set[int] = set()
+        self.batch_sizes = batch_sizes
+        self._pending: deque[Job] = deque()
+        self._cv = threading.Condition()
+        self._closed = False
         self.running: Job | None = None
+        self._thread = threading.Thread(target=self._loop, name="gpu-worker", daemon=True)
+        self._thread.start()
 
     @property
     def depth(self) -> int:
-        """Jobs waiting to start (the running one excluded)."""
-        with self._lock:
-            return len(self._waiting)
+        """Jobs waiting to start (the running ones excluded)."""
+        with self._cv:
+            return len(self._pending)
 
     async def run(self, work: Callable[[Job], T], timeout: float) -> tuple[T, Job]:
-        """Queue `work`, wait at most `timeout` seconds (queueing included), return its result and job."""
-        job = Job()
-        with self._lock:
-            if len(self._waiting) >= self.max_queue:
-                raise Overloaded(len(self._waiting), self.retry_after_s)
-            self._waiting.add(id(job))
-        future = self._executor.submit(self._execute, job, work)
+        """Queue `work` to run alone; wait at most `timeout` seconds (queueing included)."""
+        return await self.run_batched(lambda jobs: [work(jobs[0])], timeout)
+
+    async def run_batched(
+        self,
+        work: BatchWork,
+        timeout: float,
+        *,
+        payload: Any = None,
+        group: Hashable | None = None,
+        images: int = 1,
+    ) -> tuple[Any, Job]:
+        """Queue one job that may run together with waiting jobs of the same `group` (see the module doc).
+
+        Raises Overloaded (429) when `max_queue` jobs wait already, GenerationTimeout (504) past `timeout`.
+        """
+        job = Job(work=work, payload=payload, group=group, images=images)
+        with self._cv:
+            if len(self._pending) >= self.max_queue:
+                raise Overloaded(len(self._pending), self.retry_after_s)
+            self._pending.append(job)
+            self._cv.notify()
         try:
-            result = await asyncio.wait_for(asyncio.wrap_future(future), timeout)
+            result = await asyncio.wait_for(asyncio.wrap_future(job.future), timeout)
         except TimeoutError:
-            job.cancelled.set()
-            self._forget(job)
+            self._cancel(job)
             raise GenerationTimeout(
                 f"request took longer than {timeout:g} s (queue wait included) and was cancelled"
             ) from None
         except asyncio.CancelledError:  # the client went away
-            job.cancelled.set()
-            self._forget(job)
+            self._cancel(job)
             raise
         return result, job
 
@@ -79,23 +113,86 @@ class GenerationQueue:
         The model is loaded and warmed up on the thread that later runs every request: CUDA graphs recorded
         by torch.compile belong to the thread that recorded them, and recording from another thread fails.
         """
-        return self._executor.submit(fn).result()
-
-    def _execute(self, job: Job, work: Callable[[Job], T]) -> T:
-        self._forget(job)
-        if job.cancelled.is_set():
-            raise Cancelled("cancelled before it started")
-        job.started_at = time.perf_counter()
-        self.running = job
-        try:
-            return work(job)
-        finally:
-            self.running = None
-
-    def _forget(self, job: Job) -> None:
-        with self._lock:
-            self._waiting.discard(id(job))
+        job = Job(work=lambda jobs: [fn()])
+        with self._cv:
+            if self._closed:
+                raise Cancelled("the worker is shut down")
+            self._pending.append(job)
+            self._cv.notify()
+        return job.future.result()
 
     def shutdown(self) -> None:
         """Cancel waiting jobs and let the running one finish."""
-        self._executor.shutdown(wait=False, cancel_futures=True)
+        with self._cv:
+            self._closed = True
+            for job in self._pending:
+                job.cancelled.set()
+                job.future.cancel()
+            self._pending.clear()
+            self._cv.notify()
+
+    # ----- the worker thread -----------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        while True:
+            with self._cv:
+                while not self._pending and not self._closed:
+                    self._cv.wait()
+                if self._closed:
+                    return
+                batch = self._take()
+            self._execute(batch)
+
+    def _take(self) -> list[Job]:
+        """The next job and the waiting jobs that can run with it (called with the lock held)."""
+        first = self._pending.popleft()
+        batch = [first]
+        limit = max(self.batch_sizes)
+        if first.group is None or limit <= 1:
+            return batch
+        total = first.images
+        for job in self._pending:
+            if job.group == first.group and not job.cancelled.is_set() and total + job.images <= limit:
+                batch.append(job)
+                total += job.images
+        while len(batch) > 1 and total not in self.batch_sizes:
+            total -= batch.pop().images
+        for job in batch[1:]:
+            self._pending.remove(job)
+        return batch
+
+    def _execute(self, batch: list[Job]) -> None:
+        live: list[Job] = []
+        for job in batch:
+            if not job.future.set_running_or_notify_cancel():
+                continue  # its waiter gave up (timeout or disconnect) and cancelled the future
+            if job.cancelled.is_set():
+                job.future.set_exception(Cancelled("cancelled before it started"))
+                continue
+            live.append(job)
+        if not live:
+            return
+        started = time.perf_counter()
+        for job in live:
+            job.started_at, job.batched_with = started, len(live)
+        self.running = live[0]
+        work = live[0].work
+        assert work is not None
+        try:
+            results = work(live)
+            if len(results) != len(live):
+                raise RuntimeError(f"batched work returned {len(results)} results for {len(live)} jobs")
+        except BaseException as exc:  # noqa: BLE001 - handed to every waiter, the thread lives on
+            for job in live:
+                job.future.set_exception(exc)
+        else:
+            for job, result in zip(live, results, strict=True):
+                job.future.set_result(result)
+        finally:
+            self.running = None
+
+    def _cancel(self, job: Job) -> None:
+        job.cancelled.set()
+        with self._cv:
+            if job in self._pending:
+                self._pending.remove(job)
