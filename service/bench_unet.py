@@ -306,6 +306,7 @@ def _write(
         "family": family,
         "size": size,
         "tflop_per_image_call": round(flops / 1e12, 3),
+        "flop_per_image_call": flops,
         "results": [asdict(r) for r in results],
         "skipped": skipped,
         "stages_ms": stages,

@@ -59,3 +59,19 @@ def test_bench_gpu_is_a_cli_command() -> None:
         timeout=120,
     )
     assert out.returncode == 0 and "--tiny" in out.stdout and "--models" in out.stdout
+
+
+def test_bench_unet_times_each_variant_and_compares_outputs_with_eager(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import json
+
+    from service.bench_unet import VARIANTS, run
+
+    eager = tuple(v for v in VARIANTS if not v.compiled and v.attention == "default")
+    results = run(tmp_path, family="sdxl", calls=2, variants=eager, tiny=True)
+    assert [(r.variant.name, r.variant.images) for r in results] == [("eager", 1), ("eager", 2), ("eager", 4)]
+    assert results[0].rel_err == 0.0  # the same inputs through the same eager module
+    assert results[1].rel_err is None  # batch > 1 has no single-image reference
+    assert all(abs(r.ms_per_image - r.ms_per_call / r.variant.images) <= 0.01 for r in results)
+    data = json.loads((tmp_path / "bench-unet.json").read_text())
+    assert data["family"] == "sdxl" and len(data["results"]) == 3 and data["flop_per_image_call"] > 0
+    assert set(data["stages_ms"]) == {"encode_prompt_cfg", "vae_decode", "postprocess_pil", "to_uint8_on_gpu"}
