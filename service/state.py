@@ -107,7 +107,7 @@ class ServiceState:
     async def run(self, params: GenerationParams) -> tuple[GenerationResult, Job]:
         """Queue one generation on the GPU worker (429 when full, 504 past the timeout); it may run in one
         batched call with compatible waiting requests (`coalesce` setting)."""
-        return await self.queue.run_batched(
+        return await self.queue.run(
             self.engine.generate_jobs,
             self.settings.request_timeout_s,
             payload=params,

@@ -72,11 +72,7 @@ class GenerationQueue:
         with self._cv:
             return len(self._pending)
 
-    async def run(self, work: Callable[[Job], T], timeout: float) -> tuple[T, Job]:
-        """Queue `work` to run alone; wait at most `timeout` seconds (queueing included)."""
-        return await self.run_batched(lambda jobs: [work(jobs[0])], timeout)
-
-    async def run_batched(
+    async def run(
         self,
         work: BatchWork,
         timeout: float,

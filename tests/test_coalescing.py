@@ -74,7 +74,7 @@ async def _submit_while_blocked(queue: GenerationQueue, jobs: list[tuple[str, ob
     """Queue (name, group, images) jobs behind a blocked worker, release it, return (result, job) each."""
     with Blocked(queue):
         tasks = [
-            asyncio.create_task(queue.run_batched(work, 30, payload=name, group=group, images=images))  # type: ignore[arg-type]
+            asyncio.create_task(queue.run(work, 30, payload=name, group=group, images=images))  # type: ignore[arg-type]
             for name, group, images in jobs
         ]
         while queue.depth < len(jobs):
@@ -116,10 +116,9 @@ def test_a_timed_out_waiting_job_is_left_out_of_the_batch(queue: GenerationQueue
 
     async def scenario() -> tuple[BaseException | str, ...]:
         with Blocked(queue):
-            late = asyncio.create_task(queue.run_batched(work, 0.2, payload="late", group="a"))
+            late = asyncio.create_task(queue.run(work, 0.2, payload="late", group="a"))
             keep = [
-                asyncio.create_task(queue.run_batched(work, 30, payload=name, group="a"))
-                for name in ("k1", "k2")
+                asyncio.create_task(queue.run(work, 30, payload=name, group="a")) for name in ("k1", "k2")
             ]
             with pytest.raises(GenerationTimeout):
                 await late
@@ -135,7 +134,7 @@ def test_a_failure_reaches_every_job_of_the_batch_and_the_worker_goes_on(queue: 
 
     async def scenario() -> list[BaseException | tuple[str, Job]]:
         with Blocked(queue):
-            tasks = [asyncio.create_task(queue.run_batched(failing, 30, payload=n, group="a")) for n in "xy"]
+            tasks = [asyncio.create_task(queue.run(failing, 30, payload=n, group="a")) for n in "xy"]
             while queue.depth < 2:
                 await asyncio.sleep(0.01)
         return await asyncio.gather(*tasks, return_exceptions=True)
@@ -143,7 +142,7 @@ def test_a_failure_reaches_every_job_of_the_batch_and_the_worker_goes_on(queue: 
     outcomes = asyncio.run(scenario())
     assert [str(o) for o in outcomes] == ["boom for 2", "boom for 2"]
     calls, work = _recorder()
-    assert asyncio.run(queue.run_batched(work, 30, payload="after"))[0] == "done after"
+    assert asyncio.run(queue.run(work, 30, payload="after"))[0] == "done after"
 
 
 # ----- the plan -------------------------------------------------------------------------------------
