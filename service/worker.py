@@ -174,18 +174,22 @@ class GenerationQueue:
         self.running = live[0]
         work = live[0].work
         assert work is not None
+        results: list[Any] = []
+        error: BaseException | None = None
         try:
             results = work(live)
             if len(results) != len(live):
                 raise RuntimeError(f"batched work returned {len(results)} results for {len(live)} jobs")
         except BaseException as exc:  # noqa: BLE001 - handed to every waiter, the thread lives on
-            for job in live:
-                job.future.set_exception(exc)
-        else:
-            for job, result in zip(live, results, strict=True):
-                job.future.set_result(result)
-        finally:
-            self.running = None
+            error = exc
+        # idle before any waiter hears back: a client that asks for progress right after its answer
+        # must not see its own finished job still running
+        self.running = None
+        for i, job in enumerate(live):
+            if error is None:
+                job.future.set_result(results[i])
+            else:
+                job.future.set_exception(error)
 
     def _cancel(self, job: Job) -> None:
         job.cancelled.set()

@@ -258,3 +258,17 @@ def test_device_side_pixels_equal_diffusers_own_post_processing(coalescing_state
         np.array_equal(np.asarray(a), np.asarray(b))
         for a, b in zip(tensor_to_pil(tensor), expected, strict=True)
     )
+
+
+def test_the_queue_is_idle_before_any_waiter_hears_back(queue: GenerationQueue) -> None:
+    """A client that asks for progress right after its answer must not see its own job still running."""
+    seen: list[object] = []
+
+    def work(jobs: list[Job]) -> list[str]:
+        # runs on the worker thread when the result is handed over, before the waiter can resume
+        jobs[0].future.add_done_callback(lambda _: seen.append(queue.running))
+        assert queue.running is jobs[0]
+        return ["ok"]
+
+    assert asyncio.run(queue.run(work, 30))[0] == "ok"
+    assert seen == [None]
