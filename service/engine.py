@@ -18,7 +18,7 @@ from PIL import Image
 
 from service.accel import SpeedPlan, apply_speed, plan_speed, warm_up
 from service.encoding import configure as configure_encoder
-from service.errors import Cancelled, GenerationFailed, OutOfMemory
+from service.errors import Cancelled, GenerationFailed, OutOfMemory, ServiceError
 from service.models import ModelSpec, resolve_model
 from service.params import GenerationParams, final_size
 from service.restorers import FaceRestorer, load_restorer
@@ -218,9 +218,28 @@ class Engine:
         """Run base (+ refiner) (+ hires pass) (+ face restoration) for every batch of one request."""
         return self.generate_together([(p, job)])[0]
 
-    def generate_jobs(self, jobs: list[Job]) -> list[GenerationResult]:
-        """The queue's batched work: each job's payload is its GenerationParams (see `generate_together`)."""
-        return self.generate_together([(job.payload, job) for job in jobs])
+    def generate_jobs(self, jobs: list[Job]) -> list[GenerationResult | ServiceError]:
+        """The queue's batched work: each job's payload is its GenerationParams (see `generate_together`).
+
+        A coalesced batch that runs out of GPU memory is not the requests' fault: each one then runs alone,
+        and each gets its own result or its own error.
+        """
+        requests = [(job.payload, job) for job in jobs]
+        if len(requests) == 1:
+            return self.generate_together(requests)
+        try:
+            return list(self.generate_together(requests))
+        except OutOfMemory:
+            log.warning(
+                "a coalesced batch of %d requests ran out of GPU memory: running them one by one", len(jobs)
+            )
+        outcomes: list[GenerationResult | ServiceError] = []
+        for p, job in requests:
+            try:
+                outcomes.append(self.generate(p, job))
+            except ServiceError as exc:
+                outcomes.append(exc)
+        return outcomes
 
     def generate_together(self, requests: list[tuple[GenerationParams, Job]]) -> list[GenerationResult]:
         """Run requests of one coalescing group (`params.coalesce_key`) as one batch, or one request alone.

@@ -24,7 +24,8 @@ from service.errors import Cancelled, GenerationTimeout, Overloaded
 T = TypeVar("T")
 
 BatchWork = Callable[[list["Job"]], list[Any]]
-"""Runs jobs together on the worker thread and returns one result per job, in order."""
+"""Runs jobs together on the worker thread and returns one outcome per job, in order: a result, or an
+exception instance for a job that failed on its own (raising fails every job of the call)."""
 
 
 @dataclass(eq=False)
@@ -186,10 +187,11 @@ class GenerationQueue:
         # must not see its own finished job still running
         self.running = None
         for i, job in enumerate(live):
-            if error is None:
-                job.future.set_result(results[i])
+            outcome = error if error is not None else results[i]
+            if isinstance(outcome, BaseException):
+                job.future.set_exception(outcome)
             else:
-                job.future.set_exception(error)
+                job.future.set_result(outcome)
 
     def _cancel(self, job: Job) -> None:
         job.cancelled.set()

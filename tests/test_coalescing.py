@@ -15,8 +15,8 @@ import torch
 
 from service.accel import plan_speed
 from service.client import decode_image
-from service.engine import tensor_to_pil
-from service.errors import GenerationTimeout
+from service.engine import FaultInjector, tensor_to_pil
+from service.errors import GenerationTimeout, OutOfMemory
 from service.params import resolve_params
 from service.schema import GenerateRequest
 from service.settings import ServiceSettings
@@ -145,6 +145,22 @@ def test_a_failure_reaches_every_job_of_the_batch_and_the_worker_goes_on(queue: 
     assert asyncio.run(queue.run(work, 30, payload="after"))[0] == "done after"
 
 
+def test_an_exception_as_one_outcome_fails_that_job_alone(queue: GenerationQueue) -> None:
+    def work(jobs: list[Job]) -> list[object]:
+        return [ValueError(job.payload) if job.payload == "bad" else f"done {job.payload}" for job in jobs]
+
+    async def scenario() -> list[object]:
+        with Blocked(queue):
+            tasks = [asyncio.create_task(queue.run(work, 30, payload=n, group="a")) for n in ("bad", "good")]
+            while queue.depth < 2:
+                await asyncio.sleep(0.01)
+        return await asyncio.gather(*tasks, return_exceptions=True)
+
+    bad, good = asyncio.run(scenario())
+    assert isinstance(bad, ValueError) and str(bad) == "bad"
+    assert isinstance(good, tuple) and good[0] == "done good" and good[1].batched_with == 2
+
+
 # ----- the plan -------------------------------------------------------------------------------------
 
 
@@ -185,12 +201,14 @@ def _request(prompt: str, seed: int, **extra: object) -> GenerateRequest:
     return GenerateRequest(prompt=prompt, seed=seed, **body)  # type: ignore[arg-type]
 
 
-async def _together(state: ServiceState, requests: list[GenerateRequest]) -> list:
+async def _together(
+    state: ServiceState, requests: list[GenerateRequest], return_exceptions: bool = False
+) -> list:
     with Blocked(state.queue):
         tasks = [asyncio.create_task(state.generate(req)) for req in requests]
         while state.queue.depth < len(requests):
             await asyncio.sleep(0.01)
-    return await asyncio.gather(*tasks)
+    return await asyncio.gather(*tasks, return_exceptions=return_exceptions)
 
 
 def _pixels(b64: str) -> np.ndarray:
@@ -220,6 +238,34 @@ def test_compatible_requests_share_one_call_and_get_the_images_they_get_alone(
     # three different prompts gave three different images (the prompts were not mixed up)
     firsts = [_pixels(r.image) for r in together]
     assert all(np.abs(firsts[i] - firsts[j]).mean() > 1 for i, j in ((0, 1), (0, 2), (1, 2)))
+
+
+def test_an_ancestral_sampler_draws_each_image_s_noise_from_its_own_seed(
+    coalescing_state: ServiceState,
+) -> None:
+    requests = [_request(prompt, seed, sampler="Euler a") for prompt, seed in (("a boat", 3), ("a kite", 4))]
+    together = asyncio.run(_together(coalescing_state, requests))
+    assert [r.timings.get("batched_with") for r in together] == [2, 2]
+    for req, shared in zip(requests, together, strict=True):
+        alone = asyncio.run(coalescing_state.generate(req))
+        diff = np.abs(_pixels(alone.image) - _pixels(shared.image))
+        assert diff.max() <= 2 and diff.mean() < 0.05, (req.prompt, diff.max(), diff.mean())
+
+
+def test_a_batch_out_of_gpu_memory_runs_its_requests_one_by_one(coalescing_state: ServiceState) -> None:
+    engine = coalescing_state.engine
+    requests = [_request("a boat", 5), _request("a kite", 6)]
+    try:
+        engine.faults = FaultInjector("oom:1")  # the batch fails; alone, both fit
+        answers = asyncio.run(_together(coalescing_state, requests))
+        assert [a.seeds for a in answers] == [[5], [6]]
+        assert [a.timings.get("batched_with") for a in answers] == [None, None]  # they ran alone
+        engine.faults = FaultInjector("oom:2")  # the batch fails, then the first request alone too
+        outcomes = asyncio.run(_together(coalescing_state, requests, return_exceptions=True))
+        assert isinstance(outcomes[0], OutOfMemory)
+        assert not isinstance(outcomes[1], BaseException) and outcomes[1].seeds == [6]
+    finally:
+        engine.faults = FaultInjector(None)
 
 
 def test_requests_that_differ_in_shape_or_settings_do_not_share_a_call(
