@@ -517,7 +517,7 @@ class Bench:
         key = family if label == "default" else f"{family}:{label}"
         self.results.service[key] = out
         out["gpu_before"] = gpu_state()
-        with ServiceProcess(model_dir, self.c.work / f"serve-{family}-{label}.log", env) as svc:
+        with ServiceProcess(model_dir, self.c.out / f"serve-{family}-{label}.log", env) as svc:
             out["cold_start"] = svc.start()
             out["gpu_ready"] = gpu_state()
             self.save()
@@ -538,7 +538,7 @@ class Bench:
     def restart(self, family: str, model_dir: Path, env: dict[str, str]) -> None:
         """The same service again on the now-warm compile cache: restart-to-ready, a few requests, then the
         concurrent clients (on the restarted service, so the cold run's time goes to the scenarios)."""
-        with ServiceProcess(model_dir, self.c.work / f"serve-{family}-restart.log", env) as svc:
+        with ServiceProcess(model_dir, self.c.out / f"serve-{family}-restart.log", env) as svc:
             restart: dict[str, Any] = {"warm_start": svc.start()}
             self.results.restart[family] = restart
             s = self.scenarios(family)[0]
@@ -698,6 +698,34 @@ def decode_image(b64: str) -> np.ndarray:
     return np.asarray(Image.open(io.BytesIO(base64.b64decode(b64))).convert("RGB"))
 
 
+STARTUP_MILESTONES = {
+    "first_log_line": "",  # imports done, settings read
+    "loading_started": "Loading ",
+    "base_loaded": "Base model loaded in",
+    "warmup_started": "speed: warming up",
+    "warmup_done": "speed: warm-up took",
+    "model_ready": "Model loaded successfully",
+}
+_LOG_LINE = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) \S+ \S+ (.*)$")
+
+
+def startup_timeline(log_text: str, spawned_at: float) -> dict[str, float]:
+    """Seconds from the process's spawn to the first log line of each start-up milestone, so a slow start
+    says where its time went (imports, loading, warm-up). Log lines carry local-time timestamps."""
+    import datetime
+
+    found: dict[str, float] = {}
+    for line in log_text.splitlines():
+        match = _LOG_LINE.match(line)
+        if not match:
+            continue
+        stamp = datetime.datetime.strptime(match.group(1), "%Y-%m-%d %H:%M:%S,%f").timestamp()
+        for name, needle in STARTUP_MILESTONES.items():
+            if name not in found and needle in match.group(2):
+                found[name] = round(stamp - spawned_at, 2)
+    return found
+
+
 class ServiceProcess:
     """`python -m sdxl_deploy.cli serve --model DIR` on a free loopback port, stopped by its PID."""
 
@@ -726,6 +754,7 @@ class ServiceProcess:
         }
         self.url = f"http://127.0.0.1:{port}"
         started = time.perf_counter()
+        spawned_at = time.time()
         with open(self.log_file, "wb") as log_out:
             self.proc = subprocess.Popen(
                 [
@@ -763,6 +792,7 @@ class ServiceProcess:
             "ready_s": round(ready_s, 2),
             "warmup_compile_s": float(warm[-1]) if warm else None,
             "base_load_s": float(loaded[-1]) if loaded else None,
+            "timeline_s": startup_timeline(text, spawned_at),
             "target_ready_s": TARGETS["restart_ready_s"],
         }
 

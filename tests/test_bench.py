@@ -75,3 +75,31 @@ def test_bench_unet_times_each_variant_and_compares_outputs_with_eager(tmp_path)
     data = json.loads((tmp_path / "bench-unet.json").read_text())
     assert data["family"] == "sdxl" and len(data["results"]) == 3 and data["flop_per_image_call"] > 0
     assert set(data["stages_ms"]) == {"encode_prompt_cfg", "vae_decode", "postprocess_pil", "to_uint8_on_gpu"}
+
+
+def test_startup_timeline_places_each_milestone_after_the_spawn() -> None:
+    import datetime
+
+    from service.bench import startup_timeline
+
+    spawned = datetime.datetime(2026, 11, 27, 7, 38, 0).timestamp()
+    log = "\n".join(
+        [
+            "some warning printed by an import",
+            "2026-11-27 07:38:06,500 INFO service.server: listening",
+            "2026-11-27 07:38:07,000 INFO service.engine: Loading synthetic-sd15 (sd15) on cuda as bfloat16",
+            "2026-11-27 07:38:08,250 INFO service.engine: Base model loaded in 1.3 s",
+            "2026-11-27 07:38:09,000 INFO service.accel: speed: warming up base at 512x512, 1 image(s)",
+            "2026-11-27 07:38:40,000 INFO service.accel: speed: warming up base at 512x512, 2 image(s)",
+            "2026-11-27 07:39:10,000 INFO service.accel: speed: warm-up took 61.0 s",
+            "2026-11-27 07:39:10,100 INFO service.engine: Model loaded successfully: synthetic-sd15",
+        ]
+    )
+    assert startup_timeline(log, spawned) == {
+        "first_log_line": 6.5,
+        "loading_started": 7.0,
+        "base_loaded": 8.25,
+        "warmup_started": 9.0,
+        "warmup_done": 70.0,
+        "model_ready": 70.1,
+    }
