@@ -9,7 +9,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
-from flows.hosts import Host, q
+from flows.hosts import Host, HostError, q
 
 
 class HostCommandError(RuntimeError):
@@ -43,9 +43,16 @@ def exists(host: Host, path: str) -> bool:
 
 
 def read_text(host: Host, path: str) -> str | None:
-    """The file's text, or None when it does not exist."""
+    """The file's text, or None when it does not exist (exit 1). Any other failure (a command killed with
+    a dying link, say) raises HostError: a read that failed is not a file that is absent."""
     result = host.run(f"test -f {q(path)} && cat -- {q(path)}")
-    return result.stdout if result.ok else None
+    if result.ok:
+        return result.stdout
+    if result.exit_code == 1:
+        return None
+    raise HostError(
+        f"reading {path} on {host.name} failed (exit {result.exit_code}): {result.stderr.strip()[:300]}"
+    )
 
 
 def write_text(host: Host, path: str, text: str) -> None:
