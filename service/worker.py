@@ -86,12 +86,7 @@ class GenerationQueue:
 
         Raises Overloaded (429) when `max_queue` jobs wait already, GenerationTimeout (504) past `timeout`.
         """
-        job = Job(work=work, payload=payload, group=group, images=images)
-        with self._cv:
-            if len(self._pending) >= self.max_queue:
-                raise Overloaded(len(self._pending), self.retry_after_s)
-            self._pending.append(job)
-            self._cv.notify()
+        job = self._enqueue(Job(work=work, payload=payload, group=group, images=images), bounded=True)
         try:
             result = await asyncio.wait_for(asyncio.wrap_future(job.future), timeout)
         except TimeoutError:
@@ -110,13 +105,18 @@ class GenerationQueue:
         The model is loaded and warmed up on the thread that later runs every request: CUDA graphs recorded
         by torch.compile belong to the thread that recorded them, and recording from another thread fails.
         """
-        job = Job(work=lambda jobs: [fn()])
+        return self._enqueue(Job(work=lambda jobs: [fn()]), bounded=False).future.result()
+
+    def _enqueue(self, job: Job, *, bounded: bool) -> Job:
+        """Append `job` for the worker; refused once shut down, and past `max_queue` when `bounded`."""
         with self._cv:
             if self._closed:
                 raise Cancelled("the worker is shut down")
+            if bounded and len(self._pending) >= self.max_queue:
+                raise Overloaded(len(self._pending), self.retry_after_s)
             self._pending.append(job)
             self._cv.notify()
-        return job.future.result()
+        return job
 
     def shutdown(self) -> None:
         """Cancel waiting jobs and let the running one finish."""

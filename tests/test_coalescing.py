@@ -16,7 +16,7 @@ import torch
 from service.accel import plan_speed
 from service.client import decode_image
 from service.engine import FaultInjector, tensor_to_pil
-from service.errors import GenerationTimeout, OutOfMemory
+from service.errors import Cancelled, GenerationTimeout, OutOfMemory
 from service.params import resolve_params
 from service.schema import GenerateRequest
 from service.settings import ServiceSettings
@@ -159,6 +159,17 @@ def test_an_exception_as_one_outcome_fails_that_job_alone(queue: GenerationQueue
     bad, good = asyncio.run(scenario())
     assert isinstance(bad, ValueError) and str(bad) == "bad"
     assert isinstance(good, tuple) and good[0] == "done good" and good[1].batched_with == 2
+
+
+def test_a_shut_down_queue_refuses_new_work_at_once() -> None:
+    queue = GenerationQueue(max_queue=4, retry_after_s=1)
+    queue.shutdown()
+    calls, work = _recorder()
+    with pytest.raises(Cancelled, match="shut down"):
+        asyncio.run(queue.run(work, 30, payload="late"))
+    with pytest.raises(Cancelled, match="shut down"):
+        queue.call(lambda: None)
+    assert calls == []
 
 
 # ----- the plan -------------------------------------------------------------------------------------
