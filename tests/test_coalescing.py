@@ -6,8 +6,9 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Coroutine, Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -70,16 +71,20 @@ def _recorder() -> tuple[list[list[str]], object]:
     return calls, work
 
 
-async def _submit_while_blocked(queue: GenerationQueue, jobs: list[tuple[str, object, int]], work: object):
-    """Queue (name, group, images) jobs behind a blocked worker, release it, return (result, job) each."""
+async def _while_blocked(
+    queue: GenerationQueue, calls: list[Coroutine[Any, Any, Any]], return_exceptions: bool = False
+) -> list[Any]:
+    """Start `calls` while the worker is held busy, wait until every one is queued, release it, gather."""
     with Blocked(queue):
-        tasks = [
-            asyncio.create_task(queue.run(work, 30, payload=name, group=group, images=images))  # type: ignore[arg-type]
-            for name, group, images in jobs
-        ]
-        while queue.depth < len(jobs):
+        tasks = [asyncio.create_task(call) for call in calls]
+        while queue.depth < len(tasks):
             await asyncio.sleep(0.01)
-    return await asyncio.gather(*tasks)
+    return await asyncio.gather(*tasks, return_exceptions=return_exceptions)
+
+
+def _runs(queue: GenerationQueue, work: object, jobs: list[tuple[str, object, int]]) -> list[Coroutine]:
+    """`queue.run` of each (name, group, images) job, not started yet."""
+    return [queue.run(work, 30, payload=n, group=g, images=i) for n, g, i in jobs]  # type: ignore[arg-type]
 
 
 def test_waiting_jobs_of_one_group_run_together_in_arrival_order_and_in_allowed_sizes(
@@ -87,7 +92,7 @@ def test_waiting_jobs_of_one_group_run_together_in_arrival_order_and_in_allowed_
 ) -> None:
     calls, work = _recorder()
     jobs = [("a1", "a", 1), ("a2", "a", 1), ("b1", "b", 1), ("a3", "a", 1)]
-    done = asyncio.run(_submit_while_blocked(queue, jobs, work))
+    done = asyncio.run(_while_blocked(queue, _runs(queue, work, jobs)))
     # a1 takes a2 and a3 (b1 is another group), 3 images is not an allowed size: a3 waits for the next call
     assert calls == [["a1", "a2"], ["b1"], ["a3"]]
     assert [result for result, _ in done] == ["done a1", "done a2", "done b1", "done a3"]
@@ -97,7 +102,7 @@ def test_waiting_jobs_of_one_group_run_together_in_arrival_order_and_in_allowed_
 def test_images_count_towards_the_largest_size_and_no_group_means_alone(queue: GenerationQueue) -> None:
     calls, work = _recorder()
     jobs = [("n1", None, 1), ("n2", None, 1), ("big", "a", 3), ("one", "a", 1), ("two", "a", 2)]
-    asyncio.run(_submit_while_blocked(queue, jobs, work))
+    asyncio.run(_while_blocked(queue, _runs(queue, work, jobs)))
     assert calls == [["n1"], ["n2"], ["big", "one"], ["two"]]
 
 
@@ -105,7 +110,7 @@ def test_batch_sizes_of_one_never_coalesce() -> None:
     queue = GenerationQueue(max_queue=16, retry_after_s=1)
     try:
         calls, work = _recorder()
-        asyncio.run(_submit_while_blocked(queue, [("a1", "a", 1), ("a2", "a", 1)], work))
+        asyncio.run(_while_blocked(queue, _runs(queue, work, [("a1", "a", 1), ("a2", "a", 1)])))
         assert calls == [["a1"], ["a2"]]
     finally:
         queue.shutdown()
@@ -132,14 +137,8 @@ def test_a_failure_reaches_every_job_of_the_batch_and_the_worker_goes_on(queue: 
     def failing(jobs: list[Job]) -> list[str]:
         raise RuntimeError(f"boom for {len(jobs)}")
 
-    async def scenario() -> list[BaseException | tuple[str, Job]]:
-        with Blocked(queue):
-            tasks = [asyncio.create_task(queue.run(failing, 30, payload=n, group="a")) for n in "xy"]
-            while queue.depth < 2:
-                await asyncio.sleep(0.01)
-        return await asyncio.gather(*tasks, return_exceptions=True)
-
-    outcomes = asyncio.run(scenario())
+    jobs = [("x", "a", 1), ("y", "a", 1)]
+    outcomes = asyncio.run(_while_blocked(queue, _runs(queue, failing, jobs), return_exceptions=True))
     assert [str(o) for o in outcomes] == ["boom for 2", "boom for 2"]
     calls, work = _recorder()
     assert asyncio.run(queue.run(work, 30, payload="after"))[0] == "done after"
@@ -149,14 +148,8 @@ def test_an_exception_as_one_outcome_fails_that_job_alone(queue: GenerationQueue
     def work(jobs: list[Job]) -> list[object]:
         return [ValueError(job.payload) if job.payload == "bad" else f"done {job.payload}" for job in jobs]
 
-    async def scenario() -> list[object]:
-        with Blocked(queue):
-            tasks = [asyncio.create_task(queue.run(work, 30, payload=n, group="a")) for n in ("bad", "good")]
-            while queue.depth < 2:
-                await asyncio.sleep(0.01)
-        return await asyncio.gather(*tasks, return_exceptions=True)
-
-    bad, good = asyncio.run(scenario())
+    jobs = [("bad", "a", 1), ("good", "a", 1)]
+    bad, good = asyncio.run(_while_blocked(queue, _runs(queue, work, jobs), return_exceptions=True))
     assert isinstance(bad, ValueError) and str(bad) == "bad"
     assert isinstance(good, tuple) and good[0] == "done good" and good[1].batched_with == 2
 
@@ -215,11 +208,7 @@ def _request(prompt: str, seed: int, **extra: object) -> GenerateRequest:
 async def _together(
     state: ServiceState, requests: list[GenerateRequest], return_exceptions: bool = False
 ) -> list:
-    with Blocked(state.queue):
-        tasks = [asyncio.create_task(state.generate(req)) for req in requests]
-        while state.queue.depth < len(requests):
-            await asyncio.sleep(0.01)
-    return await asyncio.gather(*tasks, return_exceptions=return_exceptions)
+    return await _while_blocked(state.queue, [state.generate(req) for req in requests], return_exceptions)
 
 
 def _pixels(b64: str) -> np.ndarray:
