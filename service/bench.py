@@ -126,7 +126,8 @@ def p50(values: list[float]) -> float:
     return round(statistics.median(values), 4) if values else float("nan")
 
 
-def _sync() -> None:
+def cuda_sync() -> None:
+    """Wait for the GPU's queued work (no-op without CUDA), so a wall-clock timing covers it."""
     import torch
 
     if torch.cuda.is_available():
@@ -356,14 +357,14 @@ class Bench:
 
     def _time_plain(self, base: Any, refiner: Any, s: Scenario, reps: int) -> dict[str, Any]:
         self._plain_call(base, refiner, s)  # warm-up (cuDNN, allocator)
-        _sync()
+        cuda_sync()
         _peak_gib_and_reset()
         pipeline_s, with_encode_s, encode_s = [], [], []
         image = None
         for _ in range(reps):
             t0 = time.perf_counter()
             image = self._plain_call(base, refiner, s)
-            _sync()
+            cuda_sync()
             t1 = time.perf_counter()
             pil_default_png_b64(image)
             t2 = time.perf_counter()
@@ -485,10 +486,10 @@ class Bench:
         runs = []
         result = None
         for _ in range(reps):
-            _sync()
+            cuda_sync()
             t0 = time.perf_counter()
             result = engine.generate(params, Job())
-            _sync()
+            cuda_sync()
             runs.append(time.perf_counter() - t0)
         times = {"p50_s": p50(runs), "runs_s": [round(x, 4) for x in runs]}
         if keep_image:

@@ -24,6 +24,8 @@ from typing import Any
 
 import torch
 
+from service.bench import cuda_sync
+
 log = logging.getLogger("bench-unet")
 
 
@@ -106,11 +108,6 @@ def unet_flops(unet: Any, inputs: dict[str, Any]) -> float:
     return float(counter.get_total_flops())
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def time_calls(unet: Any, inputs: dict[str, Any], calls: int, compiled: bool) -> list[float]:
     """Seconds per call of `calls` consecutive calls (timesteps walk down as in a sampler), synchronised."""
     device = inputs["sample"].device
@@ -120,10 +117,10 @@ def time_calls(unet: Any, inputs: dict[str, Any], calls: int, compiled: bool) ->
         for t in timesteps:
             if compiled:
                 torch.compiler.cudagraph_mark_step_begin()
-            _sync(device)
+            cuda_sync()
             started = time.perf_counter()
             unet(timestep=t, **inputs)
-            _sync(device)
+            cuda_sync()
             seconds.append(time.perf_counter() - started)
     return seconds
 
@@ -137,10 +134,10 @@ def stage_times(base: Any, size: int, reps: int = 5) -> dict[str, float]:
         fn()
         times = []
         for _ in range(reps):
-            _sync(device)
+            cuda_sync()
             t0 = time.perf_counter()
             fn()
-            _sync(device)
+            cuda_sync()
             times.append(time.perf_counter() - t0)
         return round(min(times) * 1000, 2)
 
@@ -212,15 +209,16 @@ def run(
     for variant in variants:
         if time.perf_counter() - started > budget_s:
             skipped.append(f"{variant.name} x{variant.images}")
-            continue
-        log.info("variant %s, %d image(s) per call", variant.name, variant.images)
-        try:
-            results.append(_measure(unet, variant, size, dtype, calls, flops_per_image, device, reference))
-        except Exception as exc:  # one variant failing (a kernel the card lacks) must not end the run
-            log.exception("variant %s failed", variant.name)
-            skipped.append(f"{variant.name} x{variant.images}: {type(exc).__name__}: {str(exc)[:200]}")
+        else:
+            log.info("variant %s, %d image(s) per call", variant.name, variant.images)
+            try:
+                results.append(
+                    _measure(unet, variant, size, dtype, calls, flops_per_image, device, reference)
+                )
+            except Exception as exc:  # one variant failing (a kernel the card lacks) must not end the run
+                log.exception("variant %s failed", variant.name)
+                skipped.append(f"{variant.name} x{variant.images}: {type(exc).__name__}: {str(exc)[:200]}")
         _write(out, family, size, flops_per_image, results, skipped, stages)
-    _write(out, family, size, flops_per_image, results, skipped, stages)
     print(json.dumps(stages))
     print(table(results, family, size, flops_per_image, skipped, str(dtype).removeprefix("torch.")))
     return results
@@ -291,7 +289,7 @@ def _measure(
     )
 
 
-def _write(
+def _write(  # after every variant: a run cut short keeps what it had
     out: Path,
     family: str,
     size: int,
