@@ -426,11 +426,15 @@ def _collect(channel: paramiko.Channel, deadline: float) -> tuple[bytes, bytes, 
     with selectors.DefaultSelector() as selector:
         selector.register(channel, selectors.EVENT_READ)  # wakes on data, EOF and close
         while True:
+            # Look at EOF before draining: the server sends every byte before its EOF, so what is buffered
+            # after this check is all of it. Checking after the drain lost output that arrived in between
+            # (an empty stdout with exit 0, seen in CI as a lock left held and an IndexError in preflight).
+            ended = channel.eof_received or channel.closed
             while channel.recv_ready():
                 out += channel.recv(_CHUNK)
             while channel.recv_stderr_ready():
                 err += channel.recv_stderr(_CHUNK)
-            if channel.eof_received or channel.closed:
+            if ended:
                 break
             remaining = deadline - time.monotonic()
             if remaining <= 0:

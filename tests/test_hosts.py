@@ -7,6 +7,7 @@ import http.server
 import os
 import socket
 import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -69,6 +70,21 @@ def test_run_returns_exit_code_stdout_and_stderr(host: Host) -> None:
     assert not result.ok
     assert host.run("[[ 1 == 1 ]] && echo bash").stdout == "bash\n"  # bash semantics on both
     assert host.run("cat").stdout == ""  # stdin is empty, never a hang
+
+
+def test_fast_commands_never_lose_output_that_arrives_with_eof(ssh_host: SSHHost) -> None:
+    """Output and EOF arriving together while the reader is between two checks must not be dropped.
+
+    Thread switches every microsecond make that window likely: the old reader lost ~5 in 300 outputs
+    here (empty stdout, exit 0), which CI met as a deploy lock left held and an IndexError in preflight.
+    """
+    previous = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        outputs = [ssh_host.run(f"printf 'line %s' {i}").stdout for i in range(200)]
+    finally:
+        sys.setswitchinterval(previous)
+    assert [i for i, text in enumerate(outputs) if text != f"line {i}"] == []
 
 
 def test_non_zero_exit_does_not_raise_but_check_does(host: Host) -> None:
