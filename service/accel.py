@@ -157,11 +157,12 @@ def apply_speed(plan: SpeedPlan, pipes: Iterable[Any]) -> list[str]:
     if plan.compile and plan.cache_dir:
         done.append(f"compile_cache={use_compile_cache(plan.cache_dir)}")
     for name, module in _denoisers_and_vaes(list(pipes)):
-        if not plan.sdpa and not plan.fuse_qkv:
+        attention = hasattr(module, "set_attn_processor")  # the tiny VAE (AutoencoderTiny) has none
+        if attention and not plan.sdpa and not plan.fuse_qkv:
             module.set_attn_processor(AttnProcessor())
-        elif plan.sdpa and not plan.fuse_qkv:
+        elif attention and plan.sdpa and not plan.fuse_qkv:
             module.set_attn_processor(AttnProcessor2_0())
-        if plan.fuse_qkv and not getattr(module, "_sdxl_deploy_fused", False):
+        if attention and plan.fuse_qkv and not getattr(module, "_sdxl_deploy_fused", False):
             module.fuse_qkv_projections()  # sets the SDPA-based FusedAttnProcessor2_0
             module._sdxl_deploy_fused = True
         if plan.channels_last:
@@ -187,7 +188,9 @@ def warm_up(engine: Engine) -> float:
     """One short generation at the model's default size through the service's own path; returns seconds.
 
     Compiles the UNet(s) and the VAE decoder for the default size with CFG on (what real requests use), so a
-    cold start pays the compile before `/ready`. The compiled functions keep the CUDA-graph tree they were
+    cold start pays the compile before `/ready`. With `cfg_cutoff` below 1 each UNet also sees the unguided
+    (half-batch) shape: the base pass is cut after half its steps, and the base + refiner pass is split in
+    the middle and cut inside the refiner's steps. The compiled functions keep the CUDA-graph tree they were
     compiled with, so the GPU worker thread replays (and, on its first request, records) graphs in that same
     tree: the loader thread must not reset it.
     """
@@ -205,6 +208,7 @@ def warm_up(engine: Engine) -> float:
         for k in sizes
         for use_refiner in ((False, True) if engine.refiner_loaded else (False,))
     ]
+    cut = engine.settings.cfg_cutoff < 1.0
     for use_refiner, images in shapes:
         params = resolve_params(
             GenerateRequest(
@@ -213,11 +217,13 @@ def warm_up(engine: Engine) -> float:
                 seed=0,
                 use_refiner=use_refiner,
                 batch_size=images,
+                refiner_split=0.5 if cut else 0.8,  # 2 base + 2 refiner steps
             ),
             engine.spec,
             refiner_loaded=engine.refiner_loaded,
             restorer_loaded=False,
             max_prompt_chars=engine.settings.max_prompt_chars,
+            cfg_cutoff=(0.75 if use_refiner else 0.5) if cut else 1.0,  # guided 3 of 4 / 2 of 4 steps
         )
         log.info(
             "speed: warming up %s at %dx%d, %d image(s) (the first compile takes minutes)",

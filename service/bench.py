@@ -69,6 +69,17 @@ SCENARIOS: tuple[Scenario, ...] = (
     Scenario("sd15-512-20", "sd15", steps=20, size=512, target_p50_s=0.15),
 )
 
+# Service set-ups timed beside the shipped defaults (`--variants`), as data: name -> environment. The opt-in
+# ones change the images; their same-seed distance from the eager image is reported, not judged.
+SERVICE_VARIANTS: dict[str, dict[str, str]] = {
+    "no-cuda-graphs": {"SDXL_CUDA_GRAPHS": "off"},
+    "cfg-cutoff-0.5": {"SDXL_CFG_CUTOFF": "0.5"},
+    "tiny-vae": {"SDXL_TINY_VAE": "on"},
+    "cfg-cutoff-0.5+tiny-vae": {"SDXL_CFG_CUTOFF": "0.5", "SDXL_TINY_VAE": "on"},
+    "no-cudnn-benchmark": {"SDXL_CUDNN_BENCHMARK": "off"},
+}
+SKIPPABLE_STAGES = ("baseline", "eager", "encode")  # `--skip`: stages a follow-up run already has
+
 FAMILY_MODELS = {"sdxl": "synthetic-sdxl", "sd15": "synthetic-sd15"}
 TINY_MODELS = {"sdxl": "tiny-sdxl", "sd15": "tiny-sd15"}
 
@@ -95,7 +106,9 @@ class BenchConfig:
     concurrency: int = 8
     concurrency_rounds: int = 2
     tiny: bool = False
-    ablate_cuda_graphs: bool = False
+    variants: tuple[str, ...] = ()  # names in SERVICE_VARIANTS, started after the default service
+    skip: tuple[str, ...] = ()  # names in SKIPPABLE_STAGES
+    keep_cache: bool = False  # start the default service on the compile cache a previous run left
     restart: bool = True
     slicing_baseline: bool = True
     budget_s: float = 570.0  # stop starting optional stages past this (device commands end at 600 s)
@@ -190,6 +203,7 @@ class Bench:
         self.c.work.mkdir(parents=True, exist_ok=True)
         self.references: dict[str, np.ndarray] = {}
         self.baseline_images: dict[str, np.ndarray] = {}
+        self.service_images: dict[str, np.ndarray] = {}  # the default service's, to compare variants with
         self.dtype_floor: dict[str, float] = {}  # PSNR of plain fp16 vs the service's eager bf16, same seed
 
     # -- bookkeeping
@@ -235,19 +249,21 @@ class Bench:
             model = (TINY_MODELS if self.c.tiny else FAMILY_MODELS)[family]
             with self.stage(f"{family}: build"):
                 model_dir = self.build(family, model)
-            with self.stage(f"{family}: baseline"):
-                self.baseline(family, model_dir)
-            with self.stage(f"{family}: service eager path"):
-                self.eager(family, model_dir)
+            if "baseline" not in self.c.skip:
+                with self.stage(f"{family}: baseline"):
+                    self.baseline(family, model_dir)
+            if "eager" not in self.c.skip:
+                with self.stage(f"{family}: service eager path"):
+                    self.eager(family, model_dir)
             with self.stage(f"{family}: service"):
                 self.service(family, model_dir)
-            if self.c.ablate_cuda_graphs:
-                with self.stage(f"{family}: service without CUDA graphs", optional=True, needs_s=120) as ok:
+            for variant in self.c.variants:
+                with self.stage(f"{family}: service {variant}", optional=True, needs_s=90) as ok:
                     if ok:
-                        env = {"SDXL_CUDA_GRAPHS": "off"}
-                        self.service(family, model_dir, label="no_cuda_graphs", env=env)
-        with self.stage("encode 1024x1024"):
-            self.encode()
+                        self.service(family, model_dir, label=variant, env=SERVICE_VARIANTS[variant])
+        if "encode" not in self.c.skip:
+            with self.stage("encode 1024x1024"):
+                self.encode()
         return self.results
 
     def run_pytest_gpu(self) -> None:
@@ -502,19 +518,28 @@ class Bench:
     def service(
         self, family: str, model_dir: Path, label: str = "default", env: dict[str, str] | None = None
     ) -> None:
-        """Start `sdxl-deploy serve` cold (empty compile cache), time every scenario, then restart warm."""
-        cache = self.c.work / f"compile-cache-{family}-{label}"
-        if cache.exists():
-            import shutil
+        """Start `sdxl-deploy serve`, time every scenario, then (default set-up) restart it on the warm cache.
 
+        Each set-up starts cold (its compile cache emptied first) unless `keep_cache`, which starts it on the
+        cache an earlier run left. A variant without a cache of its own starts on a copy of the default's and
+        compiles only what it changes (e.g. the unguided UNet shape).
+        """
+        import shutil
+
+        default_cache = self.c.work / f"compile-cache-{family}-default"
+        cache = self.c.work / f"compile-cache-{family}-{label}"
+        if cache.exists() and not self.c.keep_cache:
             shutil.rmtree(cache)
+        seeded = label != "default" and not cache.exists() and default_cache.exists()
+        if seeded:
+            shutil.copytree(default_cache, cache)
         env = {
             "SDXL_COMPILE_CACHE_DIR": str(cache),
             "SDXL_MAX_QUEUE": "32",
             "TORCH_LOGS": "recompiles",
             **(env or {}),
         }
-        out: dict[str, Any] = {"env": env}
+        out: dict[str, Any] = {"env": env, "cache": "seeded from the default's" if seeded else "as found"}
         key = family if label == "default" else f"{family}:{label}"
         self.results.service[key] = out
         out["gpu_before"] = gpu_state()
@@ -522,8 +547,15 @@ class Bench:
             out["cold_start"] = svc.start()
             out["gpu_ready"] = gpu_state()
             self.save()
+            out["quality_options"] = svc.health().get("quality_options", [])
             for s in self.scenarios(family):
-                out[s.name] = self._time_http(svc, s, compare=label == "default")
+                timed, image = self._time_http(svc, s, compare=True, judge=not out["quality_options"])
+                out[s.name] = timed
+                key = f"{family}/{s.name}"
+                if label == "default":
+                    self.service_images[key] = image
+                elif key in self.service_images:
+                    timed["same_seed_vs_default"] = image_diff(image, self.service_images[key])
                 self.save()
             if label == "default":
                 out["health_after"] = svc.health()
@@ -543,7 +575,7 @@ class Bench:
             restart: dict[str, Any] = {"warm_start": svc.start()}
             self.results.restart[family] = restart
             s = self.scenarios(family)[0]
-            restart[s.name] = self._time_http(svc, s, compare=False, reps=3)
+            restart[s.name] = self._time_http(svc, s, compare=False, reps=3)[0]
             self.save()
             if self.c.concurrency > 1:
                 with self.stage(
@@ -565,7 +597,12 @@ class Bench:
             "output_format": "png",
         }
 
-    def _time_http(self, svc: ServiceProcess, s: Scenario, *, compare: bool, reps: int | None = None) -> dict:
+    def _time_http(
+        self, svc: ServiceProcess, s: Scenario, *, compare: bool, judge: bool = True, reps: int | None = None
+    ) -> tuple[dict[str, Any], np.ndarray]:
+        """Time one scenario over HTTP: (figures, the last image). `compare`: that image against the eager one
+        at the same seed, passed or failed unless the service runs opt-ins that change images (`judge` False:
+        the distance is reported, not judged)."""
         reps = reps or self.c.reps
         first = svc.generate(self._request(s))  # the worker thread records its CUDA graphs here
         second = svc.generate(self._request(s))
@@ -591,8 +628,8 @@ class Bench:
             "png_b64_mb": round(len(body["image"]) / 1e6, 2),
             "target_p50_s": s.target_p50_s,
         }
+        image = decode_image(body["image"])
         if compare and s.name in self.references:
-            image = decode_image(body["image"])
             diff = image_diff(image, self.references[s.name])
             # Random weights make the sampling trajectory chaotic: a mere dtype change (plain fp16 vs the
             # service's bf16 eager) can already move the image far. The optimised path passes when it is
@@ -600,9 +637,10 @@ class Bench:
             floor = self.dtype_floor.get(s.name)
             diff["min_psnr_db"] = SAME_IMAGE_MIN_PSNR_DB
             diff["dtype_floor_psnr_db"] = floor
-            diff["ok"] = diff["psnr_db"] >= min(SAME_IMAGE_MIN_PSNR_DB, floor if floor is not None else 1e9)
+            ok = diff["psnr_db"] >= min(SAME_IMAGE_MIN_PSNR_DB, floor if floor is not None else 1e9)
+            diff["ok"] = bool(ok) if judge else None
             out["same_seed_vs_eager"] = diff
-        return out
+        return out, image
 
     def _concurrency(self, svc: ServiceProcess, s: Scenario) -> dict[str, Any]:
         """Single-stream images/s, then N clients at once (each sends `rounds` requests)."""
@@ -916,7 +954,7 @@ def table(results: Results) -> str:
         same = svc.get("same_seed_vs_eager")
         same_txt = "-"
         if same:
-            verdict = "ok" if same["ok"] else "FAIL"
+            verdict = {True: "ok", False: "FAIL", None: "(opt-in: changes images)"}[same["ok"]]
             same_txt = f"{same['psnr_db']} dB (dtype floor {same.get('dtype_floor_psnr_db')} dB) {verdict}"
         met = ""
         if svc.get("e2e_p50_s") is not None and s.target_p50_s:
@@ -926,6 +964,21 @@ def table(results: Results) -> str:
             f"{_fmt(plain.get('pipeline_plus_png_b64_p50_s')):>11} {_fmt(eager.get('p50_s')):>11} "
             f"{_fmt(svc.get('e2e_p50_s')):>12} {_fmt(s.target_p50_s):>8}{met}  {same_txt}"
         )
+    for key, svc in r.service.items():
+        family, _, variant = key.partition(":")
+        for s in SCENARIOS if variant else ():
+            row, default = svc.get(s.name, {}), r.service.get(family, {}).get(s.name, {})
+            if row.get("e2e_p50_s") is None:
+                continue
+            vs = ""
+            if default.get("e2e_p50_s"):
+                vs = f" ({default['e2e_p50_s'] / row['e2e_p50_s']:.2f}x the default service)"
+            eager = (row.get("same_seed_vs_eager") or {}).get("psnr_db", "-")
+            default_psnr = (row.get("same_seed_vs_default") or {}).get("psnr_db", "-")
+            lines.append(
+                f"{s.name} [{variant}]: e2e {_fmt(row['e2e_p50_s'])}{vs}; same seed vs the default service "
+                f"{default_psnr} dB, vs eager {eager} dB; options {svc.get('quality_options') or 'none'}"
+            )
     lines.append("")
     for family, svc in r.service.items():
         cold = svc.get("cold_start", {})

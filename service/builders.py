@@ -20,6 +20,7 @@ from typing import Any, Literal
 import torch
 from diffusers import (
     AutoencoderKL,
+    AutoencoderTiny,
     DiffusionPipeline,
     EulerDiscreteScheduler,
     StableDiffusionPipeline,
@@ -87,6 +88,21 @@ def _vae(
     }
 
 
+def _taesd(channels: int, blocks: int) -> dict[str, Any]:
+    """AutoencoderTiny (TAESD) arguments: 4 levels (scale factor 8) of `channels` wide blocks.
+
+    TAESD and TAESDXL (madebyollin/taesd, madebyollin/taesdxl) are 64 channels with (1, 3, 3, 3) encoder and
+    (3, 3, 3, 1) decoder blocks; the tiny test version uses one block per level.
+    """
+    return {
+        "encoder_block_out_channels": (channels,) * 4,
+        "decoder_block_out_channels": (channels,) * 4,
+        "num_encoder_blocks": (1, blocks, blocks, blocks),
+        "num_decoder_blocks": (blocks, blocks, blocks, 1),
+        "latent_channels": 4,
+    }
+
+
 def _sd15_unet(channels: tuple[int, ...], heads: int, cross_dim: int, groups: int, sample_size: int) -> dict:
     """SD1.5 UNet arguments: three cross-attention levels, then a plain one."""
     return {
@@ -150,6 +166,7 @@ class ModelSpec:
     text_encoder: dict[str, Any]
     unet: dict[str, Any]
     vae: dict[str, Any]
+    tiny_vae: dict[str, Any]  # the opt-in tiny autoencoder (SDXL_TINY_VAE=on), saved beside the model
     text_encoder_2: dict[str, Any] | None = None  # SDXL: the second encoder, with projection
     refiner_unet: dict[str, Any] | None = None  # SDXL: the refiner's own UNet
 
@@ -161,6 +178,8 @@ _CLIP_BIG_G = _clip_text(1280, 32, 20, 5120, "gelu", 1280)
 _TINY_CLIP_L = _clip_text(32, 2, 4, 64, "quick_gelu", 32)
 _TINY_CLIP_G = _clip_text(64, 2, 4, 128, "gelu", 32)
 _TINY_VAE = {"channels": (16, 32, 32, 32), "groups": 8, "layers": 1, "sample_size": 128}
+_TAESD = _taesd(64, 3)
+_TINY_TAESD = _taesd(8, 1)
 # Pooled text width (second encoder's projection), time-feature width, group-norm groups, latent size.
 _SDXL_EXTRA = {"pooled_dim": 1280, "time_dim": 256, "groups": 32, "sample_size": 128}
 _TINY_SDXL_EXTRA = {"pooled_dim": 32, "time_dim": 8, "groups": 8, "sample_size": 16}
@@ -172,6 +191,7 @@ SPECS: dict[str, ModelSpec] = {
         text_encoder=_TINY_CLIP_L,
         unet=_sd15_unet((32, 32, 64, 64), 2, cross_dim=32, groups=8, sample_size=16),
         vae=_vae(**_TINY_VAE, scaling=0.18215),
+        tiny_vae=_TINY_TAESD,
     ),
     "tiny-sdxl": ModelSpec(
         backend="sdxl",
@@ -183,6 +203,7 @@ SPECS: dict[str, ModelSpec] = {
             (32, 64, 64, 64), (2, 4, 4, 4), 1, cross_dim=64, refiner=True, **_TINY_SDXL_EXTRA
         ),
         vae=_vae(**_TINY_VAE, scaling=0.13025),
+        tiny_vae=_TINY_TAESD,
     ),
     "synthetic-sd15": ModelSpec(
         backend="sd15",
@@ -190,6 +211,7 @@ SPECS: dict[str, ModelSpec] = {
         text_encoder=_CLIP_L,
         unet=_sd15_unet((320, 640, 1280, 1280), 8, cross_dim=768, groups=32, sample_size=64),
         vae=_vae((128, 256, 512, 512), groups=32, layers=2, sample_size=512, scaling=0.18215),
+        tiny_vae=_TAESD,
     ),
     "synthetic-sdxl": ModelSpec(
         backend="sdxl",
@@ -201,6 +223,7 @@ SPECS: dict[str, ModelSpec] = {
             (384, 768, 1536, 1536), (6, 12, 24, 24), 4, cross_dim=1280, refiner=True, **_SDXL_EXTRA
         ),
         vae=_vae((128, 256, 512, 512), groups=32, layers=2, sample_size=1024, scaling=0.13025),
+        tiny_vae=_TAESD,
     ),
 }
 
@@ -286,6 +309,16 @@ def build_model(
     return base, refiner
 
 
+def build_tiny_vae(
+    name: str, *, seed: int = 0, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
+) -> AutoencoderTiny:
+    """The model's tiny autoencoder with random weights (what `SDXL_TINY_VAE=on` loads for it)."""
+    torch.manual_seed(seed + 1)
+    with torch.device(device):
+        vae = AutoencoderTiny(**model_spec(name).tiny_vae)
+    return vae.to(dtype=dtype)
+
+
 def model_fingerprint(name: str, *, seed: int = 0, dtype: torch.dtype = torch.float32) -> str:
     """A short hash of everything that decides a generated model's files, so a cache notices stale copies."""
     recipe = {
@@ -312,7 +345,7 @@ def save_model(
     dtype: torch.dtype = torch.float32,
     overwrite: bool = False,
 ) -> Path:
-    """Build a generated model and write `base/`, `refiner/` (SDXL) and `MODEL.json` under `out_dir`.
+    """Build a generated model; write `base/`, `refiner/` (SDXL), `tiny_vae/` and `MODEL.json` under `out_dir`.
 
     Written into a temporary sibling folder and renamed into place, so `out_dir` either holds a complete
     model or does not exist. An existing `out_dir` is replaced only with `overwrite=True`.
@@ -328,6 +361,8 @@ def save_model(
         base.save_pretrained(tmp / "base", safe_serialization=True)
         if refiner is not None:
             refiner.save_pretrained(tmp / "refiner", safe_serialization=True)
+        tiny_vae = build_tiny_vae(name, seed=seed, device=device, dtype=dtype)
+        tiny_vae.save_pretrained(tmp / "tiny_vae", safe_serialization=True)
         info = {
             "name": name,
             "backend": spec.backend,

@@ -71,8 +71,20 @@ def bench_gpu(
     reps: Annotated[int, typer.Option(help="Timed requests per scenario on the service.")] = 5,
     baseline_reps: Annotated[int, typer.Option(help="Timed runs per scenario on the baseline.")] = 3,
     concurrency: Annotated[int, typer.Option(help="Concurrent clients (0 or 1: skip).")] = 8,
-    ablate_cuda_graphs: Annotated[
-        bool, typer.Option(help="Also start the service with CUDA graphs off (one more compile).")
+    variants: Annotated[
+        str,
+        typer.Option(
+            help="Comma-separated service set-ups to time after the default one (service.bench.SERVICE_VARIANTS: "
+            "no-cuda-graphs, cfg-cutoff-0.5, tiny-vae, cfg-cutoff-0.5+tiny-vae, no-cudnn-benchmark)."
+        ),
+    ] = "",
+    skip: Annotated[
+        str,
+        typer.Option(help="Comma-separated stages to leave out (a follow-up run): baseline, eager, encode."),
+    ] = "",
+    keep_cache: Annotated[
+        bool,
+        typer.Option(help="Start the default service on the compile cache a previous run left in --work."),
     ] = False,
     restart: Annotated[bool, typer.Option(help="Time a restart with the warm compile cache.")] = True,
     pytest_gpu: Annotated[bool, typer.Option(help="Run the GPU-marked tests first.")] = True,
@@ -83,12 +95,23 @@ def bench_gpu(
     tiny: Annotated[bool, typer.Option(help="Tiny models at 128 px: a quick dry run (CPU is fine).")] = False,
 ) -> None:
     """GPU benchmark: plain diffusers (fp16 eager, +- slicing) beside the service end to end over HTTP."""
-    from service.bench import BenchConfig, run_bench
+    from service.bench import SERVICE_VARIANTS, SKIPPABLE_STAGES, BenchConfig, run_bench
 
     families = tuple(f.strip() for f in models.split(",") if f.strip())
     unknown = set(families) - {"sdxl", "sd15"}
     if unknown:
         typer.echo(f"unknown model families {sorted(unknown)}; use sdxl and/or sd15", err=True)
+        raise typer.Exit(2)
+    skipped = tuple(v.strip() for v in skip.split(",") if v.strip())
+    if set(skipped) - set(SKIPPABLE_STAGES):
+        bad = sorted(set(skipped) - set(SKIPPABLE_STAGES))
+        typer.echo(f"unknown stages {bad} in --skip; valid: {', '.join(SKIPPABLE_STAGES)}", err=True)
+        raise typer.Exit(2)
+    chosen = tuple(v.strip() for v in variants.split(",") if v.strip())
+    unknown = set(chosen) - set(SERVICE_VARIANTS)
+    if unknown:
+        valid = ", ".join(SERVICE_VARIANTS)
+        typer.echo(f"unknown variants {sorted(unknown)} in --variants; valid: {valid}", err=True)
         raise typer.Exit(2)
     config = BenchConfig(
         families=families,
@@ -97,7 +120,9 @@ def bench_gpu(
         reps=reps,
         baseline_reps=baseline_reps,
         concurrency=concurrency,
-        ablate_cuda_graphs=ablate_cuda_graphs,
+        variants=chosen,
+        skip=skipped,
+        keep_cache=keep_cache,
         restart=restart,
         pytest_gpu=pytest_gpu,
         ablation=ablation,

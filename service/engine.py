@@ -52,6 +52,20 @@ class GenerationResult:
         return self.seeds[0]
 
 
+def tiny_vae_source(setting: str, spec: ModelSpec) -> str | None:
+    """Where the tiny VAE comes from (setting `tiny_vae`): None when off, the model's own when on."""
+    if setting == "off":
+        return None
+    if setting != "on":
+        return setting
+    if spec.tiny_vae is None:
+        raise ValueError(
+            f"tiny_vae='on' but model {spec.name!r} has no tiny VAE of its own; "
+            "set SDXL_TINY_VAE to a hub id or folder of an AutoencoderTiny"
+        )
+    return spec.tiny_vae
+
+
 def resolve_device(setting: str) -> torch.device:
     """`auto` picks the first CUDA GPU when there is one, else the CPU."""
     if setting == "auto":
@@ -112,6 +126,7 @@ class Engine:
         self.speed: SpeedPlan | None = None  # the speed techniques in force (service/accel.py)
         self.warmup_s: float | None = None  # seconds of the load-time warm-up (the first compile)
         self.schedulers = SchedulerCache()
+        self.quality_options: list[str] = []  # opt-in settings in force that change the images
 
     # ----- loading -------------------------------------------------------------------------------
 
@@ -126,7 +141,18 @@ class Engine:
         spec = resolve_model(s.model, s.cache_dir, refiner=s.refiner)
         log.info("Loading %s (%s) on %s as %s", spec.name, spec.backend, self.device, _dtype_name(self.dtype))
         kwargs: dict[str, Any] = {}
-        if spec.vae:
+        tiny_vae = tiny_vae_source(s.tiny_vae, spec)
+        if tiny_vae:
+            from diffusers import AutoencoderTiny
+
+            log.info("Loading the tiny VAE from %s (opt-in, changes the images: SDXL_TINY_VAE)", tiny_vae)
+            try:
+                kwargs["vae"] = _load(AutoencoderTiny, tiny_vae, self.dtype, single_file=False)
+            except (OSError, ValueError) as exc:
+                raise ValueError(
+                    f"tiny_vae={tiny_vae!r}: no AutoencoderTiny could be loaded from it: {exc}"
+                ) from exc
+        elif spec.vae:
             from diffusers import AutoencoderKL
 
             log.info("Loading VAE from %s", spec.vae)
@@ -159,12 +185,19 @@ class Engine:
         for pipe in (base, refiner):
             if pipe is not None:
                 self._place(pipe)
-        # from_pipe casts the shared modules to its own dtype argument, float32 when none is given
-        self.img2img = Img2Img.from_pipe(base, **{_dtype_keyword(): self.dtype})
+        # from_pipe casts the shared modules to its own dtype argument, float32 when none is given; it takes
+        # the VAE only when named (it checks the type against the pipeline's declared AutoencoderKL)
+        self.img2img = Img2Img.from_pipe(base, vae=base.vae, **{_dtype_keyword(): self.dtype})
+        self.img2img.set_progress_bar_config(disable=True)
         self.speed = plan_speed(s, self.device, spec.backend)
         apply_speed(self.speed, (base, refiner, self.img2img))
         self.restorer = load_restorer(s.face_restorer)
         self.spec, self.base, self.refiner = spec, base, refiner
+        self.quality_options = [f"cfg_cutoff={s.cfg_cutoff:g}"] if s.cfg_cutoff < 1.0 else []
+        if tiny_vae:
+            self.quality_options.append(f"tiny_vae={tiny_vae}")
+        if self.quality_options:
+            log.warning("opt-in settings that change the images: %s", ", ".join(self.quality_options))
         if self.speed.warmup:
             self.warmup_s = warm_up(self)
         self._log_device()
@@ -335,7 +368,9 @@ class Engine:
         if prompts is not None:
             common.update(prompt=prompts[0], negative_prompt=prompts[1], num_images_per_prompt=1)
         last = "hires" if p.hires_fix else "refiner" if p.use_refiner else "base"
-        hires_total, _ = _hires_steps(p)
+        hires_total, hires_run = _hires_steps(p)
+        # base and refiner are one denoising pass (the refiner finishes the base's schedule); hires is another
+        guidance = _CfgCutoff(p.cfg_cutoff, _stage_steps(p) - hires_run)
         with _timed(timings, "base"):
             extra = {"denoising_end": p.refiner_split, "output_type": "latent"} if p.use_refiner else {}
             if last == "base":
@@ -344,8 +379,8 @@ class Engine:
                 num_inference_steps=p.steps,
                 width=p.width,
                 height=p.height,
-                callback_on_step_end=progress.callback(),
-                **common,
+                callback_on_step_end=progress.callback(guidance),
+                **{**common, **guidance.call_kwargs(self.base)},
                 **extra,
             )
         progress.check_cancelled()
@@ -356,21 +391,22 @@ class Engine:
                     image=out.images,
                     num_inference_steps=p.steps,
                     denoising_start=p.refiner_split,
-                    callback_on_step_end=progress.callback(),
+                    callback_on_step_end=progress.callback(guidance),
                     output_type="pt" if last == "refiner" else "pil",
-                    **common,
+                    **{**common, **guidance.call_kwargs(self.refiner)},
                 ).images
             progress.check_cancelled()
         if p.hires_fix:
             w, h = final_size(p)
+            guidance = _CfgCutoff(p.cfg_cutoff, hires_run)
             with _timed(timings, "hires"):
                 images = self.img2img(
                     image=[image.resize((w, h), Image.Resampling.LANCZOS) for image in images],
                     strength=p.hires_strength,
                     num_inference_steps=hires_total,
-                    callback_on_step_end=progress.callback(),
+                    callback_on_step_end=progress.callback(guidance),
                     output_type="pt",
-                    **common,
+                    **{**common, **guidance.call_kwargs(self.img2img)},
                 ).images
             progress.check_cancelled()
         with _timed(timings, last):
@@ -422,6 +458,41 @@ def _stage_steps(p: GenerationParams) -> int:
     return base_steps + refiner_steps + _hires_steps(p)[1]
 
 
+class _CfgCutoff:
+    """Classifier-free guidance on the first steps of a denoising pass only (setting `cfg_cutoff`).
+
+    After the last guided step the pipeline's CFG inputs keep their conditional half and its guidance scale
+    drops to 1, so each later step is one UNet pass instead of two. diffusers' own `SDXLCFGCutoffCallback`
+    keeps row -1, which is right for one image only; a batch of N has its negatives in rows 0..N-1 and its
+    prompts in rows N..2N-1, so the second half is kept here. (The base's `add_time_ids` are the same for
+    both halves unless negative micro-conditions are given, which the service never does.)
+    """
+
+    TENSORS = ("prompt_embeds", "add_text_embeds", "add_time_ids")
+
+    def __init__(self, cutoff: float, pass_steps: int) -> None:
+        self.guided = max(1, round(cutoff * pass_steps)) if cutoff < 1.0 else None
+        self.done = 0
+
+    def call_kwargs(self, pipe: Any) -> dict[str, Any]:
+        """Extra pipeline-call arguments: a call that starts past the cutoff runs unguided from its start."""
+        if self.guided is None:
+            return {}
+        if self.done >= self.guided:
+            return {"guidance_scale": 1.0}
+        names = [name for name in self.TENSORS if name in pipe._callback_tensor_inputs]
+        return {"callback_on_step_end_tensor_inputs": names}
+
+    def after_step(self, pipe: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
+        self.done += 1
+        if self.guided is not None and self.done == self.guided and pipe.do_classifier_free_guidance:
+            for name in self.TENSORS:
+                if name in kwargs:
+                    kwargs[name] = kwargs[name].chunk(2)[1]
+            pipe._guidance_scale = 1.0
+        return kwargs
+
+
 class _Progress:
     """Counts denoising steps across stages; interrupts the pipeline once every job of it is cancelled."""
 
@@ -430,14 +501,14 @@ class _Progress:
         for job in jobs:
             job.progress(0, total)
 
-    def callback(self) -> Callable[..., dict[str, Any]]:
+    def callback(self, guidance: _CfgCutoff | None = None) -> Callable[..., dict[str, Any]]:
         def on_step_end(pipe: Any, step: int, timestep: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
             self.done += 1
             for job in self.jobs:
                 job.progress(min(self.done, self.total), self.total)
             if self.all_cancelled:
                 pipe._interrupt = True
-            return kwargs
+            return guidance.after_step(pipe, kwargs) if guidance is not None else kwargs
 
         return on_step_end
 

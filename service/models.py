@@ -22,6 +22,7 @@ class ModelSpec:
     base: str
     refiner: str | None = None
     vae: str | None = None
+    tiny_vae: str | None = None  # the family's tiny autoencoder, loaded only with SDXL_TINY_VAE=on
     default_size: int = 1024
     min_size: int = 512
     max_size: int = 2048
@@ -37,11 +38,15 @@ class ModelSpec:
         return {"sd15": 4.3, "sdxl": 14.0}[self.backend]
 
 
+# Tiny autoencoders (TAESD) trained for each family's latents: the opt-in fast decoder (SDXL_TINY_VAE=on)
+TINY_VAES: dict[Backend, str] = {"sd15": "madebyollin/taesd", "sdxl": "madebyollin/taesdxl"}
+
 REGISTRY: dict[str, ModelSpec] = {
     "sd15": ModelSpec(
         name="sd15",
         backend="sd15",
         base="stable-diffusion-v1-5/stable-diffusion-v1-5",
+        tiny_vae=TINY_VAES["sd15"],
         default_size=512,
         min_size=256,
         max_size=1024,
@@ -53,6 +58,7 @@ REGISTRY: dict[str, ModelSpec] = {
         base="stabilityai/stable-diffusion-xl-base-1.0",
         refiner="stabilityai/stable-diffusion-xl-refiner-1.0",
         vae="madebyollin/sdxl-vae-fp16-fix",
+        tiny_vae=TINY_VAES["sdxl"],
         default_size=1024,
         min_size=512,
         max_size=2048,
@@ -111,12 +117,13 @@ def spec_from_path(path: Path) -> ModelSpec:
     marker = path / "MODEL.json"
     if marker.is_file():  # a folder written by `sdxl-deploy models build` (base/ and maybe refiner/)
         info = json.loads(marker.read_text())
-        refiner = path / "refiner"
+        refiner, tiny_vae = path / "refiner", path / "tiny_vae"
         spec = ModelSpec(
             name=info.get("name", path.name),
             backend=info["backend"],
             base=str(path / "base"),
             refiner=str(refiner) if (refiner / "model_index.json").is_file() else None,
+            tiny_vae=str(tiny_vae) if (tiny_vae / "config.json").is_file() else None,
             generated=bool(info.get("generated", False)),
             description=info.get("description", ""),
         )
@@ -132,12 +139,14 @@ def spec_from_path(path: Path) -> ModelSpec:
 
 
 def _sized(spec: ModelSpec, *, generated: bool) -> ModelSpec:
-    """Give a spec its backend's default size and the range its kind supports."""
+    """Give a spec its backend's default size and the range its kind supports (and, for a user's model,
+    its family's published tiny autoencoder)."""
     default = 1024 if spec.backend == "sdxl" else 512
     if generated:
         lo, hi = _GENERATED_SIZES["tiny" if spec.name.startswith("tiny") else "synthetic"]
     else:
         lo, hi = (512, 2048) if spec.backend == "sdxl" else (256, 1024)
+        spec = replace(spec, tiny_vae=TINY_VAES[spec.backend])
     return replace(spec, default_size=default, min_size=lo, max_size=hi)
 
 

@@ -34,6 +34,9 @@ class GenerationParams:
     sampler: str | None = None  # A1111 name; None: the model's own scheduler
     batch_size: int = 1
     n_iter: int = 1  # batches run one after another in the same job
+    cfg_cutoff: float = (
+        1.0  # fraction of each denoising pass guided (CFG); the rest unguided (SDXL_CFG_CUTOFF)
+    )
 
     @property
     def seeds(self) -> list[int]:
@@ -49,6 +52,7 @@ def resolve_params(
     restorer_loaded: bool,
     max_prompt_chars: int,
     n_iter: int = 1,
+    cfg_cutoff: float = 1.0,
 ) -> GenerationParams:
     """Fill backend defaults, check backend-specific bounds, and say what will be ignored."""
     if not req.prompt.strip():
@@ -111,6 +115,7 @@ def resolve_params(
         sampler=sampler,
         batch_size=req.batch_size,
         n_iter=n_iter,
+        cfg_cutoff=cfg_cutoff,
     )
 
 
@@ -145,4 +150,5 @@ def coalesce_key(params: GenerationParams) -> tuple[object, ...] | None:
         params.sampler,
         params.negative_prompt is None,
         params.face_restoration,
+        params.cfg_cutoff,
     )

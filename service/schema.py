@@ -89,6 +89,11 @@ class HealthResponse(BaseModel):
     version: str
     uptime_s: float
     queue_depth: int
+    quality_options: list[str] = Field(
+        default_factory=list,
+        description="Opt-in settings in force that change the images (SDXL_CFG_CUTOFF, SDXL_TINY_VAE); "
+        "empty: the images are diffusers' own, up to floating-point rounding.",
+    )
     error: str | None = Field(None, description="Why the model failed to load, when unhealthy.")
 
 

@@ -57,7 +57,7 @@ class ServiceSettings(BaseSettings):
     # ----- Speed (service/accel.py, docs/BENCHMARKS.md) ------------------------------------------------
     # Each technique is a switch: "auto" (the default) turns it on where it helps (CUDA) and off elsewhere;
     # "on" / "off" (or true / false) force it. None of them changes what the model computes beyond
-    # floating-point rounding; quality-changing techniques would be opt-in only.
+    # floating-point rounding; the quality-changing ones (cfg_cutoff, tiny_vae, below) are opt-in only.
     sdpa: Toggle = Field("auto", description="PyTorch scaled_dot_product_attention (auto: on everywhere).")
     channels_last: Toggle = Field(
         "auto", description="UNet and VAE in channels_last memory format (auto: CUDA)."
@@ -93,6 +93,21 @@ class ServiceSettings(BaseSettings):
         le=8,
         description="Most images in one coalesced call; calls use powers of two up to it (each size compiles once).",
     )
+    # ----- Opt-in speed that changes the images (off by default; measure the CLIP delta first: README) ------
+    cfg_cutoff: float = Field(
+        1.0,
+        gt=0.0,
+        le=1.0,
+        description="Fraction of each denoising pass's steps that use classifier-free guidance; the steps "
+        "after it run the conditional half only (half the UNet work each). 1.0 = guidance on every step (off).",
+    )
+    tiny_vae: str = Field(
+        "off",
+        description="Decode with a tiny autoencoder (TAESD) instead of the full VAE: off; on = the model "
+        "family's own (madebyollin/taesdxl, madebyollin/taesd; generated models carry a random one); or a "
+        "hub id / folder of an AutoencoderTiny.",
+    )
+
     png_encoder: Literal["fast", "pillow"] = Field(
         "fast", description="fast: multi-threaded PNG writer (same pixels); pillow: Pillow's encoder."
     )
@@ -147,6 +162,19 @@ class ServiceSettings(BaseSettings):
             return "on" if value else "off"
         if isinstance(value, str):
             return _TOGGLE_WORDS.get(value.strip().lower(), value.strip().lower())
+        return value
+
+    @field_validator("tiny_vae", mode="before")
+    @classmethod
+    def _tiny_vae_words(cls, value: object) -> object:
+        """true/false (1/0, yes/no) mean on/off here too; anything else is a hub id or a folder."""
+        if isinstance(value, bool):
+            return "on" if value else "off"
+        if isinstance(value, str):
+            word = value.strip()
+            if word.lower() in ("", "on", "off"):
+                return word.lower() or "off"
+            return _TOGGLE_WORDS.get(word.lower(), word)
         return value
 
     @field_validator("model")

@@ -82,6 +82,7 @@ class ServiceState:
             version=__version__,
             uptime_s=round(time.monotonic() - self.started_at, 1),
             queue_depth=self.queue.depth,
+            quality_options=list(self.engine.quality_options),
             error=self.load_error,
         )
 
@@ -102,6 +103,7 @@ class ServiceState:
             restorer_loaded=self.engine.restorer is not None,
             max_prompt_chars=self.settings.max_prompt_chars,
             n_iter=n_iter,
+            cfg_cutoff=self.settings.cfg_cutoff,
         )
 
     async def run(self, params: GenerationParams) -> tuple[GenerationResult, Job]:

@@ -103,3 +103,35 @@ def test_startup_timeline_places_each_milestone_after_the_spawn() -> None:
         "warmup_done": 70.0,
         "model_ready": 70.1,
     }
+
+
+def test_bench_gpu_times_opt_in_variants_beside_the_default_service(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from service.bench import BenchConfig, run_bench
+
+    config = BenchConfig(
+        families=("sd15",),
+        out=tmp_path / "out",
+        work=tmp_path / "work",
+        tiny=True,
+        variants=("tiny-vae", "cfg-cutoff-0.5"),
+        restart=False,
+        concurrency=0,
+        reps=1,
+        baseline_reps=1,
+        ablation=False,
+    )
+    results = run_bench(config)
+    assert results.errors == []
+    default, tiny_vae, cut = (results.service[k] for k in ("sd15", "sd15:tiny-vae", "sd15:cfg-cutoff-0.5"))
+    assert default["quality_options"] == [] and default["sd15-512-20"]["same_seed_vs_eager"]["ok"] is True
+    assert tiny_vae["env"]["SDXL_TINY_VAE"] == "on" and tiny_vae["quality_options"][0].startswith("tiny_vae=")
+    assert cut["env"]["SDXL_CFG_CUTOFF"] == "0.5" and cut["quality_options"] == ["cfg_cutoff=0.5"]
+    for variant in (tiny_vae, cut):  # images differ on purpose: reported, not judged
+        same = variant["sd15-512-20"]["same_seed_vs_eager"]
+        assert (
+            same["ok"] is None and same["psnr_db"] < default["sd15-512-20"]["same_seed_vs_eager"]["psnr_db"]
+        )
+        assert variant["sd15-512-20"]["same_seed_vs_default"]["mean_abs"] > 0
+    text = (config.out / "table.txt").read_text()
+    assert "sd15-512-20 [tiny-vae]: e2e" in text and "sd15-512-20 [cfg-cutoff-0.5]: e2e" in text
+    assert "x the default service" in text
