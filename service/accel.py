@@ -242,4 +242,10 @@ def warm_up(engine: Engine) -> float:
         )
     seconds = time.perf_counter() - started
     log.info("speed: warm-up took %.1f s", seconds)
+    if engine.speed and engine.speed.compile:
+        from torch._dynamo.utils import compile_times
+
+        log.info(
+            "speed: where the compile time went (s, torch's own counters):\n%s", compile_times("str", True)
+        )
     return seconds

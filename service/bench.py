@@ -77,8 +77,11 @@ SERVICE_VARIANTS: dict[str, dict[str, str]] = {
     "tiny-vae": {"SDXL_TINY_VAE": "on"},
     "cfg-cutoff-0.5+tiny-vae": {"SDXL_CFG_CUTOFF": "0.5", "SDXL_TINY_VAE": "on"},
     "no-cudnn-benchmark": {"SDXL_CUDNN_BENCHMARK": "off"},
+    # torch's experimental cache of Dynamo's traced bytecode and guards (skips tracing on a warm start)
+    "dynamo-cache": {"TORCH_CACHING_PRECOMPILE": "1"},
 }
-SKIPPABLE_STAGES = ("baseline", "eager", "encode")  # `--skip`: stages a follow-up run already has
+# `--skip`: stages a follow-up run already has ("service": the default set-up; its cache still seeds variants)
+SKIPPABLE_STAGES = ("baseline", "eager", "service", "encode")
 
 FAMILY_MODELS = {"sdxl": "synthetic-sdxl", "sd15": "synthetic-sd15"}
 TINY_MODELS = {"sdxl": "tiny-sdxl", "sd15": "tiny-sd15"}
@@ -255,8 +258,9 @@ class Bench:
             if "eager" not in self.c.skip:
                 with self.stage(f"{family}: service eager path"):
                     self.eager(family, model_dir)
-            with self.stage(f"{family}: service"):
-                self.service(family, model_dir)
+            if "service" not in self.c.skip:
+                with self.stage(f"{family}: service"):
+                    self.service(family, model_dir)
             for variant in self.c.variants:
                 with self.stage(f"{family}: service {variant}", optional=True, needs_s=90) as ok:
                     if ok:
@@ -543,7 +547,8 @@ class Bench:
         key = family if label == "default" else f"{family}:{label}"
         self.results.service[key] = out
         out["gpu_before"] = gpu_state()
-        with ServiceProcess(model_dir, self.c.out / f"serve-{family}-{label}.log", env) as svc:
+        log_name = re.sub(r"[^A-Za-z0-9._-]", "_", f"serve-{family}-{label}.log")  # "+" does not travel back
+        with ServiceProcess(model_dir, self.c.out / log_name, env) as svc:
             out["cold_start"] = svc.start()
             out["gpu_ready"] = gpu_state()
             self.save()

@@ -125,9 +125,12 @@ def time_calls(unet: Any, inputs: dict[str, Any], calls: int, compiled: bool) ->
     return seconds
 
 
-def stage_times(base: Any, size: int, reps: int = 5) -> dict[str, float]:
+def stage_times(base: Any, size: int, tiny_vae: Any = None, reps: int = 5) -> dict[str, float]:
     """Milliseconds of the eager stages around the denoiser: prompt encoding with CFG, VAE decode of one
-    image, and diffusers' tensor -> PIL post-processing (on the CPU) against a uint8 conversion on the GPU."""
+    image (and the opt-in tiny VAE's, when given), and diffusers' tensor -> PIL post-processing (on the CPU)
+    against the service's (`engine.tensor_to_pil`: 8-bit on the GPU, then PIL)."""
+    from service.engine import tensor_to_pil
+
     device = base.unet.device
 
     def best(fn: Any) -> float:
@@ -154,11 +157,10 @@ def stage_times(base: Any, size: int, reps: int = 5) -> dict[str, float]:
                 )
             ),
             "vae_decode": best(lambda: base.vae.decode(latents).sample),
+            **({"tiny_vae_decode": best(lambda: tiny_vae.decode(latents).sample)} if tiny_vae else {}),
             "postprocess_pil": best(lambda: base.image_processor.postprocess(image, output_type="pil")),
-            "to_uint8_on_gpu": best(
-                lambda: (
-                    ((image / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu()
-                )
+            "postprocess_service": best(
+                lambda: tensor_to_pil(base.image_processor.postprocess(image, output_type="pt"))
             ),
         }
 
@@ -187,7 +189,7 @@ def run(
     time every variant; skip the rest once `budget_s` has passed. `tiny`: the tiny model on the CPU in
     float32 (a dry run of this code for tests; its figures mean nothing)."""
     from service.accel import use_compile_cache
-    from service.builders import build_model
+    from service.builders import build_model, build_tiny_vae
 
     started = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
@@ -196,7 +198,7 @@ def run(
     device = "cpu" if tiny else "cuda"
     dtype = torch.float32 if tiny else torch.bfloat16
     base, _ = build_model(model, device=device, dtype=dtype)
-    stages = stage_times(base, size)
+    stages = stage_times(base, size, build_tiny_vae(model, device=device, dtype=dtype))
     unet = base.unet.eval()
     del base
     unet.fuse_qkv_projections()

@@ -75,12 +75,14 @@ def bench_gpu(
         str,
         typer.Option(
             help="Comma-separated service set-ups to time after the default one (service.bench.SERVICE_VARIANTS: "
-            "no-cuda-graphs, cfg-cutoff-0.5, tiny-vae, cfg-cutoff-0.5+tiny-vae, no-cudnn-benchmark)."
+            "no-cuda-graphs, cfg-cutoff-0.5, tiny-vae, cfg-cutoff-0.5+tiny-vae, no-cudnn-benchmark, dynamo-cache)."
         ),
     ] = "",
     skip: Annotated[
         str,
-        typer.Option(help="Comma-separated stages to leave out (a follow-up run): baseline, eager, encode."),
+        typer.Option(
+            help="Comma-separated stages to leave out (a follow-up run): baseline, eager, service, encode."
+        ),
     ] = "",
     keep_cache: Annotated[
         bool,

@@ -74,7 +74,13 @@ def test_bench_unet_times_each_variant_and_compares_outputs_with_eager(tmp_path)
     assert all(abs(r.ms_per_image - r.ms_per_call / r.variant.images) <= 0.01 for r in results)
     data = json.loads((tmp_path / "bench-unet.json").read_text())
     assert data["family"] == "sdxl" and len(data["results"]) == 3 and data["flop_per_image_call"] > 0
-    assert set(data["stages_ms"]) == {"encode_prompt_cfg", "vae_decode", "postprocess_pil", "to_uint8_on_gpu"}
+    assert set(data["stages_ms"]) == {
+        "encode_prompt_cfg",
+        "vae_decode",
+        "tiny_vae_decode",
+        "postprocess_pil",
+        "postprocess_service",
+    }
 
 
 def test_startup_timeline_places_each_milestone_after_the_spawn() -> None:
