@@ -81,6 +81,7 @@ class ServiceInfo(BaseModel):
     model: str
     backend: str | None = None
     device: str | None = None
+    quality_options: list[str] = []  # opt-in settings in force that change its images (/health)
 
     @property
     def stand_in(self) -> bool:
@@ -174,6 +175,7 @@ def service_info(url: str, role: Role, api_key: str | None = None) -> ServiceInf
         model=str(health.get("model") or f"{role} service"),
         backend=health.get("backend"),
         device=health.get("device"),
+        quality_options=[str(option) for option in health.get("quality_options") or []],
     )
 
 

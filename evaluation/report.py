@@ -18,7 +18,7 @@ if TYPE_CHECKING:
     import pandas as pd
     from matplotlib.figure import Figure
 
-    from evaluation.compare import EvaluationResult
+    from evaluation.compare import EvaluationResult, ServiceInfo
     from evaluation.regression import RegressionRun
 
 TEMPLATE = "report.html.jinja"
@@ -179,12 +179,20 @@ def _comparison_context(run_dir: Path, history_file: str | Path | None) -> dict[
                 f"{result.prompts} x {len(result.seeds)} (seeds {', '.join(map(str, result.seeds))})",
             ),
             ("Request", _settings_text(result.settings)),
-            ("Baseline", f"{base.model} at {base.url} ({base.device or '?'})"),
-            ("Candidate", f"{cand.model} at {cand.url} ({cand.device or '?'})"),
+            ("Baseline", _service_text(base)),
+            ("Candidate", _service_text(cand)),
             ("Run directory", result.run_dir),
         ],
         "files": _files(run_dir, ["generations", "prompts", "categories", "timing"], "evaluation.json"),
     }
+
+
+def _service_text(info: ServiceInfo) -> str:
+    """Model, address, device, and the opt-ins that change its images (what an opt-in comparison compares)."""
+    text = f"{info.model} at {info.url} ({info.device or '?'})"
+    if info.quality_options:
+        text += f"; opt-ins that change images: {', '.join(info.quality_options)}"
+    return text
 
 
 def _regression_context(run_dir: Path, history_file: str | Path | None) -> dict[str, Any]:

@@ -342,3 +342,29 @@ def test_regression_flow_fails_on_a_planted_slowdown(
     state = regression_benchmark(**params, accept=True, return_state=True)
     assert state.is_completed(), state.message
     assert store.load()["status"].iloc[-1] == "accepted"
+
+
+def test_an_opt_in_comparison_names_what_the_candidate_changes(
+    model_cache: Path, services: tuple[str, str], tmp_path: Path
+) -> None:
+    """README's recipe: the service as shipped against the same model with the opt-ins that change images."""
+    from evaluation.report import render_report
+    from tests.servers import settings_for, thread_server
+
+    opt_ins = settings_for("tiny-sdxl", model_cache, cfg_cutoff=0.5, tiny_vae="on")
+    with thread_server(opt_ins) as candidate:
+        result = evaluate_services(
+            services[1],
+            candidate,
+            spread(builtin_prompts(), 1),
+            1,
+            tmp_path / "run",
+            settings=TINY,
+            scorer=tiny_scorer(),
+            margin=1.0,
+        )
+    assert result.services["baseline"].quality_options == []
+    options = result.services["candidate"].quality_options
+    assert options[0] == "cfg_cutoff=0.5" and options[1].startswith("tiny_vae=")
+    html = render_report(result.run_dir).read_text()
+    assert "opt-ins that change images: cfg_cutoff=0.5, tiny_vae=" in html
