@@ -69,15 +69,16 @@ SCENARIOS: tuple[Scenario, ...] = (
     Scenario("sd15-512-20", "sd15", steps=20, size=512, target_p50_s=0.15),
 )
 
-# Service set-ups timed beside the shipped defaults (`--variants`), as data: name -> environment. The opt-in
-# ones change the images; their same-seed distance from the eager image is reported, not judged.
+# Service set-ups timed beside the shipped defaults (`--variants`), as data: name -> environment. Each image is
+# compared with the default service's at the same seed; the opt-ins change images, so theirs is not judged.
 SERVICE_VARIANTS: dict[str, dict[str, str]] = {
     "no-cuda-graphs": {"SDXL_CUDA_GRAPHS": "off"},
     "cfg-cutoff-0.5": {"SDXL_CFG_CUTOFF": "0.5"},
     "tiny-vae": {"SDXL_TINY_VAE": "on"},
     "cfg-cutoff-0.5+tiny-vae": {"SDXL_CFG_CUTOFF": "0.5", "SDXL_TINY_VAE": "on"},
     "no-cudnn-benchmark": {"SDXL_CUDNN_BENCHMARK": "off"},
-    # torch's experimental cache of Dynamo's traced bytecode and guards (skips tracing on a warm start)
+    # torch's experimental cache of Dynamo's traces and guards: meant to skip tracing on a warm start, measured
+    # slower on torch 2.11 (docs/BENCHMARKS.md, "Measured and rejected"); kept to re-measure on later releases
     "dynamo-cache": {"TORCH_CACHING_PRECOMPILE": "1"},
 }
 # `--skip`: stages a follow-up run already has ("service": the default set-up; its cache still seeds variants)
@@ -556,11 +557,11 @@ class Bench:
             for s in self.scenarios(family):
                 timed, image = self._time_http(svc, s, compare=True, judge=not out["quality_options"])
                 out[s.name] = timed
-                key = f"{family}/{s.name}"
+                image_key = f"{family}/{s.name}"
                 if label == "default":
-                    self.service_images[key] = image
-                elif key in self.service_images:
-                    timed["same_seed_vs_default"] = image_diff(image, self.service_images[key])
+                    self.service_images[image_key] = image
+                elif image_key in self.service_images:
+                    timed["same_seed_vs_default"] = image_diff(image, self.service_images[image_key])
                 self.save()
             if label == "default":
                 out["health_after"] = svc.health()
