@@ -157,14 +157,14 @@ def apply_speed(plan: SpeedPlan, pipes: Iterable[Any]) -> list[str]:
     if plan.compile and plan.cache_dir:
         done.append(f"compile_cache={use_compile_cache(plan.cache_dir)}")
     for name, module in _denoisers_and_vaes(list(pipes)):
-        attention = hasattr(module, "set_attn_processor")  # the tiny VAE (AutoencoderTiny) has none
-        if attention and not plan.sdpa and not plan.fuse_qkv:
-            module.set_attn_processor(AttnProcessor())
-        elif attention and plan.sdpa and not plan.fuse_qkv:
-            module.set_attn_processor(AttnProcessor2_0())
-        if attention and plan.fuse_qkv and not getattr(module, "_sdxl_deploy_fused", False):
-            module.fuse_qkv_projections()  # sets the SDPA-based FusedAttnProcessor2_0
-            module._sdxl_deploy_fused = True
+        if hasattr(module, "set_attn_processor"):  # the tiny VAE (AutoencoderTiny) has no attention
+            if not plan.sdpa and not plan.fuse_qkv:
+                module.set_attn_processor(AttnProcessor())
+            elif plan.sdpa and not plan.fuse_qkv:
+                module.set_attn_processor(AttnProcessor2_0())
+            if plan.fuse_qkv and not getattr(module, "_sdxl_deploy_fused", False):
+                module.fuse_qkv_projections()  # sets the SDPA-based FusedAttnProcessor2_0
+                module._sdxl_deploy_fused = True
         if plan.channels_last:
             module.to(memory_format=torch.channels_last)
         # dynamic=False: base and refiner UNets share forward's code object, so with automatic dynamic

@@ -99,31 +99,15 @@ def bench_gpu(
     """GPU benchmark: plain diffusers (fp16 eager, +- slicing) beside the service end to end over HTTP."""
     from service.bench import SERVICE_VARIANTS, SKIPPABLE_STAGES, BenchConfig, run_bench
 
-    families = tuple(f.strip() for f in models.split(",") if f.strip())
-    unknown = set(families) - {"sdxl", "sd15"}
-    if unknown:
-        typer.echo(f"unknown model families {sorted(unknown)}; use sdxl and/or sd15", err=True)
-        raise typer.Exit(2)
-    skipped = tuple(v.strip() for v in skip.split(",") if v.strip())
-    if set(skipped) - set(SKIPPABLE_STAGES):
-        bad = sorted(set(skipped) - set(SKIPPABLE_STAGES))
-        typer.echo(f"unknown stages {bad} in --skip; valid: {', '.join(SKIPPABLE_STAGES)}", err=True)
-        raise typer.Exit(2)
-    chosen = tuple(v.strip() for v in variants.split(",") if v.strip())
-    unknown = set(chosen) - set(SERVICE_VARIANTS)
-    if unknown:
-        valid = ", ".join(SERVICE_VARIANTS)
-        typer.echo(f"unknown variants {sorted(unknown)} in --variants; valid: {valid}", err=True)
-        raise typer.Exit(2)
     config = BenchConfig(
-        families=families,
+        families=_names("--models", models, ("sdxl", "sd15")),
         out=out,
         work=work,
         reps=reps,
         baseline_reps=baseline_reps,
         concurrency=concurrency,
-        variants=chosen,
-        skip=skipped,
+        variants=_names("--variants", variants, tuple(SERVICE_VARIANTS)),
+        skip=_names("--skip", skip, SKIPPABLE_STAGES),
         keep_cache=keep_cache,
         restart=restart,
         pytest_gpu=pytest_gpu,
@@ -134,6 +118,16 @@ def bench_gpu(
     results = run_bench(config)
     if results.errors:
         raise typer.Exit(1)
+
+
+def _names(option: str, text: str, valid: tuple[str, ...]) -> tuple[str, ...]:
+    """The names of a comma-separated option; exit 2 naming the option, the unknown names and the valid ones."""
+    names = tuple(name.strip() for name in text.split(",") if name.strip())
+    unknown = sorted(set(names) - set(valid))
+    if unknown:
+        typer.echo(f"unknown {option} {unknown}; valid: {', '.join(valid)}", err=True)
+        raise typer.Exit(2)
+    return names
 
 
 def bench_unet(

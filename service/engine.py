@@ -258,11 +258,11 @@ class Engine:
         and each gets its own result or its own error.
         """
         requests = [(job.payload, job) for job in jobs]
-        if len(requests) == 1:
-            return self.generate_together(requests)
         try:
             return self.generate_together(requests)
         except OutOfMemory:
+            if len(requests) == 1:
+                raise
             log.warning(
                 "a coalesced batch of %d requests ran out of GPU memory: running them one by one", len(jobs)
             )
@@ -437,8 +437,8 @@ def tensor_to_pil(images: torch.Tensor) -> list[Image.Image]:
     """A pipeline's `output_type="pt"` images (N x 3 x H x W in [0, 1], on the device) as 8-bit PIL images.
 
     The arithmetic of diffusers' own `numpy_to_pil` (float32, x 255, round half to even), done on the
-    device: only the uint8 pixels cross to the CPU (1/4 of the float32 copy diffusers makes; 15-26 ms less
-    per 1024 px SDXL image on an H200 in bench-unet's stage timing).
+    device: only the uint8 pixels cross to the CPU (1/4 of the float32 copy diffusers makes). A 1024 px SDXL
+    image on an H200 (bench-unet's stage timing): 5.7 ms with the PIL images, against diffusers' 15.9 ms.
     """
     pixels = (images.float() * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
     return [Image.fromarray(pixel) for pixel in pixels]

@@ -34,9 +34,8 @@ class GenerationParams:
     sampler: str | None = None  # A1111 name; None: the model's own scheduler
     batch_size: int = 1
     n_iter: int = 1  # batches run one after another in the same job
-    cfg_cutoff: float = (
-        1.0  # fraction of each denoising pass guided (CFG); the rest unguided (SDXL_CFG_CUTOFF)
-    )
+    # fraction of each denoising pass guided (CFG); the rest unguided (setting cfg_cutoff)
+    cfg_cutoff: float = 1.0
 
     @property
     def seeds(self) -> list[int]:

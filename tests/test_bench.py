@@ -59,6 +59,15 @@ def test_bench_gpu_is_a_cli_command() -> None:
         timeout=120,
     )
     assert out.returncode == 0 and "--tiny" in out.stdout and "--models" in out.stdout
+    for option, value in (("--models", "sd14"), ("--variants", "fp4"), ("--skip", "build")):
+        refused = subprocess.run(
+            [sys.executable, "-m", "sdxl_deploy.cli", "bench-gpu", "--tiny", option, value],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert refused.returncode == 2 and f"unknown {option} ['{value}']; valid: " in refused.stderr
 
 
 def test_bench_unet_times_each_variant_and_compares_outputs_with_eager(tmp_path) -> None:  # type: ignore[no-untyped-def]
