@@ -11,6 +11,8 @@ by the benchmark (`sdxl-deploy bench-gpu`, docs/BENCHMARKS.md), not assumed here
 - cudnn_benchmark: cuDNN times its convolution algorithms once per shape and keeps the fastest.
 - compile: `torch.compile` of the UNets (and the VAE decoder), with Inductor's cache persisted in
   `compile_cache_dir` so a restart reuses the compiled kernels instead of compiling for minutes.
+- compile_text_encoders: with compile, the text encoders too (each text is encoded alone, batch 1, so one
+  compiled shape; `service/embeddings.py` keeps the embeddings of recent texts).
 - cuda_graphs: compile mode `reduce-overhead`: each UNet call is replayed as one CUDA graph, removing the
   CPU launch overhead (what limits SD1.5 at 512 px).
 - warmup_on_load: one short generation at the default size during load, so the first compile happens
@@ -56,6 +58,7 @@ class SpeedPlan:
     warmup: bool
     cache_dir: str | None
     coalesce_sizes: tuple[int, ...] = (1,)  # images per call the queue may form from waiting requests
+    compile_text_encoders: bool = False
     notes: tuple[str, ...] = field(default_factory=tuple)
 
     @property
@@ -73,7 +76,7 @@ def _on(value: Toggle, auto: bool) -> bool:
 
 def plan_speed(settings: ServiceSettings, device: torch.device, backend: str = "sdxl") -> SpeedPlan:
     """Resolve the speed settings for `device`: auto = on for CUDA, off on the CPU (sdpa: on everywhere);
-    coalescing's auto is on for SD1.5 on CUDA only (measured: docs/BENCHMARKS.md, bench-unet)."""
+    coalescing's and compiled text encoders' auto is on for SD1.5 on CUDA only (measured: docs/BENCHMARKS.md)."""
     cuda = device.type == "cuda"
     notes: list[str] = []
     sdpa = _on(settings.sdpa, True)
@@ -109,6 +112,7 @@ def plan_speed(settings: ServiceSettings, device: torch.device, backend: str = "
         warmup=_on(settings.warmup_on_load, compile_),
         cache_dir=cache_dir,
         coalesce_sizes=coalesce_sizes,
+        compile_text_encoders=compile_ and _on(settings.compile_text_encoders, backend == "sd15"),
         notes=tuple(notes),
     )
 
@@ -133,13 +137,13 @@ def use_compile_cache(cache_dir: str | Path) -> Path:
     return path
 
 
-def _denoisers_and_vaes(pipes: Iterable[Any]) -> Iterator[tuple[str, torch.nn.Module]]:
-    """("unet", module) and ("vae", module) of each pipeline, each shared module once."""
+def _modules(pipes: Iterable[Any], names: tuple[str, ...]) -> Iterator[tuple[str, torch.nn.Module]]:
+    """(name, module) of each pipeline's modules of those names, each shared module once."""
     seen: set[int] = set()
     for pipe in pipes:
         if pipe is None:
             continue
-        for name in ("unet", "vae"):
+        for name in names:
             module = getattr(pipe, name, None)
             if module is not None and id(module) not in seen:
                 seen.add(id(module))
@@ -156,7 +160,8 @@ def apply_speed(plan: SpeedPlan, pipes: Iterable[Any]) -> list[str]:
         done.append("cudnn_benchmark")
     if plan.compile and plan.cache_dir:
         done.append(f"compile_cache={use_compile_cache(plan.cache_dir)}")
-    for name, module in _denoisers_and_vaes(list(pipes)):
+    pipes = list(pipes)
+    for name, module in _modules(pipes, ("unet", "vae")):
         if hasattr(module, "set_attn_processor"):  # the tiny VAE (AutoencoderTiny) has no attention
             if not plan.sdpa and not plan.fuse_qkv:
                 module.set_attn_processor(AttnProcessor())
@@ -175,6 +180,10 @@ def apply_speed(plan: SpeedPlan, pipes: Iterable[Any]) -> list[str]:
         elif plan.compile_vae and name == "vae":
             module.decoder.compile(mode=plan.compile_mode, fullgraph=False, dynamic=False)
         done.append(f"{name}:{'sdpa' if plan.sdpa else 'classic-attn'}{'+fused' if plan.fuse_qkv else ''}")
+    if plan.compile_text_encoders:
+        for name, module in _modules(pipes, ("text_encoder", "text_encoder_2")):
+            module.compile(mode=plan.compile_mode, fullgraph=False, dynamic=False)
+            done.append(f"{name}:compiled")
     log.info("speed plan: %s; applied: %s", plan.as_dict(), ", ".join(done))
     return done
 

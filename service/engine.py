@@ -17,6 +17,7 @@ import torch
 from PIL import Image
 
 from service.accel import SpeedPlan, apply_speed, plan_speed, warm_up
+from service.embeddings import TextEmbeddings
 from service.encoding import configure as configure_encoder
 from service.errors import Cancelled, GenerationFailed, OutOfMemory, ServiceError
 from service.models import ModelSpec, resolve_model
@@ -127,6 +128,7 @@ class Engine:
         self.warmup_s: float | None = None  # seconds of the load-time warm-up (the first compile)
         self.schedulers = SchedulerCache()
         self.quality_options: list[str] = []  # opt-in settings in force that change the images
+        self.embeddings = TextEmbeddings(settings.prompt_cache_size)  # prompts encoded once, kept
 
     # ----- loading -------------------------------------------------------------------------------
 
@@ -193,6 +195,7 @@ class Engine:
         apply_speed(self.speed, (base, refiner, self.img2img))
         self.restorer = load_restorer(s.face_restorer)
         self.spec, self.base, self.refiner = spec, base, refiner
+        self.embeddings = TextEmbeddings(s.prompt_cache_size)  # kept embeddings belong to these encoders
         self.quality_options = [f"cfg_cutoff={s.cfg_cutoff:g}"] if s.cfg_cutoff < 1.0 else []
         if tiny_vae:
             self.quality_options.append(f"tiny_vae={tiny_vae}")
@@ -354,19 +357,25 @@ class Engine:
         """One batch: image i gets its own generator seeded with seeds[i], so each one reproduces alone.
 
         `prompts`: one prompt (and negative prompt) per image, for coalesced requests; else `p`'s, repeated.
+        The pipelines get them as embeddings, each distinct text encoded once and kept (`service/embeddings.py`).
         The last stage hands back tensors, turned into 8-bit pixels on the device (the same arithmetic as
         diffusers' CPU post-processing, without its float32 copy of the image through numpy).
         """
         generators = [torch.Generator("cpu").manual_seed(seed) for seed in seeds]
         common: dict[str, Any] = {
-            "prompt": p.prompt,
-            "negative_prompt": p.negative_prompt,
             "guidance_scale": p.guidance_scale,
             "generator": generators if len(generators) > 1 else generators[0],
-            "num_images_per_prompt": len(seeds),
+            "num_images_per_prompt": 1,
         }
-        if prompts is not None:
-            common.update(prompt=prompts[0], negative_prompt=prompts[1], num_images_per_prompt=1)
+        if prompts is None:
+            negative = None if p.negative_prompt is None else [p.negative_prompt] * len(seeds)
+            prompts = ([p.prompt] * len(seeds), negative)
+        per_image = prompts  # never None from here (a name the closure can rely on)
+
+        def texts(pipe: Any) -> dict[str, Any]:
+            """The prompts as embeddings for `pipe`'s text encoders (each distinct text encoded once, kept)."""
+            return self.embeddings.call_kwargs(pipe, *per_image, guided=p.guidance_scale > 1)
+
         last = "hires" if p.hires_fix else "refiner" if p.use_refiner else "base"
         hires_total, hires_run = _hires_steps(p)
         # base and refiner are one denoising pass (the refiner finishes the base's schedule); hires is another
@@ -380,7 +389,7 @@ class Engine:
                 width=p.width,
                 height=p.height,
                 callback_on_step_end=progress.callback(guidance),
-                **{**common, **guidance.call_kwargs(self.base)},
+                **{**common, **texts(self.base), **guidance.call_kwargs(self.base)},
                 **extra,
             )
         progress.check_cancelled()
@@ -393,7 +402,7 @@ class Engine:
                     denoising_start=p.refiner_split,
                     callback_on_step_end=progress.callback(guidance),
                     output_type="pt" if last == "refiner" else "pil",
-                    **{**common, **guidance.call_kwargs(self.refiner)},
+                    **{**common, **texts(self.refiner), **guidance.call_kwargs(self.refiner)},
                 ).images
             progress.check_cancelled()
         if p.hires_fix:
@@ -406,7 +415,7 @@ class Engine:
                     num_inference_steps=hires_total,
                     callback_on_step_end=progress.callback(guidance),
                     output_type="pt",
-                    **{**common, **guidance.call_kwargs(self.img2img)},
+                    **{**common, **texts(self.img2img), **guidance.call_kwargs(self.img2img)},
                 ).images
             progress.check_cancelled()
         with _timed(timings, last):

@@ -94,6 +94,11 @@ class HealthResponse(BaseModel):
         description="Opt-in settings in force that change the images (SDXL_CFG_CUTOFF, SDXL_TINY_VAE); "
         "empty: the images are diffusers' own, up to floating-point rounding.",
     )
+    prompt_cache: dict[str, int] | None = Field(
+        None,
+        description="The store of prompt embeddings (SDXL_PROMPT_CACHE_SIZE): texts kept, its size, and how "
+        "many encodings came from it (hits) or were computed (misses); null until loaded.",
+    )
     error: str | None = Field(None, description="Why the model failed to load, when unhealthy.")
 
 

@@ -83,6 +83,7 @@ class ServiceState:
             uptime_s=round(time.monotonic() - self.started_at, 1),
             queue_depth=self.queue.depth,
             quality_options=list(self.engine.quality_options),
+            prompt_cache=self.engine.embeddings.stats() if self.status == "ready" else None,
             error=self.load_error,
         )
 

@@ -122,6 +122,18 @@ def test_switches_read_true_false_from_the_environment(monkeypatch: pytest.Monke
         ServiceSettings(compile="sometimes")
 
 
+def test_compiled_text_encoders_are_auto_for_sd15_only_and_need_compile(tmp_path: Path) -> None:
+    auto = ServiceSettings(cache_dir=tmp_path)
+    assert plan_speed(auto, CUDA, "sd15").compile_text_encoders
+    assert not plan_speed(auto, CUDA, "sdxl").compile_text_encoders
+    assert not plan_speed(auto, CPU, "sd15").compile_text_encoders
+    forced = ServiceSettings(cache_dir=tmp_path, compile_text_encoders="on")
+    assert plan_speed(forced, CUDA, "sdxl").compile_text_encoders
+    assert not plan_speed(forced.model_copy(update={"compile": "off"}), CUDA, "sdxl").compile_text_encoders
+    off = ServiceSettings(cache_dir=tmp_path, compile_text_encoders="false")
+    assert not plan_speed(off, CUDA, "sd15").compile_text_encoders
+
+
 def test_conflicting_settings_are_resolved_and_explained(tmp_path: Path) -> None:
     sliced = plan_speed(ServiceSettings(cache_dir=tmp_path, attention_slicing=True), CUDA)
     assert not sliced.sdpa and not sliced.fuse_qkv and "attention_slicing" in sliced.notes[0]
@@ -198,6 +210,12 @@ def test_compile_wraps_unets_and_vae_decoder_and_uses_the_cache_dir(
     assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(cache) and cache.is_dir()
     # the pipelines still see the same module objects (so save_pretrained, .config etc. keep working)
     assert engine.img2img.unet is engine.base.unet
+
+
+def test_compile_text_encoders_wraps_every_text_encoder_once(model_cache: Path) -> None:
+    engine = _engine(model_cache, compile="on", compile_text_encoders="on")
+    assert is_compiled(engine.base.text_encoder) and is_compiled(engine.base.text_encoder_2)
+    assert engine.refiner.text_encoder_2 is engine.base.text_encoder_2  # shared, compiled once
 
 
 def test_compile_off_and_compile_vae_off_leave_modules_plain(model_cache: Path) -> None:
@@ -288,3 +306,44 @@ def test_gpu_compiled_cuda_graphs_match_eager_and_fill_the_cache(model_cache: Pa
     rel = ((got - expected).norm() / expected.norm()).item()
     assert rel <= 1e-3, rel
     assert any(Path(os.environ.get("TORCHINDUCTOR_CACHE_DIR", cache)).rglob("*"))
+
+
+@pytest.mark.gpu
+@gpu
+def test_gpu_compiled_text_encoder_keeps_what_it_encoded(model_cache: Path) -> None:
+    """tiny-sd15 on CUDA in float32, text encoder compiled with CUDA graphs: the embeddings kept from its
+    first calls survive its later graph replays (which reuse the graph's output memory) and match eager."""
+    from service.embeddings import TextEmbeddings
+
+    def load(**speed: object) -> Engine:
+        settings = ServiceSettings(
+            model="tiny-sd15",
+            cache_dir=model_cache,
+            **{**ALL_OFF, "device": "cuda", "dtype": "float32", **speed},
+        )
+        engine = Engine(settings)
+        engine.load()
+        return engine
+
+    texts = ["a red bicycle", "a blue boat", "", "a green tractor"]
+
+    def encode(engine: Engine, store: TextEmbeddings, text: str) -> torch.Tensor:
+        return store.call_kwargs(engine.base, [text], None, guided=False)["prompt_embeds"]
+
+    def compiled_run() -> tuple[dict[str, torch.Tensor], bool]:
+        fast = load(compile="on", cuda_graphs="on", compile_text_encoders="on")
+        kept = {text: encode(fast, fast.embeddings, text) for text in texts}
+        churn = TextEmbeddings(0)
+        for _ in range(3):  # eager warm-up, recording, replays
+            for text in texts:
+                encode(fast, churn, text)
+        return kept, is_compiled(fast.base.text_encoder)
+
+    with ThreadPoolExecutor(max_workers=1) as worker:  # the service's GPU worker thread
+        kept, compiled = worker.submit(compiled_run).result()
+    assert compiled
+    eager = load()
+    for text in texts:
+        expected = encode(eager, TextEmbeddings(0), text)
+        assert torch.allclose(kept[text], expected, rtol=1e-3, atol=1e-4), text
+        assert not kept[text].requires_grad

@@ -40,6 +40,12 @@ def test_health_reports_the_fields_operators_read(sdxl: ServiceClient) -> None:
     assert health["refiner_loaded"] is True
     assert health["device"] == "cpu"
     assert health["uptime_s"] >= 0
+    assert health["prompt_cache"]["size"] == 64 and set(health["prompt_cache"]) == {
+        "kept",
+        "size",
+        "hits",
+        "misses",
+    }
     assert sdxl.ready() is True
 
 
