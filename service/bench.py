@@ -23,6 +23,7 @@ from __future__ import annotations
 import base64
 import gc
 import io
+import itertools
 import json
 import logging
 import os
@@ -77,6 +78,9 @@ SERVICE_VARIANTS: dict[str, dict[str, str]] = {
     "tiny-vae": {"SDXL_TINY_VAE": "on"},
     "cfg-cutoff-0.5+tiny-vae": {"SDXL_CFG_CUTOFF": "0.5", "SDXL_TINY_VAE": "on"},
     "no-cudnn-benchmark": {"SDXL_CUDNN_BENCHMARK": "off"},
+    "no-prompt-cache": {"SDXL_PROMPT_CACHE_SIZE": "0"},
+    "compiled-text-encoders": {"SDXL_COMPILE_TEXT_ENCODERS": "on"},
+    "no-compiled-text-encoders": {"SDXL_COMPILE_TEXT_ENCODERS": "off"},
     # torch's experimental cache of Dynamo's traces and guards: meant to skip tracing on a warm start, measured
     # slower on torch 2.11 (docs/BENCHMARKS.md, "Measured and rejected"); kept to re-measure on later releases
     "dynamo-cache": {"TORCH_CACHING_PRECOMPILE": "1"},
@@ -209,6 +213,7 @@ class Bench:
         self.baseline_images: dict[str, np.ndarray] = {}
         self.service_images: dict[str, np.ndarray] = {}  # the default service's, to compare variants with
         self.dtype_floor: dict[str, float] = {}  # PSNR of plain fp16 vs the service's eager bf16, same seed
+        self._takes = itertools.count(1)  # numbers the timed requests' prompts (see `_request`)
 
     # -- bookkeeping
 
@@ -440,7 +445,10 @@ class Bench:
             "cudnn_benchmark": "off",
             "warmup_on_load": "off",
         }
-        settings = ServiceSettings(model=str(model_dir), cache_dir=self.c.work / "cache", **off)
+        # every text encoded every time, like plain diffusers (the eager timings repeat one prompt)
+        settings = ServiceSettings(
+            model=str(model_dir), cache_dir=self.c.work / "cache", prompt_cache_size=0, **off
+        )
         engine = Engine(settings)
         started = time.perf_counter()
         engine.load()
@@ -590,10 +598,12 @@ class Bench:
                     if ok:
                         self.results.service[family]["concurrency"] = self._concurrency(svc, s)
 
-    def _request(self, s: Scenario, seed: int | None = None) -> dict[str, Any]:
+    def _request(self, s: Scenario, seed: int | None = None, take: int | None = None) -> dict[str, Any]:
+        """The scenario's request; `take` makes its prompt one the service has not seen (timed requests: a
+        repeated prompt would come from the service's store of embeddings, an app's rarely does)."""
         steps, size = scenario_sizes(s, self.c.tiny)
         return {
-            "prompt": s.prompt,
+            "prompt": s.prompt if take is None else f"{s.prompt}, take {take}",
             "num_inference_steps": steps,
             "width": size,
             "height": size,
@@ -606,17 +616,19 @@ class Bench:
     def _time_http(
         self, svc: ServiceProcess, s: Scenario, *, compare: bool, judge: bool = True, reps: int | None = None
     ) -> tuple[dict[str, Any], np.ndarray]:
-        """Time one scenario over HTTP: (figures, the last image). `compare`: that image against the eager one
-        at the same seed, passed or failed unless the service runs opt-ins that change images (`judge` False:
-        the distance is reported, not judged)."""
+        """Time one scenario over HTTP: (figures, the image at the scenario's own prompt and seed).
+
+        `compare`: that image against the eager one, passed or failed unless the service runs opt-ins that change
+        images (`judge` False: the distance is reported, not judged). The timed requests each get a new prompt.
+        """
         reps = reps or self.c.reps
         first = svc.generate(self._request(s))  # the worker thread records its CUDA graphs here
-        second = svc.generate(self._request(s))
+        second = svc.generate(self._request(s))  # the image compared: the eager reference's prompt and seed
         e2e, server_total, encode, peaks = [], [], [], []
         body = None
         for _ in range(reps):
             t0 = time.perf_counter()
-            body = svc.generate(self._request(s))
+            body = svc.generate(self._request(s, take=next(self._takes)))
             e2e.append(time.perf_counter() - t0)
             server_total.append(body["timings"]["total"])
             encode.append(body["timings"].get("encode", float("nan")))
@@ -634,7 +646,7 @@ class Bench:
             "png_b64_mb": round(len(body["image"]) / 1e6, 2),
             "target_p50_s": s.target_p50_s,
         }
-        image = decode_image(body["image"])
+        image = decode_image(second["image"])
         if compare and s.name in self.references:
             diff = image_diff(image, self.references[s.name])
             # Random weights make the sampling trajectory chaotic: a mere dtype change (plain fp16 vs the
@@ -653,14 +665,14 @@ class Bench:
         n, rounds = self.c.concurrency, self.c.concurrency_rounds
         t0 = time.perf_counter()
         for i in range(n):
-            svc.generate(self._request(s, seed=i))
+            svc.generate(self._request(s, seed=i, take=next(self._takes)))
         single = n / (time.perf_counter() - t0)
 
         def client(i: int) -> list[tuple[float, int]]:
             times = []
             for r in range(rounds):
                 t = time.perf_counter()
-                answer = svc.generate(self._request(s, seed=1000 + i * rounds + r))
+                answer = svc.generate(self._request(s, seed=1000 + i * rounds + r, take=next(self._takes)))
                 times.append((time.perf_counter() - t, int(answer["timings"].get("batched_with", 1))))
             return times
 

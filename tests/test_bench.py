@@ -139,6 +139,9 @@ def test_bench_gpu_times_opt_in_variants_beside_the_default_service(tmp_path) ->
     assert results.errors == []
     default, tiny_vae, cut = (results.service[k] for k in ("sd15", "sd15:tiny-vae", "sd15:cfg-cutoff-0.5"))
     assert default["quality_options"] == [] and default["sd15-512-20"]["same_seed_vs_eager"]["ok"] is True
+    # two untimed requests at the scenario's prompt, then each timed one at a prompt the service has not seen:
+    # the store serves the repeats (and SD1.5's empty negative prompt), never a timed prompt
+    assert default["health_after"]["prompt_cache"] == {"kept": 3, "size": 64, "hits": 3, "misses": 3}
     assert tiny_vae["env"]["SDXL_TINY_VAE"] == "on" and tiny_vae["quality_options"][0].startswith("tiny_vae=")
     assert cut["env"]["SDXL_CFG_CUTOFF"] == "0.5" and cut["quality_options"] == ["cfg_cutoff=0.5"]
     for variant in (tiny_vae, cut):  # images differ on purpose: reported, not judged
