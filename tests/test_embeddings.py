@@ -11,7 +11,6 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
@@ -19,40 +18,20 @@ import torch
 from pydantic import ValidationError
 
 from service.engine import Engine, tensor_to_pil
-from service.params import resolve_params
-from service.schema import GenerateRequest
 from service.settings import ServiceSettings
-from service.worker import Job
+from tests.engines import REQUEST, generate, load_engine
 
-PROMPT, STEPS, SIZE, SEED = "a lighthouse at dusk", 4, 64, 5
-
-
-def _engine(model_cache: Path, model: str, **settings: object) -> Engine:
-    engine = Engine(ServiceSettings(model=model, cache_dir=model_cache, **settings))
-    engine.load()
-    return engine
+PROMPT, STEPS, SIZE, SEED = (REQUEST[k] for k in ("prompt", "num_inference_steps", "width", "seed"))
 
 
 @pytest.fixture(scope="module")
 def sdxl(model_cache: Path) -> Engine:
-    return _engine(model_cache, "tiny-sdxl")
+    return load_engine(model_cache, "tiny-sdxl")
 
 
 @pytest.fixture(scope="module")
 def sd15(model_cache: Path) -> Engine:
-    return _engine(model_cache, "tiny-sd15")
-
-
-def _generate(engine: Engine, **request: Any) -> list[np.ndarray]:
-    body = {"prompt": PROMPT, "num_inference_steps": STEPS, "seed": SEED, "width": SIZE, "height": SIZE}
-    params = resolve_params(
-        GenerateRequest(**{**body, **request}),
-        engine.spec,
-        refiner_loaded=engine.refiner_loaded,
-        restorer_loaded=False,
-        max_prompt_chars=2000,
-    )
-    return [np.asarray(image) for image in engine.generate(params, Job()).images]
+    return load_engine(model_cache, "tiny-sd15")
 
 
 def _from_texts(engine: Engine, negative: str | None, use_refiner: bool = False) -> np.ndarray:
@@ -86,7 +65,7 @@ def _encoder_calls(engine: Engine) -> Iterator[list[int]]:
 
 @pytest.mark.parametrize("negative", [None, "blurry, low quality"])
 def test_sd15_images_are_diffusers_own_from_the_texts(sd15: Engine, negative: str | None) -> None:
-    image = _generate(sd15, negative_prompt=negative)[0]
+    image = generate(sd15, negative_prompt=negative)[0]
     assert np.array_equal(image, _from_texts(sd15, negative))
 
 
@@ -98,18 +77,18 @@ def test_sdxl_images_are_diffusers_own_from_the_texts(
 ) -> None:
     # SDXL's base zeroes an absent negative prompt (force_zeros_for_empty_prompt); its refiner encodes ""
     assert sdxl.base.config.force_zeros_for_empty_prompt
-    image = _generate(sdxl, negative_prompt=negative, use_refiner=use_refiner)[0]
+    image = generate(sdxl, negative_prompt=negative, use_refiner=use_refiner)[0]
     assert np.array_equal(image, _from_texts(sdxl, negative, use_refiner))
 
 
 def test_a_kept_text_is_not_encoded_again(model_cache: Path) -> None:
-    engine = _engine(model_cache, "tiny-sd15")
+    engine = load_engine(model_cache, "tiny-sd15")
     with _encoder_calls(engine) as calls:
-        first = _generate(engine, negative_prompt="blurry")[0]
+        first = generate(engine, negative_prompt="blurry")[0]
     assert calls == [1, 1]  # the prompt and the negative prompt, one text at a time
     with _encoder_calls(engine) as calls:
-        again = _generate(engine, negative_prompt="blurry")[0]
-        _generate(engine, prompt="a red bicycle", negative_prompt="blurry")
+        again = generate(engine, negative_prompt="blurry")[0]
+        generate(engine, prompt="a red bicycle", negative_prompt="blurry")
     assert calls == [1]  # only the new prompt
     assert np.array_equal(first, again)
     assert engine.embeddings.stats() == {"kept": 3, "size": 64, "hits": 3, "misses": 3}
@@ -117,29 +96,29 @@ def test_a_kept_text_is_not_encoded_again(model_cache: Path) -> None:
 
 def test_a_batch_encodes_each_distinct_text_once_and_gets_its_own_images(sd15: Engine) -> None:
     with _encoder_calls(sd15) as calls:
-        images = _generate(sd15, prompt="a green tractor", negative_prompt="fog", batch_size=3)
+        images = generate(sd15, prompt="a green tractor", negative_prompt="fog", batch_size=3)
     assert len(calls) <= 2 and len(images) == 3
     assert not np.array_equal(images[0], images[1])  # seeds 5, 6, 7: three images, not one repeated
 
 
 def test_the_store_keeps_the_most_recent_texts_only(model_cache: Path) -> None:
-    engine = _engine(model_cache, "tiny-sd15", prompt_cache_size=2)
+    engine = load_engine(model_cache, "tiny-sd15", prompt_cache_size=2)
     for prompt in ("one", "two", "three"):  # each request: the prompt and "" (no negative prompt)
-        _generate(engine, prompt=prompt)
+        generate(engine, prompt=prompt)
     assert engine.embeddings.stats()["kept"] == 2
     with _encoder_calls(engine) as calls:
-        _generate(engine, prompt="three")  # "three" and "" were the last two used
+        generate(engine, prompt="three")  # "three" and "" were the last two used
     assert calls == []
     with _encoder_calls(engine) as calls:
-        _generate(engine, prompt="one")  # dropped: encoded again
+        generate(engine, prompt="one")  # dropped: encoded again
     assert calls == [1]
 
 
 def test_size_zero_encodes_every_text_every_time(model_cache: Path) -> None:
-    engine = _engine(model_cache, "tiny-sd15", prompt_cache_size=0)
+    engine = load_engine(model_cache, "tiny-sd15", prompt_cache_size=0)
     for _ in range(2):
         with _encoder_calls(engine) as calls:
-            _generate(engine, negative_prompt="blurry")
+            generate(engine, negative_prompt="blurry")
         assert calls == [1, 1]
     assert engine.embeddings.stats()["kept"] == 0
 

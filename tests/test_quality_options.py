@@ -20,30 +20,9 @@ from pydantic import ValidationError
 from service.accel import warm_up
 from service.engine import Engine
 from service.models import REGISTRY, TINY_VAES, resolve_model
-from service.params import resolve_params
-from service.schema import GenerateRequest
 from service.settings import ServiceSettings
 from service.state import ServiceState
-from service.worker import Job
-
-
-def _engine(model_cache: Path, model: str = "tiny-sdxl", **settings: object) -> Engine:
-    engine = Engine(ServiceSettings(model=model, cache_dir=model_cache, **settings))
-    engine.load()
-    return engine
-
-
-def _generate(engine: Engine, **request: object) -> list[np.ndarray]:
-    body = {"prompt": "a lighthouse at dusk", "num_inference_steps": 6, "seed": 11, "width": 64, "height": 64}
-    params = resolve_params(
-        GenerateRequest(**{**body, **request}),
-        engine.spec,
-        refiner_loaded=engine.refiner_loaded,
-        restorer_loaded=False,
-        max_prompt_chars=2000,
-        cfg_cutoff=engine.settings.cfg_cutoff,
-    )
-    return [np.asarray(image) for image in engine.generate(params, Job()).images]
+from tests.engines import generate, load_engine
 
 
 @contextmanager
@@ -64,13 +43,13 @@ def _unet_batches(engine: Engine) -> Iterator[dict[str, list[int]]]:
 
 @pytest.fixture(scope="module")
 def cut(model_cache: Path) -> Engine:
-    return _engine(model_cache, cfg_cutoff=0.5)
+    return load_engine(model_cache, cfg_cutoff=0.5)
 
 
 def test_cfg_cutoff_guides_the_first_half_of_the_steps_and_halves_the_rest(cut: Engine) -> None:
     # 2 images: guided steps run 4 rows (2 negative + 2 prompt), the rest 2
     with _unet_batches(cut) as seen:
-        _generate(cut, batch_size=2, use_refiner=False)
+        generate(cut, batch_size=2, use_refiner=False)
     assert seen["base"] == [4, 4, 4, 2, 2, 2]
 
 
@@ -78,39 +57,39 @@ def test_cfg_cutoff_counts_base_and_refiner_as_one_pass(cut: Engine) -> None:
     # 6 steps split 0.8 (diffusers' timestep threshold): 4 base + 2 refiner steps; the cutoff falls after
     # step 3, inside the base, so the refiner runs unguided from its start
     with _unet_batches(cut) as seen:
-        _generate(cut, use_refiner=True, refiner_split=0.8)
+        generate(cut, use_refiner=True, refiner_split=0.8)
     assert seen == {"base": [2, 2, 2, 1], "refiner": [1, 1]}
     with _unet_batches(cut) as seen:  # split 0.3: 1 base + 5 refiner steps, the cutoff inside the refiner's
-        _generate(cut, use_refiner=True, refiner_split=0.3)
+        generate(cut, use_refiner=True, refiner_split=0.3)
     assert seen == {"base": [2], "refiner": [2, 2, 1, 1, 1]}
 
 
 def test_cfg_cutoff_keeps_each_image_of_a_batch_what_it_is_alone(cut: Engine) -> None:
-    pair = _generate(cut, batch_size=2, seed=21, use_refiner=False)
-    alone = [_generate(cut, seed=seed, use_refiner=False)[0] for seed in (21, 22)]
+    pair = generate(cut, batch_size=2, seed=21, use_refiner=False)
+    alone = [generate(cut, seed=seed, use_refiner=False)[0] for seed in (21, 22)]
     for together, single in zip(pair, alone, strict=True):
         assert np.abs(together.astype(int) - single.astype(int)).max() <= 1
 
 
 def test_cfg_cutoff_changes_the_image_and_is_off_by_default(model_cache: Path, cut: Engine) -> None:
-    plain = _engine(model_cache)
+    plain = load_engine(model_cache)
     assert plain.settings.cfg_cutoff == 1.0 and plain.quality_options == []
     with _unet_batches(plain) as seen:
-        image = _generate(plain, use_refiner=False)[0]
+        image = generate(plain, use_refiner=False)[0]
     assert seen["base"] == [2] * 6
-    assert not np.array_equal(image, _generate(cut, use_refiner=False)[0])
+    assert not np.array_equal(image, generate(cut, use_refiner=False)[0])
     assert cut.quality_options == ["cfg_cutoff=0.5"]
 
 
 def test_cfg_cutoff_leaves_unguided_requests_alone(cut: Engine) -> None:
     with _unet_batches(cut) as seen:
-        _generate(cut, guidance_scale=1.0, use_refiner=False)
+        generate(cut, guidance_scale=1.0, use_refiner=False)
     assert seen["base"] == [1] * 6
 
 
 def test_cfg_cutoff_applies_to_the_hires_pass_on_its_own(cut: Engine) -> None:
     with _unet_batches(cut) as seen:
-        images = _generate(cut, use_refiner=False, hires_fix=True, hires_scale=1.5, hires_strength=0.5)
+        images = generate(cut, use_refiner=False, hires_fix=True, hires_scale=1.5, hires_strength=0.5)
     # base: 6 steps, 3 guided; hires (img2img on the base UNet): 3 steps run, round(1.5) = 2 guided
     assert seen["base"] == [2, 2, 2, 1, 1, 1, 2, 2, 1]
     assert images[0].shape == (96, 96, 3)
@@ -148,16 +127,16 @@ def test_every_model_knows_its_tiny_vae(model_cache: Path) -> None:
 
 @pytest.mark.parametrize("model", ["tiny-sdxl", "tiny-sd15"])
 def test_tiny_vae_decodes_every_stage_and_says_so(model_cache: Path, model: str) -> None:
-    engine = _engine(model_cache, model, tiny_vae="on")
+    engine = load_engine(model_cache, model, tiny_vae="on")
     pipes = [p for p in (engine.base, engine.refiner, engine.img2img) if p is not None]
     assert all(isinstance(p.vae, AutoencoderTiny) for p in pipes)
     assert engine.base.vae.dtype == torch.float32
-    images = _generate(engine, hires_fix=True, hires_scale=1.5, hires_strength=0.5)
+    images = generate(engine, hires_fix=True, hires_scale=1.5, hires_strength=0.5)
     assert images[0].shape == (96, 96, 3)
     assert engine.quality_options == [f"tiny_vae={engine.spec.tiny_vae}"]
-    plain = _engine(model_cache, model)
+    plain = load_engine(model_cache, model)
     assert isinstance(plain.base.vae, AutoencoderKL)
-    assert not np.array_equal(_generate(plain)[0], _generate(engine)[0])
+    assert not np.array_equal(generate(plain)[0], generate(engine)[0])
 
 
 def test_health_lists_the_options_that_change_images(model_cache: Path) -> None:
@@ -177,4 +156,4 @@ def test_a_tiny_vae_that_cannot_be_loaded_fails_the_load_naming_the_setting(
 ) -> None:
     missing = tmp_path / "no-such-taesd"
     with pytest.raises(ValueError, match=f"tiny_vae='{missing}'"):
-        _engine(model_cache, tiny_vae=str(missing))
+        load_engine(model_cache, tiny_vae=str(missing))
