@@ -55,9 +55,8 @@ class TextEmbeddings:
         """Each text's embeddings, one row per text (a text repeated in the batch is encoded once)."""
         encoded = {text: self._encode(pipe, text) for text in dict.fromkeys(texts)}
         hidden = torch.cat([encoded[text][0] for text in texts])
-        if encoded[texts[0]][1] is None:
-            return hidden, None
-        return hidden, torch.cat([encoded[text][1] for text in texts])  # type: ignore[misc]
+        pooled = [p for text in texts if (p := encoded[text][1]) is not None]  # SDXL's; none for SD1.5
+        return hidden, torch.cat(pooled) if pooled else None
 
     def _encode(self, pipe: Any, text: str) -> _Encoded:
         # keyed by the encoders, not the pipeline: the hires img2img pipeline shares the base's encoders
