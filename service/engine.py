@@ -367,10 +367,8 @@ class Engine:
             "generator": generators if len(generators) > 1 else generators[0],
             "num_images_per_prompt": 1,
         }
-        if prompts is None:
-            negative = None if p.negative_prompt is None else [p.negative_prompt] * len(seeds)
-            prompts = ([p.prompt] * len(seeds), negative)
-        per_image = prompts  # never None from here (a name the closure can rely on)
+        negatives = None if p.negative_prompt is None else [p.negative_prompt] * len(seeds)
+        per_image = prompts or ([p.prompt] * len(seeds), negatives)
 
         def texts(pipe: Any) -> dict[str, Any]:
             """The prompts as embeddings for `pipe`'s text encoders (each distinct text encoded once, kept)."""
