@@ -23,6 +23,7 @@ from service.params import resolve_params
 from service.schema import GenerateRequest
 from service.settings import ServiceSettings
 from service.worker import Job
+from tests.engines import load_engine
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")
 # Eager techniques only reorder floating-point work: on the CPU in float32 the 8-bit image may move by a
@@ -49,14 +50,9 @@ def model_cache() -> Path:
     return path
 
 
-def _settings(model_cache: Path, **overrides: object) -> ServiceSettings:
-    return ServiceSettings(model="tiny-sdxl", cache_dir=model_cache, **{**ALL_OFF, **overrides})
-
-
-def _engine(model_cache: Path, **overrides: object) -> Engine:
-    engine = Engine(_settings(model_cache, **overrides))
-    engine.load()
-    return engine
+def _engine(model_cache: Path, model: str = "tiny-sdxl", **overrides: object) -> Engine:
+    """A loaded engine with every speed switch off unless `overrides` turns it on."""
+    return load_engine(model_cache, model, **{**ALL_OFF, **overrides})
 
 
 def _image(engine: Engine, *, size: int = 64, steps: int = 3, seed: int = 7) -> np.ndarray:
@@ -316,14 +312,7 @@ def test_gpu_compiled_text_encoder_keeps_what_it_encoded(model_cache: Path) -> N
     from service.embeddings import TextEmbeddings
 
     def load(**speed: object) -> Engine:
-        settings = ServiceSettings(
-            model="tiny-sd15",
-            cache_dir=model_cache,
-            **{**ALL_OFF, "device": "cuda", "dtype": "float32", **speed},
-        )
-        engine = Engine(settings)
-        engine.load()
-        return engine
+        return _engine(model_cache, "tiny-sd15", device="cuda", dtype="float32", **speed)
 
     texts = ["a red bicycle", "a blue boat", "", "a green tractor"]
 
