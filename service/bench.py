@@ -9,10 +9,11 @@
    ablation (classic attention -> SDPA -> + fused QKV -> + channels_last) on the same loaded pipelines;
 4. the service as it ships: `sdxl-deploy serve` in its own process under uvicorn with its defaults (cold
    start with an empty compile cache = the first compile), then every scenario end to end over HTTP
-   (request -> JSON with base64 PNG, decoded by the client), same-seed comparison with step 3, and N
-   concurrent clients;
-5. a restart with the warm compile cache (restart-to-ready) and a few requests after it;
-6. optional: the service with CUDA graphs off (what the graphs bought), the PNG encoders on 1024x1024.
+   (request -> JSON with base64 PNG, decoded by the client) and the same-seed comparison with step 3;
+5. a restart with the warm compile cache (restart-to-ready), a few requests after it, then N concurrent
+   clients on the restarted service;
+6. optional: service variants (`SERVICE_VARIANTS`, e.g. CUDA graphs off, the opt-ins), each started and
+   restarted like the default (no concurrent clients); the PNG encoders on 1024x1024.
 
 Scenarios are data (`SCENARIOS`). JSON is written after every stage (a run cut short keeps what it had);
 the table is printed last. `--tiny` runs the same code on the tiny models (CPU-friendly), for tests.
@@ -190,6 +191,11 @@ def pil_default_png_b64(image: Any) -> str:
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
     return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def setup_key(family: str, label: str) -> str:
+    """Where a service set-up's figures are kept: the family for the default, "family:variant" otherwise."""
+    return family if label == "default" else f"{family}:{label}"
 
 
 def scenario_sizes(s: Scenario, tiny: bool) -> tuple[int, int]:
@@ -531,7 +537,7 @@ class Bench:
     def service(
         self, family: str, model_dir: Path, label: str = "default", env: dict[str, str] | None = None
     ) -> None:
-        """Start `sdxl-deploy serve`, time every scenario, then (default set-up) restart it on the warm cache.
+        """Start `sdxl-deploy serve`, time every scenario, then restart it on the warm cache.
 
         Each set-up starts cold (its compile cache emptied first) unless `keep_cache`, which starts it on the
         cache an earlier run left. A variant without a cache of its own starts on a copy of the default's and
@@ -553,7 +559,7 @@ class Bench:
             **(env or {}),
         }
         out: dict[str, Any] = {"env": env, "cache": "seeded from the default's" if seeded else "as found"}
-        key = family if label == "default" else f"{family}:{label}"
+        key = setup_key(family, label)
         self.results.service[key] = out
         out["gpu_before"] = gpu_state()
         log_name = re.sub(r"[^A-Za-z0-9._-]", "_", f"serve-{family}-{label}.log")  # "+" does not travel back
@@ -577,21 +583,24 @@ class Bench:
                 if self.c.concurrency > 1 and not self.c.restart:
                     out["concurrency"] = self._concurrency(svc, self.scenarios(family)[0])
                     self.save()
-        if label == "default" and self.c.restart:
-            with self.stage(f"{family}: restart (warm compile cache)", optional=True, needs_s=75) as ok:
+        if self.c.restart:
+            with self.stage(f"{key}: restart (warm compile cache)", optional=True, needs_s=75) as ok:
                 if ok:
-                    self.restart(family, model_dir, env)
+                    self.restart(family, model_dir, env, label)
 
-    def restart(self, family: str, model_dir: Path, env: dict[str, str]) -> None:
-        """The same service again on the now-warm compile cache: restart-to-ready, a few requests, then the
-        concurrent clients (on the restarted service, so the cold run's time goes to the scenarios)."""
-        with ServiceProcess(model_dir, self.c.out / f"serve-{family}-restart.log", env) as svc:
+    def restart(self, family: str, model_dir: Path, env: dict[str, str], label: str = "default") -> None:
+        """The same service again on the now-warm compile cache: restart-to-ready, a few requests, then (the
+        default set-up) the concurrent clients, on the restarted service so the cold run's time goes to the
+        scenarios."""
+        key = setup_key(family, label)
+        log_name = re.sub(r"[^A-Za-z0-9._-]", "_", f"serve-{family}-{label}-restart.log")
+        with ServiceProcess(model_dir, self.c.out / log_name, env) as svc:
             restart: dict[str, Any] = {"warm_start": svc.start()}
-            self.results.restart[family] = restart
+            self.results.restart[key] = restart
             s = self.scenarios(family)[0]
             restart[s.name] = self._time_http(svc, s, compare=False, reps=3)[0]
             self.save()
-            if self.c.concurrency > 1:
+            if label == "default" and self.c.concurrency > 1:
                 with self.stage(
                     f"{family}: {self.c.concurrency} concurrent clients", optional=True, needs_s=20
                 ) as ok:
@@ -1019,10 +1028,10 @@ def table(results: Results) -> str:
             lines.append(
                 f"{family}: peak VRAM allocated per request {_fmt(max(peaks), 'GiB')} (target 16 GiB)"
             )
-    for family, rs in r.restart.items():
+    for key, rs in r.restart.items():
         warm = rs.get("warm_start", {})
         lines.append(
-            f"{family}: restart to ready, warm cache {_fmt(warm.get('ready_s'))} (target 60 s); "
+            f"{key}: restart to ready, warm cache {_fmt(warm.get('ready_s'))} (target 60 s); "
             f"warm-up {_fmt(warm.get('warmup_compile_s'))}"
         )
     enc = r.encode

@@ -129,7 +129,7 @@ def test_bench_gpu_times_opt_in_variants_beside_the_default_service(tmp_path) ->
         work=tmp_path / "work",
         tiny=True,
         variants=("tiny-vae", "cfg-cutoff-0.5"),
-        restart=False,
+        restart=True,
         concurrency=0,
         reps=1,
         baseline_reps=1,
@@ -150,6 +150,11 @@ def test_bench_gpu_times_opt_in_variants_beside_the_default_service(tmp_path) ->
             same["ok"] is None and same["psnr_db"] < default["sd15-512-20"]["same_seed_vs_eager"]["psnr_db"]
         )
         assert variant["sd15-512-20"]["same_seed_vs_default"]["mean_abs"] > 0
+    # every set-up is restarted on its own warm cache, with its own settings
+    assert set(results.restart) == {"sd15", "sd15:tiny-vae", "sd15:cfg-cutoff-0.5"}
+    for restart in results.restart.values():
+        assert restart["warm_start"]["ready_s"] > 0 and restart["sd15-512-20"]["e2e_p50_s"] > 0
+    assert (config.out / "serve-sd15-cfg-cutoff-0.5-restart.log").read_text().count("cfg_cutoff=0.5")
     text = (config.out / "table.txt").read_text()
     assert "sd15-512-20 [tiny-vae]: e2e" in text and "sd15-512-20 [cfg-cutoff-0.5]: e2e" in text
-    assert "x the default service" in text
+    assert "x the default service" in text and "sd15:tiny-vae: restart to ready" in text
