@@ -15,9 +15,6 @@ by the benchmark (`sdxl-deploy bench-gpu`, docs/BENCHMARKS.md), not assumed here
   compiled shape; `service/embeddings.py` keeps the embeddings of recent texts).
 - cuda_graphs: compile mode `reduce-overhead`: each UNet call is replayed as one CUDA graph, removing the
   CPU launch overhead (what limits SD1.5 at 512 px).
-- aot_compile: with compile, the UNets and the VAE decoder are compiled ahead of time instead (torch.export
-  + AOTInductor packages kept in the compile cache, `service/aot.py`): a restart loads them without tracing
-  the models again. No CUDA graphs for those modules (the text encoders keep `torch.compile`'s).
 - warmup_on_load: one short generation at the default size during load, so the first compile happens
   before `/ready` and not in a client's request.
 - coalesce: compatible requests waiting in the queue run as one batched call (`service/worker.py`), in
@@ -37,7 +34,6 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from service.aot import aot_forward, compile_ahead
 from service.settings import ServiceSettings, Toggle
 
 if TYPE_CHECKING:
@@ -63,7 +59,6 @@ class SpeedPlan:
     cache_dir: str | None
     coalesce_sizes: tuple[int, ...] = (1,)  # images per call the queue may form from waiting requests
     compile_text_encoders: bool = False
-    aot_compile: bool = False
     notes: tuple[str, ...] = field(default_factory=tuple)
 
     @property
@@ -100,10 +95,6 @@ def plan_speed(settings: ServiceSettings, device: torch.device, backend: str = "
     if cuda_graphs and not (compile_ and cuda):
         notes.append("cuda_graphs needs compile on a CUDA device: not applied")
         cuda_graphs = False
-    aot_compile = _on(settings.aot_compile, False)
-    if aot_compile and not compile_:
-        notes.append("aot_compile needs compile: not applied")
-        aot_compile = False
     cache_dir = None
     if compile_:
         cache_dir = str(settings.compile_cache_dir or Path(settings.cache_dir) / "torch-compile")
@@ -122,7 +113,6 @@ def plan_speed(settings: ServiceSettings, device: torch.device, backend: str = "
         cache_dir=cache_dir,
         coalesce_sizes=coalesce_sizes,
         compile_text_encoders=compile_ and _on(settings.compile_text_encoders, backend == "sd15"),
-        aot_compile=aot_compile,
         notes=tuple(notes),
     )
 
@@ -185,14 +175,10 @@ def apply_speed(plan: SpeedPlan, pipes: Iterable[Any]) -> list[str]:
         # dynamic=False: base and refiner UNets share forward's code object, so with automatic dynamic
         # shapes the refiner's first call turned into a slow symbolic-shape recompile (> 6 min on SDXL);
         # static shapes compile each (model, size) once, cached on disk.
-        target = module if name == "unet" else module.decoder
-        if (plan.compile and name == "unet") or (plan.compile_vae and name == "vae"):
-            if plan.aot_compile and plan.cache_dir and aot_forward(target) is None:
-                compile_ahead(
-                    target, Path(plan.cache_dir) / "aot", "unet" if name == "unet" else "vae-decoder"
-                )
-            elif not plan.aot_compile:
-                target.compile(mode=plan.compile_mode, fullgraph=False, dynamic=False)
+        if plan.compile and name == "unet":
+            module.compile(mode=plan.compile_mode, fullgraph=False, dynamic=False)
+        elif plan.compile_vae and name == "vae":
+            module.decoder.compile(mode=plan.compile_mode, fullgraph=False, dynamic=False)
         done.append(f"{name}:{'sdpa' if plan.sdpa else 'classic-attn'}{'+fused' if plan.fuse_qkv else ''}")
     if plan.compile_text_encoders:
         for name, module in _modules(pipes, ("text_encoder", "text_encoder_2")):
@@ -203,8 +189,8 @@ def apply_speed(plan: SpeedPlan, pipes: Iterable[Any]) -> list[str]:
 
 
 def is_compiled(module: torch.nn.Module) -> bool:
-    """Whether `module.compile()` wrapped this module's call, or `compile_ahead` its forward."""
-    return getattr(module, "_compiled_call_impl", None) is not None or aot_forward(module) is not None
+    """Whether `module.compile()` wrapped this module's call."""
+    return getattr(module, "_compiled_call_impl", None) is not None
 
 
 def warm_up(engine: Engine) -> float:

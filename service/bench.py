@@ -85,8 +85,6 @@ SERVICE_VARIANTS: dict[str, dict[str, str]] = {
     # torch's experimental cache of Dynamo's traces and guards: meant to skip tracing on a warm start, measured
     # slower on torch 2.11 (docs/BENCHMARKS.md, "Measured and rejected"); kept to re-measure on later releases
     "dynamo-cache": {"TORCH_CACHING_PRECOMPILE": "1"},
-    # UNets and VAE decoder compiled ahead of time (AOTInductor packages): a restart loads, does not trace
-    "aot-compile": {"SDXL_AOT_COMPILE": "on"},
 }
 # `--skip`: stages a follow-up run already has ("service": the default set-up; its cache still seeds variants)
 SKIPPABLE_STAGES = ("baseline", "eager", "service", "encode")

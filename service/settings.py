@@ -75,12 +75,6 @@ class ServiceSettings(BaseSettings):
         description="With compile on, also compile the text encoders (auto: SD1.5, where it measured ~7 ms of a "
         "0.17 s request; off for SDXL, whose prompt encoding is ~2 % of a request and whose start is the longer).",
     )
-    aot_compile: Toggle = Field(
-        "off",
-        description="With compile on, compile the UNets and VAE decoder ahead of time (torch.export + "
-        "AOTInductor packages kept in the compile cache) instead of torch.compile: a restart loads them "
-        "without tracing the models again; no CUDA graphs for them.",
-    )
     prompt_cache_size: int = Field(
         64,
         ge=0,
@@ -169,7 +163,6 @@ class ServiceSettings(BaseSettings):
         "cudnn_benchmark",
         "compile",
         "compile_text_encoders",
-        "aot_compile",
         "cuda_graphs",
         "warmup_on_load",
         "coalesce",
