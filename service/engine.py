@@ -376,8 +376,9 @@ class Engine:
 
         last = "hires" if p.hires_fix else "refiner" if p.use_refiner else "base"
         hires_total, hires_run = _hires_steps(p)
-        # base and refiner are one denoising pass (the refiner finishes the base's schedule); hires is another
-        guidance = _CfgCutoff(p.cfg_cutoff, _stage_steps(p) - hires_run)
+        # base and refiner are one denoising pass of p.steps (the refiner finishes the base's schedule); hires
+        # is another
+        guidance = _CfgCutoff(p.cfg_cutoff, p.steps)
         with _timed(timings, "base"):
             extra = {"denoising_end": p.refiner_split, "output_type": "latent"} if p.use_refiner else {}
             if last == "base":
@@ -459,10 +460,8 @@ def _hires_steps(p: GenerationParams) -> tuple[int, int]:
 
 
 def _stage_steps(p: GenerationParams) -> int:
-    """Denoising steps of one batch of `p`, over every stage."""
-    base_steps = round(p.steps * p.refiner_split) if p.use_refiner else p.steps
-    refiner_steps = p.steps - base_steps if p.use_refiner else 0
-    return base_steps + refiner_steps + _hires_steps(p)[1]
+    """Denoising steps of one batch of `p`, over every stage: the base (+ refiner) pass, then hires."""
+    return p.steps + _hires_steps(p)[1]
 
 
 class _CfgCutoff:
