@@ -226,6 +226,10 @@ class Bench:
     def elapsed(self) -> float:
         return time.monotonic() - self.started
 
+    def _log_file(self, name: str) -> Path:
+        """A log's path in the output folder, its name kept to characters that travel back ("+" does not)."""
+        return self.c.out / re.sub(r"[^A-Za-z0-9._-]", "_", name)
+
     def save(self) -> None:
         path = self.c.out / "bench.json"
         path.write_text(json.dumps(asdict(self.results), indent=2, default=str) + "\n", encoding="utf-8")
@@ -562,8 +566,7 @@ class Bench:
         key = setup_key(family, label)
         self.results.service[key] = out
         out["gpu_before"] = gpu_state()
-        log_name = re.sub(r"[^A-Za-z0-9._-]", "_", f"serve-{family}-{label}.log")  # "+" does not travel back
-        with ServiceProcess(model_dir, self.c.out / log_name, env) as svc:
+        with ServiceProcess(model_dir, self._log_file(f"serve-{family}-{label}.log"), env) as svc:
             out["cold_start"] = svc.start()
             out["gpu_ready"] = gpu_state()
             self.save()
@@ -593,8 +596,7 @@ class Bench:
         default set-up) the concurrent clients, on the restarted service so the cold run's time goes to the
         scenarios."""
         key = setup_key(family, label)
-        log_name = re.sub(r"[^A-Za-z0-9._-]", "_", f"serve-{family}-{label}-restart.log")
-        with ServiceProcess(model_dir, self.c.out / log_name, env) as svc:
+        with ServiceProcess(model_dir, self._log_file(f"serve-{family}-{label}-restart.log"), env) as svc:
             restart: dict[str, Any] = {"warm_start": svc.start()}
             self.results.restart[key] = restart
             s = self.scenarios(family)[0]
