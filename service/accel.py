@@ -11,6 +11,9 @@ by the benchmark (`sdxl-deploy bench-gpu`, docs/BENCHMARKS.md), not assumed here
 - cudnn_benchmark: cuDNN times its convolution algorithms once per shape and keeps the fastest.
 - compile: `torch.compile` of the UNets (and the VAE decoder), with Inductor's cache persisted in
   `compile_cache_dir` so a restart reuses the compiled kernels instead of compiling for minutes.
+- save_compiled: with compile, each compiled module is kept whole on disk (its traced graph, guards and
+  kernels: torch's ahead-of-time compile, `service/saved_compile.py`), so a restart loads it instead of
+  tracing the model again.
 - compile_text_encoders: with compile, the text encoders too (each text is encoded alone, batch 1, so one
   compiled shape; `service/embeddings.py` keeps the embeddings of recent texts).
 - cuda_graphs: compile mode `reduce-overhead`: each UNet call is replayed as one CUDA graph, removing the
@@ -34,6 +37,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from service import saved_compile
 from service.settings import ServiceSettings, Toggle
 
 if TYPE_CHECKING:
@@ -59,6 +63,7 @@ class SpeedPlan:
     cache_dir: str | None
     coalesce_sizes: tuple[int, ...] = (1,)  # images per call the queue may form from waiting requests
     compile_text_encoders: bool = False
+    save_compiled: bool = False
     notes: tuple[str, ...] = field(default_factory=tuple)
 
     @property
@@ -95,6 +100,10 @@ def plan_speed(settings: ServiceSettings, device: torch.device, backend: str = "
     if cuda_graphs and not (compile_ and cuda):
         notes.append("cuda_graphs needs compile on a CUDA device: not applied")
         cuda_graphs = False
+    save_compiled = compile_ and _on(settings.save_compiled, True)
+    if save_compiled and not saved_compile.available():
+        notes.append(f"save_compiled needs torch >= 2.10 (this is {torch.__version__}): not applied")
+        save_compiled = False
     cache_dir = None
     if compile_:
         cache_dir = str(settings.compile_cache_dir or Path(settings.cache_dir) / "torch-compile")
@@ -113,6 +122,7 @@ def plan_speed(settings: ServiceSettings, device: torch.device, backend: str = "
         cache_dir=cache_dir,
         coalesce_sizes=coalesce_sizes,
         compile_text_encoders=compile_ and _on(settings.compile_text_encoders, backend == "sd15"),
+        save_compiled=save_compiled,
         notes=tuple(notes),
     )
 
@@ -176,16 +186,42 @@ def apply_speed(plan: SpeedPlan, pipes: Iterable[Any]) -> list[str]:
         # shapes the refiner's first call turned into a slow symbolic-shape recompile (> 6 min on SDXL);
         # static shapes compile each (model, size) once, cached on disk.
         if plan.compile and name == "unet":
-            module.compile(mode=plan.compile_mode, fullgraph=False, dynamic=False)
+            _compile(plan, module, name)
         elif plan.compile_vae and name == "vae":
-            module.decoder.compile(mode=plan.compile_mode, fullgraph=False, dynamic=False)
+            _compile(plan, module.decoder, "vae-decoder")
         done.append(f"{name}:{'sdpa' if plan.sdpa else 'classic-attn'}{'+fused' if plan.fuse_qkv else ''}")
     if plan.compile_text_encoders:
         for name, module in _modules(pipes, ("text_encoder", "text_encoder_2")):
+            # plain torch.compile: a saved text encoder (transformers' CLIP) refers to module aliases that only
+            # the process which traced it has, so it cannot be loaded (torch 2.14)
             module.compile(mode=plan.compile_mode, fullgraph=False, dynamic=False)
             done.append(f"{name}:compiled")
     log.info("speed plan: %s; applied: %s", plan.as_dict(), ", ".join(done))
     return done
+
+
+def _compile(plan: SpeedPlan, module: torch.nn.Module, label: str) -> None:
+    """Compile `module`'s calls: saved whole on disk with `save_compiled`, else plain torch.compile."""
+    if plan.save_compiled and plan.cache_dir:
+        saved_compile.saved_compile(
+            module, Path(plan.cache_dir) / saved_compile.FOLDER, label, plan.compile_mode
+        )
+    else:
+        module.compile(mode=plan.compile_mode, fullgraph=False, dynamic=False)
+
+
+def saved_compiles(pipes: Iterable[Any]) -> list[saved_compile.SavedCompile]:
+    """The saved-compile calls of the pipelines' modules (each shared module once)."""
+    seen: set[int] = set()
+    found = []
+    for pipe in pipes:
+        for module in getattr(pipe, "components", {}).values() if pipe is not None else ():
+            for sub in module.modules() if isinstance(module, torch.nn.Module) else ():
+                call = getattr(sub, "_compiled_call_impl", None)
+                if isinstance(call, saved_compile.SavedCompile) and id(call) not in seen:
+                    seen.add(id(call))
+                    found.append(call)
+    return found
 
 
 def is_compiled(module: torch.nn.Module) -> bool:
@@ -251,6 +287,16 @@ def warm_up(engine: Engine) -> float:
         )
     seconds = time.perf_counter() - started
     log.info("speed: warm-up took %.1f s", seconds)
+    saved = saved_compiles((engine.base, engine.refiner, engine.img2img))
+    if saved:
+        log.info(
+            "speed: saved compile: %d loaded from disk, %d compiled and saved%s",
+            sum(len(c.loaded) for c in saved),
+            sum(len(c.compiled) for c in saved),
+            "".join(
+                f"; {c.label} fell back to plain torch.compile ({c.fallback})" for c in saved if c.fallback
+            ),
+        )
     if engine.speed and engine.speed.compile:
         from torch._dynamo.utils import compile_times
 

@@ -82,6 +82,8 @@ SERVICE_VARIANTS: dict[str, dict[str, str]] = {
     "no-prompt-cache": {"SDXL_PROMPT_CACHE_SIZE": "0"},
     "compiled-text-encoders": {"SDXL_COMPILE_TEXT_ENCODERS": "on"},
     "no-compiled-text-encoders": {"SDXL_COMPILE_TEXT_ENCODERS": "off"},
+    # torch.compile traced again at every start instead of loading the saved compiled functions
+    "no-saved-compile": {"SDXL_SAVE_COMPILED": "off"},
     # torch's experimental cache of Dynamo's traces and guards: meant to skip tracing on a warm start, measured
     # slower on torch 2.11 (docs/BENCHMARKS.md, "Measured and rejected"); kept to re-measure on later releases
     "dynamo-cache": {"TORCH_CACHING_PRECOMPILE": "1"},
@@ -856,11 +858,14 @@ class ServiceProcess:
         text = self.log_file.read_text(errors="replace")
         warm = re.findall(r"speed: warm-up took ([0-9.]+) s", text)
         loaded = re.findall(r"Base model loaded in ([0-9.]+) s", text)
+        saved = re.findall(r"speed: saved compile: (\d+) loaded from disk, (\d+) compiled and saved", text)
         return {
             "ready_s": round(ready_s, 2),
             "warmup_compile_s": float(warm[-1]) if warm else None,
             "base_load_s": float(loaded[-1]) if loaded else None,
             "timeline_s": startup_timeline(text, spawned_at),
+            # compiled functions this start loaded whole / compiled and saved (`SDXL_SAVE_COMPILED`)
+            "saved_compile": {"loaded": int(saved[-1][0]), "compiled": int(saved[-1][1])} if saved else None,
             "target_ready_s": TARGETS["restart_ready_s"],
         }
 

@@ -75,6 +75,12 @@ class ServiceSettings(BaseSettings):
         description="With compile on, also compile the text encoders (auto: SD1.5, where it measured ~7 ms of a "
         "0.17 s request; off for SDXL, whose prompt encoding is ~2 % of a request and whose start is the longer).",
     )
+    save_compiled: Toggle = Field(
+        "auto",
+        description="With compile on, keep each compiled module whole on disk (traced graph, guards, kernels: "
+        "torch's ahead-of-time compile, torch >= 2.10) so a restart loads it instead of tracing the model again "
+        "(auto: on with compile).",
+    )
     prompt_cache_size: int = Field(
         64,
         ge=0,
@@ -163,6 +169,7 @@ class ServiceSettings(BaseSettings):
         "cudnn_benchmark",
         "compile",
         "compile_text_encoders",
+        "save_compiled",
         "cuda_graphs",
         "warmup_on_load",
         "coalesce",

@@ -17,7 +17,7 @@ import pytest
 import torch
 from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0, FusedAttnProcessor2_0
 
-from service.accel import is_compiled, plan_speed
+from service.accel import is_compiled, plan_speed, saved_compiles
 from service.engine import Engine
 from service.params import resolve_params
 from service.schema import GenerateRequest
@@ -204,6 +204,11 @@ def test_compile_wraps_unets_and_vae_decoder_and_uses_the_cache_dir(
     assert is_compiled(engine.base.unet) and is_compiled(engine.refiner.unet)
     assert is_compiled(engine.base.vae.decoder) and not is_compiled(engine.base.text_encoder)
     assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(cache) and cache.is_dir()
+    # saved whole by default (SDXL_SAVE_COMPILED); off: plain torch.compile
+    assert {c.label for c in saved_compiles((engine.base, engine.refiner))} == {"unet", "vae-decoder"}
+    assert len(saved_compiles((engine.base, engine.refiner))) == 3  # base and refiner UNets, one VAE decoder
+    plain = _engine(model_cache, compile="on", compile_cache_dir=cache, save_compiled="off")
+    assert is_compiled(plain.base.unet) and not saved_compiles((plain.base, plain.refiner))
     # the pipelines still see the same module objects (so save_pretrained, .config etc. keep working)
     assert engine.img2img.unet is engine.base.unet
 
@@ -295,6 +300,8 @@ def test_gpu_compiled_cuda_graphs_match_eager_and_fill_the_cache(model_cache: Pa
 
     with ThreadPoolExecutor(max_workers=1) as worker:  # the service's GPU worker thread
         fast, images, got = worker.submit(load_and_run).result()
+        # a second engine on the same cache: what a restart does (SDXL_SAVE_COMPILED, auto on with compile)
+        again, images_again, got_again = worker.submit(load_and_run).result()
     assert fast.warmup_s is not None and is_compiled(fast.base.unet)
     assert np.array_equal(images[1], images[2])  # graph replays are deterministic
     diff = np.abs(images[2] - reference)
@@ -302,6 +309,13 @@ def test_gpu_compiled_cuda_graphs_match_eager_and_fill_the_cache(model_cache: Pa
     rel = ((got - expected).norm() / expected.norm()).item()
     assert rel <= 1e-3, rel
     assert any(Path(os.environ.get("TORCHINDUCTOR_CACHE_DIR", cache)).rglob("*"))
+    # the second engine loaded the compiled UNets and VAE decoder whole, and their CUDA graphs draw the same
+    first = saved_compiles((fast.base, fast.refiner, fast.img2img))
+    second = saved_compiles((again.base, again.refiner, again.img2img))
+    assert sorted(f for c in first for f in c.compiled) == sorted(f for c in second for f in c.loaded)
+    assert len(first) == 3 and not any(c.compiled or c.fallback for c in second)
+    assert np.array_equal(images_again[2], images[2])
+    torch.testing.assert_close(got_again, got)
 
 
 @pytest.mark.gpu
