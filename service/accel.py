@@ -293,9 +293,7 @@ def warm_up(engine: Engine) -> float:
             "speed: saved compile: %d loaded from disk, %d compiled and saved%s",
             sum(len(c.loaded) for c in saved),
             sum(len(c.compiled) for c in saved),
-            "".join(
-                f"; {c.label} fell back to plain torch.compile ({c.fallback})" for c in saved if c.fallback
-            ),
+            "".join(f"; {c.label}: plain torch.compile for a call ({r})" for c in saved for r in c.fallbacks),
         )
     if engine.speed and engine.speed.compile:
         from torch._dynamo.utils import compile_times

@@ -13,8 +13,9 @@ name hashed from that signature, the module's structure and the versions; loaded
 call that needs it. Every call checks the function's guards, as torch.compile does; a call that none of
 the loaded functions accepts compiles (and saves) another. The guards that cannot be saved (identities of
 functions, classes and modules, and globals) are dropped: the file's name already covers what they check
-(the module's code, layers and attention processors, and the torch / diffusers versions). Anything that
-cannot be compiled whole or saved falls back to plain `torch.compile` of the module, with a warning.
+(the module's code, layers and attention processors, and the torch / diffusers versions). A signature that
+cannot be compiled whole or saved runs under plain `torch.compile` of the module, with a warning (torch
+2.11 cannot save a UNet call that returns diffusers' output dataclass; the pipelines ask for tuples).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch._dynamo.mutation_guard import GenerationTracker
 from torch.utils import _pytree as pytree
 
 log = logging.getLogger(__name__)
@@ -125,30 +127,39 @@ class SavedCompile:
         self._structure = hashlib.sha256(structure(module).encode()).hexdigest()
         self._external = _wrapped_functions(module)
         self._functions: list[Any] = []
-        self._plain: Any = None  # plain torch.compile, once compiling whole or saving failed
+        self._unsaveable: set[Signature] = set()  # signatures that run under plain torch.compile instead
+        self._plain: Any = None
         self.compiled: list[str] = []  # files this process compiled and saved
         self.loaded: list[str] = []  # files this process loaded
-        self.fallback: str | None = None  # why it went back to plain torch.compile
+        self.fallbacks: list[str] = []  # why a signature went to plain torch.compile
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        if self._plain is not None:
-            return self._plain(*args, **kwargs)
+        # each call is a new invocation for the CUDA-graph trees, as torch.compile's own calls are: without it
+        # the UNet's calls in one request become one ever longer path of graphs, each recorded on first use
+        GenerationTracker.generation += 1
         for fn in self._functions:
             if fn.guard_check(self.module, *args, **kwargs):
                 return fn(self.module, *args, **kwargs)
-        fn = self._function_for(args, kwargs)
-        if fn is None:
-            return self._plain(*args, **kwargs)
-        self._functions.append(fn)
-        return fn(self.module, *args, **kwargs)
+        key = signature(args, kwargs)
+        if key not in self._unsaveable:
+            fn = self._function_for(key, args, kwargs)
+            if fn is not None:
+                self._functions.append(fn)
+                return fn(self.module, *args, **kwargs)
+            self._unsaveable.add(key)
+        if self._plain is None:
+            self._plain = torch.compile(
+                self.module._call_impl, mode=self.mode, fullgraph=False, dynamic=False
+            )
+        return self._plain(*args, **kwargs)
 
     def path_for(self, key: Signature) -> Path:
         digest = hashlib.sha256(f"{self._structure}\n{self.mode}\n{key!r}".encode()).hexdigest()[:24]
         return self.cache_dir / f"{self.label}-{digest}.bin"
 
-    def _function_for(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        """The saved function for this call (loaded, or compiled and saved); None after a fallback."""
-        path = self.path_for(signature(args, kwargs))
+    def _function_for(self, key: Signature, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        """The saved function for this call (loaded, or compiled and saved); None if it cannot be saved."""
+        path = self.path_for(key)
         if path.is_file():
             fn = self._load(path)
             if fn is not None and fn.guard_check(self.module, *args, **kwargs):
@@ -162,21 +173,24 @@ class SavedCompile:
         try:
             return self._compile(path, args, kwargs)
         except Exception as exc:  # noqa: BLE001 - any failure here leaves plain torch.compile, which works
-            self.fallback = f"{type(exc).__name__}: {exc}"
+            reason = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
+            self.fallbacks.append(reason)
             log.warning(
-                "saved compile: %s cannot be compiled whole and saved (%s); using plain torch.compile",
+                "saved compile: %s cannot be compiled whole and saved for this call (%s); "
+                "plain torch.compile runs it",
                 self.label,
-                self.fallback.splitlines()[0][:300],
-            )
-            self._plain = torch.compile(
-                self.module._call_impl, mode=self.mode, fullgraph=False, dynamic=False
+                reason,
             )
             return None
 
     def _load(self, path: Path) -> Any:
         started = time.perf_counter()
         try:
-            with path.open("rb") as file:
+            # the compile mode's Inductor options (CUDA graphs) are read when the function is loaded, not saved
+            with (
+                path.open("rb") as file,
+                torch._inductor.config.patch(torch._inductor.list_mode_options(self.mode)),
+            ):
                 fn = torch.compiler.load_compiled_function(file, external_data=self._external)
         except Exception as exc:  # noqa: BLE001 - a damaged or foreign file is compiled again
             log.warning(

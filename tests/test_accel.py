@@ -9,6 +9,7 @@ the `gpu`-marked tests, which `sdxl-deploy bench-gpu` runs on the GPU machine.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -243,6 +244,14 @@ def test_warmup_on_load_generates_before_ready(
 # ----- GPU: the real compile, CUDA graphs, the persisted cache -----------------------------------------
 
 
+@pytest.fixture(scope="module")
+def gpu_worker() -> Iterator[ThreadPoolExecutor]:
+    """One GPU worker thread for every GPU test here, as the service has one: torch keeps its CUDA-graph trees
+    in the thread-local state of the thread that first used them, so a second thread cannot record any."""
+    with ThreadPoolExecutor(max_workers=1) as worker:
+        yield worker
+
+
 def _unet_inputs(engine: Engine, size: int) -> dict[str, torch.Tensor | dict[str, torch.Tensor]]:
     """Fixed random inputs of one CFG UNet call of the base model at `size` px."""
     unet = engine.base.unet
@@ -269,7 +278,9 @@ def _to(value: object, device: torch.device, dtype: torch.dtype) -> object:
 
 @pytest.mark.gpu
 @gpu
-def test_gpu_compiled_cuda_graphs_match_eager_and_fill_the_cache(model_cache: Path, tmp_path: Path) -> None:
+def test_gpu_compiled_cuda_graphs_match_eager_and_fill_the_cache(
+    model_cache: Path, tmp_path: Path, gpu_worker: ThreadPoolExecutor
+) -> None:
     """tiny-sdxl on CUDA in float32: eager vs compile + CUDA graphs + fused QKV + channels_last, loaded,
     warmed up and run on one worker thread as in the service. One UNet call agrees to 1e-3 relative, the
     same-seed image to a level on average; graph replays are bit-identical; the cache is on disk."""
@@ -295,13 +306,21 @@ def test_gpu_compiled_cuda_graphs_match_eager_and_fill_the_cache(model_cache: Pa
         )
         images = [_image(fast, size=1024) for _ in range(3)]
         with torch.no_grad():
-            unet_out = fast.base.unet(**inputs).sample.clone()
+            unet_out = fast.base.unet(**inputs, return_dict=False)[0].clone()  # a tuple, as pipelines ask
         return fast, images, unet_out
 
-    with ThreadPoolExecutor(max_workers=1) as worker:  # the service's GPU worker thread
-        fast, images, got = worker.submit(load_and_run).result()
-        # a second engine on the same cache: what a restart does (SDXL_SAVE_COMPILED, auto on with compile)
-        again, images_again, got_again = worker.submit(load_and_run).result()
+    def graphed_functions() -> int:
+        """Functions this thread's CUDA-graph tree has taken in (each compiled call replayed as graphs)."""
+        from torch._inductor.cudagraph_trees import get_manager
+
+        manager = get_manager(torch.cuda.current_device(), create_if_none_exists=False)
+        return 0 if manager is None else len(manager.ids_to_funcs)
+
+    fast, images, got = gpu_worker.submit(load_and_run).result()
+    graphed = gpu_worker.submit(graphed_functions).result()
+    # a second engine on the same cache: what a restart does (SDXL_SAVE_COMPILED, auto on with compile)
+    again, images_again, got_again = gpu_worker.submit(load_and_run).result()
+    graphed_again = gpu_worker.submit(graphed_functions).result() - graphed
     assert fast.warmup_s is not None and is_compiled(fast.base.unet)
     assert np.array_equal(images[1], images[2])  # graph replays are deterministic
     diff = np.abs(images[2] - reference)
@@ -313,14 +332,17 @@ def test_gpu_compiled_cuda_graphs_match_eager_and_fill_the_cache(model_cache: Pa
     first = saved_compiles((fast.base, fast.refiner, fast.img2img))
     second = saved_compiles((again.base, again.refiner, again.img2img))
     assert sorted(f for c in first for f in c.compiled) == sorted(f for c in second for f in c.loaded)
-    assert len(first) == 3 and not any(c.compiled or c.fallback for c in second)
+    assert len(first) == 3 and not any(c.compiled or c.fallbacks for c in second)
     assert np.array_equal(images_again[2], images[2])
+    assert graphed >= 4 and graphed_again == graphed  # the loaded functions run as CUDA graphs too
     torch.testing.assert_close(got_again, got)
 
 
 @pytest.mark.gpu
 @gpu
-def test_gpu_compiled_text_encoder_keeps_what_it_encoded(model_cache: Path) -> None:
+def test_gpu_compiled_text_encoder_keeps_what_it_encoded(
+    model_cache: Path, gpu_worker: ThreadPoolExecutor
+) -> None:
     """tiny-sd15 on CUDA in float32, text encoder compiled with CUDA graphs: the embeddings kept from its
     first calls survive its later graph replays (which reuse the graph's output memory) and match eager."""
     from service.embeddings import TextEmbeddings
@@ -342,8 +364,7 @@ def test_gpu_compiled_text_encoder_keeps_what_it_encoded(model_cache: Path) -> N
                 encode(fast, churn, text)
         return kept, is_compiled(fast.base.text_encoder)
 
-    with ThreadPoolExecutor(max_workers=1) as worker:  # the service's GPU worker thread
-        kept, compiled = worker.submit(compiled_run).result()
+    kept, compiled = gpu_worker.submit(compiled_run).result()
     assert compiled
     eager = load()
     for text in texts:
