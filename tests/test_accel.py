@@ -283,7 +283,9 @@ def test_gpu_compiled_cuda_graphs_match_eager_and_fill_the_cache(
 ) -> None:
     """tiny-sdxl on CUDA in float32: eager vs compile + CUDA graphs + fused QKV + channels_last, loaded,
     warmed up and run on one worker thread as in the service. One UNet call agrees to 1e-3 relative, the
-    same-seed image to a level on average; graph replays are bit-identical; the cache is on disk."""
+    same-seed image to a level on average; graph replays are bit-identical; the cache is on disk. A second
+    engine on the same cache (a restart) loads every saved compiled function, compiles nothing, runs them as
+    CUDA graphs and draws the same pixels."""
     eager = _engine(model_cache, device="cuda", dtype="float32", sdpa="on")
     reference = _image(eager, size=1024)  # tiny-sdxl's default size: what warm-up compiled
     inputs = _unet_inputs(eager, 1024)
