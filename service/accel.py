@@ -211,17 +211,10 @@ def _compile(plan: SpeedPlan, module: torch.nn.Module, label: str) -> None:
 
 
 def saved_compiles(pipes: Iterable[Any]) -> list[saved_compile.SavedCompile]:
-    """The saved-compile calls of the pipelines' modules (each shared module once)."""
-    seen: set[int] = set()
-    found = []
-    for pipe in pipes:
-        for module in getattr(pipe, "components", {}).values() if pipe is not None else ():
-            for sub in module.modules() if isinstance(module, torch.nn.Module) else ():
-                call = getattr(sub, "_compiled_call_impl", None)
-                if isinstance(call, saved_compile.SavedCompile) and id(call) not in seen:
-                    seen.add(id(call))
-                    found.append(call)
-    return found
+    """The saved-compile calls of the pipelines' UNets and VAE decoders (what `_compile` saves; shared ones once)."""
+    modules = [m if name == "unet" else m.decoder for name, m in _modules(pipes, ("unet", "vae"))]
+    calls = (getattr(m, "_compiled_call_impl", None) for m in modules)
+    return [c for c in calls if isinstance(c, saved_compile.SavedCompile)]
 
 
 def is_compiled(module: torch.nn.Module) -> bool:
