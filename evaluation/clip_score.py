@@ -1,4 +1,5 @@
-"""CLIP score with open_clip: per image `100 * max(cos(image, prompt), 0)`, batched, on the GPU when there is one.
+"""CLIP score with open_clip: per image `100 * max(cos(image, prompt), 0)`, batched, on the GPU when there is one;
+`score_generations` scores a run directory's generations table.
 
 The default backbone is ViT-L-14 with OpenAI's weights (the common reference for text-to-image scores);
 any open_clip model works, e.g. `ClipScorer("ViT-H-14", "laion2b_s32b_b79k")`. `pretrained` is an open_clip
@@ -15,6 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    import pandas as pd
     import torch
     from PIL import Image
 
@@ -120,3 +122,24 @@ def load_scorer(model_name: str = DEFAULT_MODEL, pretrained: str | None = DEFAUL
 def tiny_scorer() -> ClipScorer:
     """The tiny random-weight scorer used by the tests and the demo."""
     return load_scorer(TINY_CLIP, None)
+
+
+def score_generations(generations: pd.DataFrame, run_dir: str | Path, scorer: ClipScorer) -> pd.DataFrame:
+    """A copy of `generations` with a `score` column (NaN where the request failed).
+
+    Images are read from the run directory one batch at a time (hundreds of 1024 px images add up).
+    """
+    from PIL import Image
+
+    def load(relative: str) -> Image.Image:
+        with Image.open(Path(run_dir) / relative) as image:
+            return image.convert("RGB")
+
+    scored = generations.copy()
+    scored["score"] = float("nan")
+    done = scored.index[scored["image"].notna()]
+    for start in range(0, len(done), scorer.batch_size):
+        batch = done[start : start + scorer.batch_size]
+        images = [load(relative) for relative in scored.loc[batch, "image"]]
+        scored.loc[batch, "score"] = scorer.score(images, list(scored.loc[batch, "prompt"]))
+    return scored

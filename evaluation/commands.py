@@ -62,8 +62,10 @@ def evaluate(
     Exits 1 when the verdict is "worse" (a drop larger than the margin cannot be ruled out).
     """
     from evaluation.clip_score import DEFAULT_PRETRAINED, TINY_CLIP, ClipScorer
-    from evaluation.compare import GenerationSettings, evaluate_services, quality_gate
+    from evaluation.compare import quality_gate
+    from evaluation.evaluate import evaluate_services
     from evaluation.prompts import PromptFileError, builtin_prompts, load_prompts, spread
+    from evaluation.results import GenerationSettings
 
     try:
         chosen = spread(load_prompts(prompts) if prompts else builtin_prompts(), limit)

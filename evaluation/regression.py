@@ -9,70 +9,29 @@ from __future__ import annotations
 import hashlib
 import logging
 from collections.abc import Sequence
-from datetime import datetime, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from pydantic import BaseModel, Field
-
-from evaluation.compare import (
-    GenerationSettings,
-    ServiceInfo,
-    collect,
-    score_generations,
-    seed_list,
-    timing_table,
-)
+from evaluation.clip_score import ClipScorer, load_scorer, score_generations
+from evaluation.collect import collect, seed_list
+from evaluation.compare import timing_table
 from evaluation.history import DEFAULT_THRESHOLDS, HistoryStore, MetricCheck, Threshold, detect_regressions
 from evaluation.metrics import DEFAULT_PRICE_PER_HOUR
 from evaluation.prompts import Prompt
-
-if TYPE_CHECKING:
-    from evaluation.clip_score import ClipScorer
+from evaluation.report import render_report
+from evaluation.results import (
+    REPORT_FILE,
+    GenerationSettings,
+    RegressionRun,
+    save_regression_run,
+    save_tables,
+)
 
 log = logging.getLogger(__name__)
-
-RESULT_FILE = "regression.json"
 
 
 class RegressionDetected(RuntimeError):
     """A metric regressed; the message names each metric with its value now and its baseline."""
-
-
-class RegressionRun(BaseModel):
-    """One benchmark run of the deployed service, as written to `regression.json`."""
-
-    service: ServiceInfo
-    series: str
-    scorer: str
-    random_weights: bool
-    prompts: int
-    seeds: list[int]
-    settings: GenerationSettings
-    price_per_hour: float
-    metrics: dict[str, float | None]
-    thresholds: list[Threshold]
-    checks: list[MetricCheck]
-    regressed: bool
-    accepted: bool = False
-    run_dir: str
-    report: str | None = None
-    history_file: str
-    created_at: str = Field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
-
-    @property
-    def stand_ins(self) -> bool:
-        return self.random_weights or self.service.stand_in
-
-    @property
-    def regressions(self) -> list[MetricCheck]:
-        return [c for c in self.checks if c.status == "regressed"]
-
-    def message(self) -> str:
-        """One line: what regressed (each metric, now vs baseline), or that nothing did."""
-        if not self.regressed:
-            return f"no regression in {', '.join(c.metric for c in self.checks)} ({self.service.model})"
-        return "regression: " + "; ".join(c.message for c in self.regressions)
 
 
 def series_key(
@@ -121,9 +80,6 @@ def run_regression_benchmark(
     Failed requests count as a regression of their own (`errors`). With `accept`, a regressed run is
     recorded as the new normal (it joins later baselines) instead of failing.
     """
-    from evaluation.clip_score import load_scorer
-    from evaluation.report import render_report
-
     prompts, chosen_seeds = list(prompts), seed_list(seeds)
     settings = settings or GenerationSettings()
     scorer = scorer or load_scorer()
@@ -166,11 +122,10 @@ def run_regression_benchmark(
         regressed=regressed,
         accepted=accept and regressed,
         run_dir=str(run_dir),
-        report=str(run_dir / "report.html"),
+        report=str(run_dir / REPORT_FILE),
         history_file=str(store.path),
     )
-    generations.to_parquet(run_dir / "generations.parquet", index=False)
-    generations.to_csv(run_dir / "generations.csv", index=False)
+    save_tables(run_dir, {"generations": generations})
     status = "accepted" if run.accepted else "regressed" if regressed else "ok"
     store.append(
         {
@@ -184,11 +139,7 @@ def run_regression_benchmark(
             **metrics,
         }
     )
-    (run_dir / RESULT_FILE).write_text(run.model_dump_json(indent=2) + "\n")
+    save_regression_run(run)
     render_report(run_dir, history_file=store.path)
     log.info("regression benchmark: %s; report %s", run.message(), run.report)
     return run
-
-
-def load_regression_run(run_dir: str | Path) -> RegressionRun:
-    return RegressionRun.model_validate_json((Path(run_dir) / RESULT_FILE).read_text())

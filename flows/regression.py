@@ -13,13 +13,13 @@ from contextlib import ExitStack
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
-from evaluation.artifacts import publish_regression
 from evaluation.clip_score import DEFAULT_MODEL, DEFAULT_PRETRAINED, load_scorer
-from evaluation.compare import GenerationSettings
 from evaluation.history import DEFAULT_THRESHOLDS, Threshold
 from evaluation.metrics import DEFAULT_PRICE_PER_HOUR
 from evaluation.prompts import builtin_prompts, load_prompts, spread
-from evaluation.regression import RegressionDetected, RegressionRun, run_regression_benchmark
+from evaluation.regression import RegressionDetected, run_regression_benchmark
+from evaluation.results import GenerationSettings, RegressionRun
+from flows.artifacts import publish_regression
 from flows.runbook import choose_target, connect
 from flows.rundir import make_run_dir
 from flows.secrets import api_key

@@ -19,14 +19,10 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from evaluation.clip_score import tiny_scorer
-from evaluation.compare import (
-    EvaluationResult,
-    GenerationSettings,
-    evaluate_services,
-    load_result,
-    quality_gate,
-)
+from evaluation.compare import quality_gate
+from evaluation.evaluate import evaluate_services
 from evaluation.prompts import builtin_prompts, spread
+from evaluation.results import EvaluationResult, GenerationSettings, load_result
 from evaluation.stats import VERDICTS
 
 pytestmark = pytest.mark.slow
@@ -267,7 +263,7 @@ def test_evaluation_artifacts_have_stable_keys(prefect_api: None, evaluation: Ev
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
 
-    from evaluation.artifacts import publish_evaluation
+    from flows.artifacts import publish_evaluation
 
     assert publish_evaluation(evaluation) is False, "outside a Prefect run it only logs"
     published = flow(name="publish-evaluation")(lambda: publish_evaluation(evaluation))

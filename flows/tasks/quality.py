@@ -3,8 +3,10 @@
 The deploy cannot run both services at once (one port, one GPU), so the comparison is split around the
 switch: `collect_baseline` sends the prompts to the current service before it is stopped, and
 `assess_quality` sends the same prompts and seeds to the new one after warm-up, scores both sets here
-with CLIP and applies `evaluation.quality_gate` with the `quality` criterion's threshold as the margin.
-A comparison that cannot run becomes a failed (by default warn-only) quality row, never a crash.
+with CLIP, writes the comparison's run directory and report, publishes its Prefect artifacts
+(`flows.artifacts`) and applies `evaluation.compare.quality_gate` with the `quality` criterion's
+threshold as the margin. A comparison that cannot run becomes a failed (by default warn-only) quality
+row, never a crash.
 """
 
 from __future__ import annotations
@@ -27,15 +29,15 @@ from flows.tasks.gates import QualityResult
 class Baseline:
     """The current service's generations (or why there are none)."""
 
-    info: Any = None  # evaluation.compare.ServiceInfo
+    info: Any = None  # evaluation.results.ServiceInfo
     generations: Any = None  # pandas.DataFrame, one row per prompt x seed
     error: str | None = None
 
 
 def comparison_plan(target: Target) -> tuple[list[Any], int, Any]:
     """Prompts, seeds and generation settings (the app's request) of the comparison."""
-    from evaluation.compare import GenerationSettings
     from evaluation.prompts import builtin_prompts, load_prompts, spread
+    from evaluation.results import GenerationSettings
 
     check = target.quality
     prompts = load_prompts(check.prompts_file) if check.prompts_file else builtin_prompts()
@@ -48,7 +50,7 @@ def collect_baseline(host: Host, target: Target, run_dir: Path) -> Baseline | No
     """Generate the comparison prompts on the current service, before it is stopped."""
     if not target.quality.enabled:
         return None
-    from evaluation.compare import collect
+    from evaluation.collect import collect
 
     try:
         prompts, seeds, settings = comparison_plan(target)
@@ -71,8 +73,11 @@ def assess_quality(
         return QualityResult(current_score=None, new_score=None, passed=False, detail=baseline.error)
     import pandas as pd
 
-    from evaluation.clip_score import load_scorer
-    from evaluation.compare import collect, quality_gate, score_generations, summarize
+    from evaluation.clip_score import load_scorer, score_generations
+    from evaluation.collect import collect
+    from evaluation.compare import quality_gate
+    from evaluation.evaluate import write_evaluation
+    from flows.artifacts import publish_evaluation
 
     check = target.quality
     try:
@@ -91,7 +96,7 @@ def assess_quality(
         scored = score_generations(
             pd.concat([baseline.generations, generations], ignore_index=True), run_dir, scorer
         )
-        result = summarize(
+        result = write_evaluation(
             scored,
             {"baseline": baseline.info, "candidate": info},
             run_dir,
@@ -101,6 +106,7 @@ def assess_quality(
             settings=settings,
             margin=margin,
         )
+        publish_evaluation(result)
         passed, detail = quality_gate(result, margin)
     except Exception as exc:
         return QualityResult(

@@ -1,18 +1,20 @@
 """Prefect artifacts of evaluations and regression runs, under stable keys so every run's numbers are
 versioned in the Prefect UI (table, markdown summary, link to the HTML report).
 
-Outside a Prefect flow or task run these functions log that they skipped and return False.
+The evaluation package knows nothing of Prefect: the flows publish its results here (the deploy's
+quality task and the regression-benchmark flow). Outside a Prefect flow or task run these functions log
+that they skipped and return False.
 """
 
 from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    from evaluation.compare import EvaluationResult
-    from evaluation.regression import RegressionRun
+from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
+from prefect.context import FlowRunContext, TaskRunContext
+
+from evaluation.results import EvaluationResult, RegressionRun
 
 log = logging.getLogger(__name__)
 
@@ -22,8 +24,6 @@ REGRESSION_KEY = "regression-benchmark"
 
 def in_prefect_run() -> bool:
     """True inside a Prefect flow run or task run."""
-    from prefect.context import FlowRunContext, TaskRunContext
-
     return FlowRunContext.get() is not None or TaskRunContext.get() is not None
 
 
@@ -88,8 +88,6 @@ def publish_regression(run: RegressionRun, key: str = REGRESSION_KEY) -> bool:
 def _publish(
     key: str, table: str, rows: list[dict], markdown: str, report: str | None, description: str
 ) -> None:
-    from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
-
     create_table_artifact(key=f"{key}-{table}", table=rows, description=description)
     create_markdown_artifact(key=f"{key}-summary", markdown=markdown, description=description)
     if report:
