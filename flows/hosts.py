@@ -30,9 +30,23 @@ import paramiko
 from paramiko.hostkeys import HostKeyEntry, InvalidHostKey
 from tenacity import retry, retry_if_exception_type, stop_after_attempt, wait_fixed
 
+from flows.errors import CommandFailed, CommandTimeout, HostError, HostKeyRejected, HostUnreachable
+
+__all__ = [  # the host errors are part of this module's interface; they live in flows.errors
+    "CommandFailed",
+    "CommandResult",
+    "CommandTimeout",
+    "Host",
+    "HostError",
+    "HostKeyRejected",
+    "HostUnreachable",
+    "LocalHost",
+    "SSHHost",
+    "q",
+]
+
 log = logging.getLogger(__name__)
 
-_TAIL = 800  # characters of stderr quoted in error messages
 _CHUNK = 64 * 1024
 _H = TypeVar("_H", bound="Host")
 _PID_MARK = "flows.hosts:pid="  # first stderr line of every SSH command, removed again
@@ -41,29 +55,6 @@ _PID_MARK = "flows.hosts:pid="  # first stderr line of every SSH command, remove
 def q(*parts: str | Path) -> str:
     """Shell-quote each part and join them with spaces: `f"cat -- {q(path)}"`."""
     return " ".join(shlex.quote(str(part)) for part in parts)
-
-
-# ---------------------------------------------------------------------------------------------- errors
-
-
-class HostError(Exception):
-    """A host operation failed; the message says what to do next."""
-
-
-class HostUnreachable(HostError):
-    """The host could not be reached, the connection timed out, or the link dropped (often transient)."""
-
-
-class HostKeyRejected(HostError):
-    """The server's host key is unknown (and not trusted on first use) or has CHANGED."""
-
-
-class CommandFailed(HostError):
-    """A command exited non-zero where success was required (`CommandResult.check`)."""
-
-
-class CommandTimeout(HostError):
-    """A command ran past its timeout and was killed."""
 
 
 @dataclass(frozen=True)
@@ -79,13 +70,6 @@ class CommandResult:
     def ok(self) -> bool:
         return self.exit_code == 0
 
-    def check(self, what: str) -> CommandResult:
-        """Return self when the command succeeded; raise `CommandFailed` naming `what` otherwise."""
-        if self.ok:
-            return self
-        detail = (self.stderr.strip() or self.stdout.strip())[-_TAIL:] or "(no output)"
-        raise CommandFailed(f"{what} failed (exit {self.exit_code}): {detail}")
-
 
 # ------------------------------------------------------------------------------------------------ base
 
@@ -98,7 +82,7 @@ class Host(ABC):
 
     @abstractmethod
     def run(self, command: str, timeout: float = 60.0) -> CommandResult:
-        """Run a shell command (`bash -c`). A non-zero exit is returned, not raised; see `.check()`."""
+        """Run a shell command (`bash -c`); a non-zero exit is returned, not raised (see `run_checked`)."""
 
     @abstractmethod
     def put(self, local: Path, remote: str) -> None:
