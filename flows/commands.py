@@ -28,7 +28,8 @@ def _check_stage(value: str | None) -> str | None:
 
 
 def _load(target_file: Path) -> Any:
-    from flows.target import TargetFileError, load_target
+    from flows.errors import TargetFileError
+    from flows.target import load_target
 
     try:
         return load_target(target_file)

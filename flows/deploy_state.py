@@ -9,8 +9,9 @@ from typing import Literal
 
 from pydantic import BaseModel, ValidationError
 
+from flows.errors import HostUnreachable
 from flows.hostfs import read_text, write_text
-from flows.hosts import Host, HostUnreachable
+from flows.hosts import Host
 from flows.procs import ProcessInfo
 from flows.target import Target
 

@@ -9,19 +9,19 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
-from flows.hosts import Host, HostError, q
-
-
-class HostCommandError(RuntimeError):
-    """A host command failed; the message says what was being done and what the host answered."""
+from flows.errors import CommandFailed, HostCommandError, HostError
+from flows.hosts import Host, q
 
 
 def run_checked(host: Host, command: str, what: str, timeout: float = 60.0) -> str:
-    """Run `command`; return stdout, or raise naming `what` with the exit code and stderr."""
+    """Run `command`; return stdout, or raise `CommandFailed` naming `what` with the exit code and stderr.
+
+    The one way to run a command that must succeed (`Host.run` returns a non-zero exit instead).
+    """
     result = host.run(command, timeout=timeout)
     if not result.ok:
         detail = (result.stderr or result.stdout).strip()[-800:]
-        raise HostCommandError(f"{what} failed on {host.name} (exit {result.exit_code}): {detail}")
+        raise CommandFailed(f"{what} failed on {host.name} (exit {result.exit_code}): {detail}")
     return result.stdout
 
 

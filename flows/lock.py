@@ -25,6 +25,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ValidationError
 
+from flows.errors import HostLocked
 from flows.hostfs import read_text, run_checked, write_text
 from flows.hosts import Host, q
 from flows.tasks.common import run_logger
@@ -54,10 +55,6 @@ class LockOwner(BaseModel):
             f"{self.flow} run {self.run_name} of {self.who} (control PID {self.control_pid}{run}) "
             f"since {self.since}{age}"
         )
-
-
-class HostLocked(RuntimeError):
-    """Another run holds the host's deploy lock; the message says who and since when."""
 
 
 def lock_path(install_dir: str) -> str:

@@ -11,7 +11,8 @@ import time
 
 from pydantic import BaseModel
 
-from flows.hostfs import HostCommandError, make_dirs, run_checked
+from flows.errors import HostCommandError, ProcessError
+from flows.hostfs import make_dirs, run_checked
 from flows.hosts import Host, q
 
 
@@ -27,10 +28,6 @@ class ProcessInfo(BaseModel):
         # Long command lines keep both ends: the program and its last arguments (model, port).
         text = self.cmdline if len(self.cmdline) <= 160 else f"{self.cmdline[:70]} ... {self.cmdline[-85:]}"
         return f"PID {self.pid} ({text})"
-
-
-class ProcessError(RuntimeError):
-    """A process could not be started or stopped."""
 
 
 def process_info(host: Host, pid: int) -> ProcessInfo | None:

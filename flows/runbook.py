@@ -15,6 +15,7 @@ from prefect import flow
 from prefect.artifacts import create_markdown_artifact
 
 from flows.deploy_state import DeployState, interrupted_deploy, load_state, save_state
+from flows.errors import DeployFailed, RollbackFailed, VerifyFailed
 from flows.hostfs import home_dir
 from flows.hosts import Host
 from flows.lock import host_lock, new_owner
@@ -47,26 +48,6 @@ Stage = Literal[
 STAGES: tuple[str, ...] = Stage.__args__
 # From this stage on the old service may be down: a failure rolls back.
 ROLLBACK_FROM = STAGES.index("stop_current")
-
-
-class RunFailed(RuntimeError):
-    """A flow run failed; `run_dir` holds its summary.json and report.md."""
-
-    def __init__(self, message: str, run_dir: str | None = None) -> None:
-        super().__init__(message)
-        self.run_dir = run_dir
-
-
-class DeployFailed(RunFailed):
-    """The deploy failed at a stage (and was rolled back when the old service had been touched)."""
-
-
-class VerifyFailed(RunFailed):
-    """The running service does not meet the success criteria."""
-
-
-class RollbackFailed(RunFailed):
-    """The old service could not be put back."""
 
 
 def choose_target(target: Target | None, target_file: str | None) -> Target:

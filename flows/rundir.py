@@ -18,23 +18,12 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
+from flows.errors import RehearsedFailure, StageFailed
 from flows.target import Target
 from flows.tasks.common import run_logger
 from flows.tasks.gates import GateReport, GateRow, gates_markdown
 
 RunStatus = Literal["running", "completed", "failed", "dry-run"]
-
-
-class StageFailed(RuntimeError):
-    """A stage of the runbook failed; the message names the stage and why."""
-
-    def __init__(self, stage: str, reason: str) -> None:
-        super().__init__(f"stage {stage!r} failed: {reason}")
-        self.stage, self.reason = stage, reason
-
-
-class RehearsedFailure(RuntimeError):
-    """A failure injected on purpose (`fail_at`) to rehearse the automatic rollback."""
 
 
 class StageRecord(BaseModel):

@@ -10,11 +10,8 @@ from __future__ import annotations
 
 import os
 
+from flows.errors import SecretUnavailable
 from flows.target import NewService
-
-
-class SecretUnavailable(RuntimeError):
-    """A secret named in `new.secret_env` could not be read; the message says which and where from."""
 
 
 def resolve_secret(source: str) -> str:

@@ -13,6 +13,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from flows.errors import TargetFileError
+
 DEFAULT_PORT = 7860
 # Environment names that hold secrets: refused in `new.env`, allowed (as references) in `new.secret_env`.
 SECRET_WORDS = ("KEY", "TOKEN", "SECRET", "PASSWORD", "PASSWD", "CREDENTIAL")
@@ -314,10 +316,6 @@ def expand_home(path: str, home: str) -> str:
 
 def _expand_local(path: str | None) -> str | None:
     return str(Path(path).expanduser()) if path else None
-
-
-class TargetFileError(ValueError):
-    """A target file is missing, unreadable or invalid."""
 
 
 def load_target(path: str | Path) -> Target:

@@ -31,8 +31,9 @@ from pydantic import ValidationError
 
 from flows.demo import TINY_REQUEST, free_port, start_current, stop_all
 from flows.deploy_state import load_state
+from flows.errors import HostLocked, SecretUnavailable
 from flows.hosts import LocalHost, q
-from flows.lock import HostLocked, acquire_lock, lock_path, new_owner, read_lock, release_lock
+from flows.lock import acquire_lock, lock_path, new_owner, read_lock, release_lock
 from flows.procs import (
     find_service,
     group_members,
@@ -44,7 +45,7 @@ from flows.procs import (
     stop_process,
 )
 from flows.runbook import deploy_sdxl, rollback_sdxl, verify_sdxl
-from flows.secrets import SecretUnavailable, api_key, service_env
+from flows.secrets import api_key, service_env
 from flows.supervisor import prepare_supervisor, read_restarts, supervisor_paths
 from flows.target import NewService, Target
 from flows.tasks.backup import backup_current, list_backups, verify_backup

@@ -3,9 +3,12 @@ process control and backups on the local host (real processes, real files)."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import importlib
 import io
 import json
+import pkgutil
 import subprocess
 import sys
 import time
@@ -15,15 +18,20 @@ import httpx
 import pytest
 import yaml
 from PIL import Image
+from prefect.states import Completed, exception_to_failed_state
 
+import flows
+from flows import errors
 from flows.demo import demo_target, free_port
+from flows.errors import BackupError, DeployError, RehearsedFailure, StageFailed, TargetFileError
 from flows.hostfs import digests, write_text
 from flows.hosts import LocalHost
 from flows.procs import ProcessInfo, find_service, is_running, listener_pids, start_detached, stop_process
-from flows.rundir import RehearsedFailure, RunRecord, StageFailed, make_run_dir
-from flows.target import DEFAULT_CRITERIA, Criterion, Target, TargetFileError, expand_home, load_target
-from flows.tasks.backup import BackupError, backup_current, list_backups, prune_backups, verify_backup
+from flows.rundir import RunRecord, make_run_dir
+from flows.target import DEFAULT_CRITERIA, Criterion, Target, expand_home, load_target
+from flows.tasks.backup import backup_current, list_backups, prune_backups, verify_backup
 from flows.tasks.benchmark import BenchmarkResult, ImageCheck, LogScan, check_image, percentile
+from flows.tasks.common import retry_transient
 from flows.tasks.gates import Evidence, QualityResult, judge
 from flows.tasks.rollback import restore_files
 from flows.tasks.tunnel import AppCheck
@@ -186,6 +194,43 @@ def test_run_record_times_stages_and_names_the_failed_one(tmp_path: Path) -> Non
 def test_run_dirs_never_collide(tmp_path: Path) -> None:
     dirs = {make_run_dir(tmp_path, "verify-sdxl") for _ in range(3)}
     assert len(dirs) == 3
+
+
+# --- errors and the retry policy -----------------------------------------------------------------
+
+
+def test_every_flows_error_lives_in_flows_errors_and_is_a_flow_error() -> None:
+    modules = [importlib.import_module(m.name) for m in pkgutil.walk_packages(flows.__path__, "flows.")]
+    defined = {
+        f"{value.__module__}.{value.__qualname__}"
+        for module in modules
+        for value in vars(module).values()
+        if isinstance(value, type)
+        and issubclass(value, BaseException)
+        and value.__module__.startswith("flows")
+    }
+    assert defined and {name.rpartition(".")[0] for name in defined} == {"flows.errors"}
+    assert all(issubclass(getattr(errors, name.rpartition(".")[2]), errors.FlowError) for name in defined)
+    assert issubclass(errors.TargetFileError, ValueError)  # still caught where a ValueError is expected
+    assert issubclass(errors.CommandFailed, errors.HostCommandError)  # what `run_checked` raised before
+
+
+def test_the_retry_policy_retries_only_transient_failures() -> None:
+    """A dropped SSH link and network errors are retried; a refusal, a failed command or a bug are not."""
+
+    def retried(error: BaseException) -> bool:
+        return retry_transient(None, None, asyncio.run(exception_to_failed_state(error)))
+
+    class BusyHost(errors.FlowError):
+        transient = True
+
+    assert retried(errors.HostUnreachable("lost the connection")) and retried(BusyHost("busy"))
+    assert retried(httpx.ConnectError("connection refused")) and retried(ConnectionResetError())
+    assert not retried(errors.CommandFailed("mkdir failed")) and not retried(
+        errors.HostKeyRejected("changed")
+    )
+    assert not retried(errors.ServiceDidNotStart("exited")) and not retried(ValueError("a bug"))
+    assert not retry_transient(None, None, Completed())
 
 
 # --- prefect.yaml ---------------------------------------------------------------------------------
@@ -356,7 +401,7 @@ class _CorruptingHost(LocalHost):
 
 
 def test_a_corrupted_upload_is_refused_before_anything_is_installed(tmp_path: Path) -> None:
-    from flows.tasks.deploy import DeployError, ship_release
+    from flows.tasks.deploy import ship_release
 
     wheel = tmp_path / "sdxl_deploy-9.9.9-py3-none-any.whl"
     wheel.write_bytes(b"not really a wheel, but its bytes are what is checked" * 100)

@@ -18,6 +18,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from flows.hostfs import run_checked
 from flows.hosts import (
     CommandFailed,
     CommandTimeout,
@@ -87,12 +88,12 @@ def test_fast_commands_never_lose_output_that_arrives_with_eof(ssh_host: SSHHost
     assert [i for i, text in enumerate(outputs) if text != f"line {i}"] == []
 
 
-def test_non_zero_exit_does_not_raise_but_check_does(host: Host) -> None:
-    result = host.run("echo 'disk full' >&2; exit 7")
-    with pytest.raises(CommandFailed, match=r"restarting the service failed \(exit 7\): disk full"):
-        result.check("restarting the service")
-    ok = host.run("true")
-    assert ok.check("doing nothing") is ok
+def test_non_zero_exit_does_not_raise_but_run_checked_does(host: Host) -> None:
+    failing = "echo 'disk full' >&2; exit 7"
+    assert host.run(failing).exit_code == 7
+    with pytest.raises(CommandFailed, match=r"restarting the service failed on .* \(exit 7\): disk full"):
+        run_checked(host, failing, "restarting the service")
+    assert run_checked(host, "echo fine", "doing nothing") == "fine\n"
 
 
 def test_a_timeout_raises_and_kills_the_whole_command(host: Host, tmp_path: Path) -> None:
@@ -117,7 +118,7 @@ def test_q_makes_a_hostile_string_one_verbatim_argument(host: Host, tmp_path: Pa
     )
     # HOME points at a throwaway folder: were the quoting broken, `rm -rf ~` would only hit the canary.
     result = host.run(f'export HOME={q(home)}; set -- {q(hostile, "second")}; printf "%s|%s" "$#" "$1"')
-    assert result.check("printing the argument").stdout == f"2|{hostile}"
+    assert result.ok and result.stdout == f"2|{hostile}"
     assert not marker.exists()
     assert (home / "canary").is_dir()
     assert q("plain", Path("/a b")) == "plain '/a b'"
@@ -135,7 +136,7 @@ def test_put_and_get_round_trip_a_binary_file_with_a_hostile_name(host: Host, tm
     remote = str(remote_dir / name)
 
     host.put(source, remote)
-    hashed = host.run(f"sha256sum -- {q(remote)}").check("hashing the upload").stdout
+    hashed = run_checked(host, f"sha256sum -- {q(remote)}", "hashing the upload")
     assert hashed.split()[0] == sha256(source) == sha256(Path(remote))
     back = tmp_path / "back.bin"
     host.get(remote, back)

@@ -18,6 +18,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel
 
+from flows.errors import BackupError
 from flows.hostfs import Digest, digests, read_text, run_checked, write_text
 from flows.hosts import Host, q
 from flows.procs import ProcessInfo, listener_pids
@@ -48,10 +49,6 @@ class BackupInfo(BaseModel):
     path: str
     manifest: Manifest
     pruned: list[str]
-
-
-class BackupError(RuntimeError):
-    """A backup could not be made, or one on disk does not match its manifest."""
 
 
 def backup_name(service: str, when: datetime) -> str:

@@ -1,4 +1,4 @@
-"""What the tasks share: the run logger, the transient-failure retry rule, and HTTP to a service port."""
+"""What the tasks share: the run logger, the retry policy (transient errors only), HTTP to a service port."""
 
 from __future__ import annotations
 
@@ -9,10 +9,12 @@ from typing import Any
 
 import httpx
 
-from flows.hosts import Host, HostUnreachable
+from flows.errors import FlowError
+from flows.hosts import Host
 
-# Failures that may pass on their own (network blips, a connection refused while a port re-opens).
-TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (HostUnreachable, httpx.TransportError, ConnectionError)
+# Errors from outside flows that may pass on their own (network blips, a connection refused while a port
+# re-opens); the flows' own errors say it themselves with `FlowError.transient` (a dropped SSH link does).
+OTHER_TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (httpx.TransportError, ConnectionError)
 
 
 def run_logger() -> logging.Logger | logging.LoggerAdapter:
@@ -26,14 +28,19 @@ def run_logger() -> logging.Logger | logging.LoggerAdapter:
         return logging.getLogger("flows")
 
 
+def is_transient(error: BaseException) -> bool:
+    """Whether a retry may get past `error`: a flows error marked `transient`, or a network error."""
+    if isinstance(error, FlowError):
+        return error.transient
+    return isinstance(error, OTHER_TRANSIENT_ERRORS)
+
+
 def retry_transient(task: Any, task_run: Any, state: Any) -> bool:
     """Prefect `retry_condition_fn`: retry only when the task failed on a transient error."""
     try:
         state.result()
-    except TRANSIENT_ERRORS:
-        return True
-    except BaseException:
-        return False
+    except BaseException as error:
+        return is_transient(error)
     return False
 
 

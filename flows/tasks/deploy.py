@@ -17,6 +17,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel
 
+from flows.errors import DeployError
 from flows.hostfs import digests, file_size, make_dirs, read_text, run_checked, write_text
 from flows.hosts import Host, q
 from flows.procs import ProcessInfo, start_detached, stop_process, wait_port_free
@@ -41,10 +42,6 @@ class Started(BaseModel):
     log_file: str
     log_offset: int
     install_dir: str = ""  # where its supervisor records restarts
-
-
-class DeployError(RuntimeError):
-    """Shipping or starting the new service failed."""
 
 
 def sha256_file(path: Path) -> str:

@@ -11,6 +11,7 @@ from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel
 
+from flows.errors import GateFailed
 from flows.target import Criterion
 from flows.tasks.benchmark import BenchmarkResult, LogScan
 from flows.tasks.common import run_logger
@@ -194,10 +195,6 @@ def evaluate_gates(criteria: list[Criterion], evidence: Evidence, artifact_key: 
     for row in report.rows:
         log.info("gate %-15s %-4s %s", row.criterion, row.verdict, row.observed)
     return report
-
-
-class GateFailed(RuntimeError):
-    """An enforced success criterion failed."""
 
 
 def require_passed(report: GateReport) -> None:

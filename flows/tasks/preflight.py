@@ -11,6 +11,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel
 
+from flows.errors import PreflightRefused
 from flows.hostfs import free_disk_gb
 from flows.hosts import Host, q
 from flows.procs import ProcessInfo, find_service
@@ -91,10 +92,6 @@ class CurrentFacts(BaseModel):
     baseline_s: float | None
     baseline_error: str | None
     problems: list[str]
-
-
-class PreflightRefused(RuntimeError):
-    """The host or the current service is not in a state to upgrade; nothing was changed."""
 
 
 def needed_disk_gb(target: Target) -> float:

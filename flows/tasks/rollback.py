@@ -15,6 +15,7 @@ from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel
 
 from flows.deploy_state import load_state, save_state
+from flows.errors import RollbackError
 from flows.hostfs import digests, file_size, run_checked, tail_bytes
 from flows.hosts import Host, q
 from flows.procs import (
@@ -40,10 +41,6 @@ class RollbackResult(BaseModel):
     restarted: str
     health: dict[str, Any] | None
     answering: bool
-
-
-class RollbackError(RuntimeError):
-    """The old service could not be put back; the message says where it stopped."""
 
 
 def current_answers(host: Host, service: CurrentService) -> dict[str, Any] | None:

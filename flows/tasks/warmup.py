@@ -13,8 +13,9 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel
 
+from flows.errors import HostUnreachable, ServiceDidNotStart
 from flows.hostfs import tail_bytes
-from flows.hosts import Host, HostUnreachable
+from flows.hosts import Host
 from flows.procs import is_running
 from flows.secrets import api_key
 from flows.supervisor import read_restarts
@@ -34,10 +35,6 @@ class WarmupResult(BaseModel):
     warmup_s: list[float]
     log_offset: int
     compile_s: float | None = None  # the service's load-time warm-up (torch.compile), from its log
-
-
-class ServiceDidNotStart(RuntimeError):
-    """The new service exited, or was not ready in time; the message carries its last log lines."""
 
 
 @task(cache_policy=NO_CACHE)
