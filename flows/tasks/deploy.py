@@ -19,9 +19,8 @@ from pydantic import BaseModel
 
 from flows.hostfs import digests, file_size, make_dirs, read_text, run_checked, write_text
 from flows.hosts import Host, q
-from flows.procs import ProcessInfo, start_detached, stop_process, wait_port_free
-from flows.secrets import service_env
-from flows.supervisor import prepare_supervisor
+from flows.procs import ProcessInfo, stop_process, wait_port_free
+from flows.supervisor import Launch, start_supervised
 from flows.target import Target
 from flows.tasks.common import run_logger
 
@@ -41,6 +40,7 @@ class Started(BaseModel):
     log_file: str
     log_offset: int
     install_dir: str = ""  # where its supervisor records restarts
+    launch: Launch | None = None  # how it was started (recorded as a release once the deploy succeeds)
 
 
 class DeployError(RuntimeError):
@@ -151,14 +151,17 @@ def start_new_service(host: Host, target: Target, release: Release) -> Started:
     file and log file; its environment (secrets included) goes through a private env file."""
     new = target.new
     offset = file_size(host, new.log_file) or 0
-    env = {"PYTHONPATH": release.site, **service_env(new)}
-    supervisor = prepare_supervisor(host, new.install_dir, env)
-    process = start_detached(
-        host,
-        [*supervisor, *serve_argv(target)],
+    launch = Launch(
+        argv=serve_argv(target),
         workdir=release.path,
+        env={"PYTHONPATH": release.site, **new.env},
+        secret_env=new.secret_env,
+        install_dir=new.install_dir,
         log_file=new.log_file,
         pid_file=new.pid_file,
     )
+    process = start_supervised(host, launch)
     run_logger().info("started %s under its supervisor, log %s", process.describe(), new.log_file)
-    return Started(process=process, log_file=new.log_file, log_offset=offset, install_dir=new.install_dir)
+    return Started(
+        process=process, log_file=new.log_file, log_offset=offset, install_dir=new.install_dir, launch=launch
+    )
