@@ -353,7 +353,7 @@ def summarize(
 
 def save_result(result: EvaluationResult) -> Path:
     path = Path(result.run_dir) / RESULT_FILE
-    path.write_text(result.model_dump_json(indent=2) + "\n")
+    path.write_text(result.model_dump_json(indent=2) + "\n", encoding="utf-8")
     return path
 
 
@@ -361,7 +361,7 @@ def load_result(run_dir: str | Path) -> EvaluationResult:
     path = Path(run_dir) / RESULT_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: {run_dir} is not an evaluation run directory")
-    return EvaluationResult.model_validate_json(path.read_text())
+    return EvaluationResult.model_validate_json(path.read_text(encoding="utf-8"))
 
 
 def evaluate_services(

@@ -184,11 +184,11 @@ def run_regression_benchmark(
             **metrics,
         }
     )
-    (run_dir / RESULT_FILE).write_text(run.model_dump_json(indent=2) + "\n")
+    (run_dir / RESULT_FILE).write_text(run.model_dump_json(indent=2) + "\n", encoding="utf-8")
     render_report(run_dir, history_file=store.path)
     log.info("regression benchmark: %s; report %s", run.message(), run.report)
     return run
 
 
 def load_regression_run(run_dir: str | Path) -> RegressionRun:
-    return RegressionRun.model_validate_json((Path(run_dir) / RESULT_FILE).read_text())
+    return RegressionRun.model_validate_json((Path(run_dir) / RESULT_FILE).read_text(encoding="utf-8"))

@@ -158,7 +158,7 @@ def print_summary(summary_path: Path, console: Any = None) -> dict[str, Any]:
     from rich.table import Table
 
     console = console or Console()
-    summary = json.loads(summary_path.read_text())
+    summary = json.loads(summary_path.read_text(encoding="utf-8"))
     colour = {"completed": "green", "failed": "red", "dry-run": "cyan"}.get(summary["status"], "yellow")
     stages = Table(title=f"{summary['flow']}: [{colour}]{summary['status']}[/]", title_justify="left")
     for column in ("stage", "status", "seconds", "detail"):

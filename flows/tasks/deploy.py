@@ -17,7 +17,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel
 
-from flows.hostfs import digests, file_size, make_dirs, read_text, run_checked, write_text
+from flows.hostfs import digests, file_size, make_dirs, read_text, remote_child, run_checked, write_text
 from flows.hosts import Host, q
 from flows.procs import ProcessInfo, stop_process, wait_port_free
 from flows.supervisor import Launch, start_supervised
@@ -88,7 +88,7 @@ def ship_release(host: Host, target: Target, wheel: Path) -> Release:
     version = wheel.name.split("-")[1]
     release_id = f"{version}-{sha[:12]}"
     path = f"{target.new.install_dir}/releases/{release_id}"
-    site, remote_wheel, marker = f"{path}/site", f"{path}/{wheel.name}", f"{path}/site/.installed"
+    site, remote_wheel, marker = f"{path}/site", remote_child(path, wheel), f"{path}/site/.installed"
     if (read_text(host, marker) or "").strip() == sha:
         log.info("release %s is already installed at %s", release_id, path)
         return Release(release_id=release_id, path=path, site=site, wheel_sha256=sha, reused=True)
