@@ -19,7 +19,7 @@ from pydantic import BaseModel, ValidationError
 
 from flows.hostfs import file_size, read_text, tail_bytes, write_text
 from flows.hosts import Host, HostUnreachable
-from flows.procs import ProcessInfo, is_running, listener_pids, process_info
+from flows.procs import ProcessInfo, is_running, listener_pids, process_info, stop_process
 from flows.supervisor import Launch, start_supervised
 from flows.target import Target
 from flows.tasks.common import get_health, is_healthy, service_url
@@ -160,6 +160,7 @@ def restart_release(host: Host, target: Target, record: ReleaseRecord, timeout_s
             )
         time.sleep(1.0)
     else:
+        stop_process(host, process, 30.0)  # leave no half-started service behind
         raise ReleaseError(f"{record.describe()} did not answer /health within {timeout_s:.0f} s")
     releases = load_releases(host, target)
     for stored in releases:

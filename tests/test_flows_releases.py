@@ -5,12 +5,13 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
 
-from flows.deploy_state import load_state
+from flows.deploy_state import DeployState, load_state, save_state
 from flows.hosts import LocalHost
 from flows.procs import find_service, is_running, process_info, start_detached, stop_process
 from flows.releases import (
@@ -25,7 +26,9 @@ from flows.releases import (
 from flows.runbook import deploy_sdxl, rollback_sdxl
 from flows.supervisor import Launch
 from flows.target import Target
-from flows.tasks.rollback import current_answers
+from flows.tasks.backup import backup_current
+from flows.tasks.preflight import inspect_current
+from flows.tasks.rollback import current_answers, roll_back
 from sdxl_deploy.cli import app
 from tests.flows_support import is_legacy, legacy_target, summary_of
 
@@ -108,6 +111,52 @@ def test_releases_are_numbered_matched_by_process_and_hold_no_secret(tmp_path: P
         stop_process(host, sleeper, 5)
     assert release_of(host, target, None) is None
     assert not serving_now(host, first)
+
+
+def test_a_release_that_cannot_start_again_falls_back_to_the_backup(
+    legacy: tuple[LocalHost, Target], tmp_path: Path
+) -> None:
+    """The release that served before crashes at every start: the rollback stops it again and puts the
+    current service back from this deploy's backup, saying so (something must answer)."""
+    host, target = legacy
+    current = inspect_current.fn(host, target, baseline=False)
+    backup = backup_current.fn(host, target, current.process)
+    crashing = Launch(
+        argv=[sys.executable, "-c", "raise SystemExit(3)"],
+        workdir=str(tmp_path),
+        install_dir=target.new.install_dir,
+        log_file=target.new.log_file,
+        pid_file=target.new.pid_file,
+    )
+    record = record_release(
+        host,
+        target,
+        release_id="0.1-ccc",
+        release_path="/r/c",
+        launch=crashing,
+        process=current.process,
+        run_id="r1",
+    )
+    save_state(
+        host,
+        target,
+        DeployState(
+            run_id="r2",
+            stage="warmup",
+            backup_dir=backup.path,
+            old_process=current.process,
+            previous_release=record.id,
+        ),
+    )
+    stop_process(host, current.process, 10)
+    result = roll_back.fn(host, target)
+    assert (
+        result.restarted.startswith("could not start release #1")
+        and "exited while starting" in result.restarted
+    )
+    assert "from " + backup.path in result.restarted and result.release is None
+    assert is_legacy(current_answers(host, target.current)) and result.answering
+    assert load_state(host, target).status == "rolled_back"
 
 
 # --- real deploys -----------------------------------------------------------------------------------

@@ -31,7 +31,14 @@ from flows.procs import (
     stop_process,
     wait_port_free,
 )
-from flows.releases import ReleaseRecord, get_release, release_health, restart_release, serving_now
+from flows.releases import (
+    ReleaseError,
+    ReleaseRecord,
+    get_release,
+    release_health,
+    restart_release,
+    serving_now,
+)
 from flows.target import CurrentService, Target
 from flows.tasks.backup import BackupFile, latest_backup, verify_backup
 from flows.tasks.common import get_health, is_healthy, run_logger, service_url
@@ -98,11 +105,17 @@ def roll_back(host: Host, target: Target, backup: str | None = None) -> Rollback
     log.info("rollback: %s", stopped)
 
     previous = release_before(host, target) if backup is None else None
+    fallback = ""
     if previous is not None:
-        result = restore_release(host, target, previous, stopped)
-        log.info("rollback: %s; health %s", result.restarted, result.health)
-        mark_rolled_back(host, target)
-        return result
+        try:
+            result = restore_release(host, target, previous, stopped)
+        except ReleaseError as exc:  # something must answer: the current service from its backup, then
+            log.warning("rollback: %s; restoring the current service from its backup instead", exc)
+            fallback = f"could not start {previous.describe()} again ({str(exc).splitlines()[0]}); "
+        else:
+            log.info("rollback: %s; health %s", result.restarted, result.health)
+            mark_rolled_back(host, target)
+            return result
 
     backup_dir: str | None = None
     service = target.current
@@ -122,6 +135,7 @@ def roll_back(host: Host, target: Target, backup: str | None = None) -> Rollback
             process = restart_current(host, service, target.new.install_dir)
             health = wait_healthy(host, service, process)
             restarted = f"restarted {process.describe()} from {backup_dir}"
+    restarted = fallback + restarted
     log.info("rollback: %s; health %s", restarted, health)
     mark_rolled_back(host, target)
     return RollbackResult(
@@ -147,7 +161,11 @@ def release_before(host: Host, target: Target) -> ReleaseRecord | None:
     state = load_state(host, target)
     if state is None or state.previous_release is None:
         return None
-    return get_release(host, target, state.previous_release)
+    try:
+        return get_release(host, target, state.previous_release)
+    except ReleaseError as exc:  # its record is gone: the current service from its backup, then
+        run_logger().warning("rollback: %s", exc)
+        return None
 
 
 def restore_release(host: Host, target: Target, record: ReleaseRecord, stopped: str) -> RollbackResult:
