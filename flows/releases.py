@@ -17,6 +17,7 @@ from typing import Any
 import httpx
 from pydantic import BaseModel, ValidationError
 
+from flows.errors import ReleaseError
 from flows.hostfs import file_size, read_text, tail_bytes, write_text
 from flows.hosts import Host, HostUnreachable
 from flows.procs import ProcessInfo, is_running, listener_pids, process_info, stop_process
@@ -47,10 +48,6 @@ class ReleaseRecord(BaseModel):
 
 class ReleaseHistory(BaseModel):
     releases: list[ReleaseRecord] = []
-
-
-class ReleaseError(RuntimeError):
-    """A recorded release could not be started again; the message says why."""
 
 
 def releases_file(target: Target) -> str:

@@ -12,10 +12,10 @@ import pytest
 from typer.testing import CliRunner
 
 from flows.deploy_state import DeployState, load_state, save_state
+from flows.errors import ReleaseError
 from flows.hosts import LocalHost
 from flows.procs import find_service, is_running, process_info, start_detached, stop_process
 from flows.releases import (
-    ReleaseError,
     get_release,
     load_releases,
     record_release,

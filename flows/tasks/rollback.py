@@ -18,6 +18,7 @@ from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel
 
 from flows.deploy_state import load_state, save_state
+from flows.errors import ReleaseError
 from flows.hostfs import digests, file_size, run_checked, tail_bytes
 from flows.hosts import Host, q
 from flows.procs import (
@@ -32,13 +33,13 @@ from flows.procs import (
     wait_port_free,
 )
 from flows.releases import (
-    ReleaseError,
     ReleaseRecord,
     get_release,
     release_health,
     restart_release,
     serving_now,
 )
+from flows.secrets import SecretUnavailable
 from flows.target import CurrentService, Target
 from flows.tasks.backup import BackupFile, latest_backup, verify_backup
 from flows.tasks.common import get_health, is_healthy, run_logger, service_url
@@ -109,7 +110,7 @@ def roll_back(host: Host, target: Target, backup: str | None = None) -> Rollback
     if previous is not None:
         try:
             result = restore_release(host, target, previous, stopped)
-        except ReleaseError as exc:  # something must answer: the current service from its backup, then
+        except (ReleaseError, SecretUnavailable) as exc:  # something must answer: SD1.5 from its backup
             log.warning("rollback: %s; restoring the current service from its backup instead", exc)
             fallback = f"could not start {previous.describe()} again ({str(exc).splitlines()[0]}); "
         else:
