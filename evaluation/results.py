@@ -164,7 +164,7 @@ class RegressionRun(BaseModel):
 
 def save_result(result: EvaluationResult) -> Path:
     path = Path(result.run_dir) / RESULT_FILE
-    path.write_text(result.model_dump_json(indent=2) + "\n")
+    path.write_text(result.model_dump_json(indent=2) + "\n", encoding="utf-8")
     return path
 
 
@@ -172,17 +172,17 @@ def load_result(run_dir: str | Path) -> EvaluationResult:
     path = Path(run_dir) / RESULT_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: {run_dir} is not an evaluation run directory")
-    return EvaluationResult.model_validate_json(path.read_text())
+    return EvaluationResult.model_validate_json(path.read_text(encoding="utf-8"))
 
 
 def save_regression_run(run: RegressionRun) -> Path:
     path = Path(run.run_dir) / REGRESSION_FILE
-    path.write_text(run.model_dump_json(indent=2) + "\n")
+    path.write_text(run.model_dump_json(indent=2) + "\n", encoding="utf-8")
     return path
 
 
 def load_regression_run(run_dir: str | Path) -> RegressionRun:
-    return RegressionRun.model_validate_json((Path(run_dir) / REGRESSION_FILE).read_text())
+    return RegressionRun.model_validate_json((Path(run_dir) / REGRESSION_FILE).read_text(encoding="utf-8"))
 
 
 def save_tables(run_dir: str | Path, tables: Mapping[str, pd.DataFrame]) -> None:

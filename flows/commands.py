@@ -1,4 +1,4 @@
-"""CLI commands of the runbook: `deploy`, `verify`, `rollback` and `demo` (heavy imports inside)."""
+"""CLI commands of the runbook: `deploy`, `verify`, `rollback`, `releases`, `demo` (heavy imports inside)."""
 
 from __future__ import annotations
 
@@ -87,7 +87,7 @@ def rollback(
     runs_dir: RunsOption = Path("runs"),
     force_unlock: ForceUnlockOption = False,
 ) -> None:
-    """Put the old service back from the latest (or a named) backup."""
+    """Put back what served before the last deploy: the earlier release, else the old service from its backup."""
     from flows.runbook import rollback_sdxl
 
     _run(
@@ -97,6 +97,29 @@ def rollback(
         runs_dir=str(runs_dir),
         force_unlock=force_unlock,
     )
+
+
+def releases(target_file: TargetOption) -> None:
+    """List the releases recorded on the box by successful deploys, and which one serves now."""
+    from contextlib import ExitStack
+
+    from rich.console import Console
+
+    from flows.hostfs import home_dir
+    from flows.releases import load_releases, releases_table, serving_now
+
+    target = _load(target_file)
+    with ExitStack() as stack:
+        host = stack.enter_context(target.connection.open())
+        target = target.on_host(home_dir(host))
+        records = load_releases(host, target)
+        serving = {record.id: serving_now(host, record) for record in records}
+    console = Console()
+    console.print(releases_table(records, serving))
+    if not any(serving.values()):
+        console.print(
+            f"no recorded release serves now: the current service ({target.current.name}) or nothing"
+        )
 
 
 def demo(
@@ -136,7 +159,7 @@ def print_summary(summary_path: Path, console: Any = None) -> dict[str, Any]:
     from rich.table import Table
 
     console = console or Console()
-    summary = json.loads(summary_path.read_text())
+    summary = json.loads(summary_path.read_text(encoding="utf-8"))
     colour = {"completed": "green", "failed": "red", "dry-run": "cyan"}.get(summary["status"], "yellow")
     stages = Table(title=f"{summary['flow']}: [{colour}]{summary['status']}[/]", title_justify="left")
     for column in ("stage", "status", "seconds", "detail"):

@@ -24,6 +24,7 @@ class DeployState(BaseModel):
     status: Status = "in_progress"
     backup_dir: str | None = None
     release_id: str | None = None
+    previous_release: int | None = None  # the recorded release that served before (None: `current`)
     old_process: ProcessInfo | None = None
     new_process: ProcessInfo | None = None
     new_log_offset: int = 0

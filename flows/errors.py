@@ -117,3 +117,10 @@ class VerifyFailed(RunFailed):
 
 class RollbackFailed(RunFailed):
     """The old service could not be put back."""
+
+
+# ----------------------------------------------------------------------------------------------- releases
+
+
+class ReleaseError(FlowError):
+    """A recorded release could not be found or started again; the message says why."""

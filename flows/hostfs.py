@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import tempfile
 from dataclasses import dataclass
-from pathlib import Path, PurePosixPath
+from pathlib import Path, PurePath, PurePosixPath
 
 from flows.errors import CommandFailed, HostCommandError, HostError
 from flows.hosts import Host, q
@@ -23,6 +23,11 @@ def run_checked(host: Host, command: str, what: str, timeout: float = 60.0) -> s
         detail = (result.stderr or result.stdout).strip()[-800:]
         raise CommandFailed(f"{what} failed on {host.name} (exit {result.exit_code}): {detail}")
     return result.stdout
+
+
+def remote_child(folder: str, local_file: PurePath) -> str:
+    """The box's path (POSIX) for a local file (a Windows or POSIX path) copied into `folder` there."""
+    return str(PurePosixPath(folder) / local_file.name)
 
 
 def home_dir(host: Host) -> str:
@@ -61,7 +66,7 @@ def write_text(host: Host, path: str, text: str) -> None:
     make_dirs(host, parent)
     with tempfile.TemporaryDirectory() as tmp:
         local = Path(tmp) / "upload"
-        local.write_text(text)
+        local.write_bytes(text.encode("utf-8"))  # the box's bytes as given: no CRLF, no code page on Windows
         host.put(local, f"{path}.tmp")
     run_checked(
         host, f"chmod 600 -- {q(f'{path}.tmp')} && mv -f -- {q(f'{path}.tmp', path)}", f"writing {path}"

@@ -5,7 +5,8 @@ renamed onto `deploy.lock` (`mv -T`, i.e. rename(2)). Renaming a folder onto an 
 fails, so of two runs that race exactly one wins, and a lock never exists without its owner record.
 
 A lock is *stale* when its owner provably ended: the control process that took it is gone (same control
-machine, its PID no longer lives with the same start time), its Prefect flow run is in a final state, or
+machine, its PID no longer lives with the same start time, asked through psutil, so Linux, macOS and
+Windows control machines alike), its Prefect flow run is in a final state, or
 it is older than `LOCK_TTL_S`. A stale lock is cleared by itself, with a warning; a lock whose owner cannot
 be checked from here (taken from another machine) is cleared only with `force_unlock`. A lock whose owner
 provably still runs is never cleared. Clearing renames the lock away first (only one clearer can win) and
@@ -21,8 +22,8 @@ import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime, timezone
-from pathlib import Path
 
+import psutil
 from pydantic import BaseModel, ValidationError
 
 from flows.errors import HostLocked
@@ -44,7 +45,7 @@ class LockOwner(BaseModel):
     who: str  # user@machine of the control side
     control_host: str
     control_pid: int
-    control_pid_start: str | None  # field 22 of /proc/<pid>/stat: tells a reused PID apart
+    control_pid_start: str | None  # the process's start time (epoch s): tells a reused PID apart
     since: str
 
     def describe(self) -> str:
@@ -74,7 +75,7 @@ def new_owner(flow: str, run_name: str) -> LockOwner:
         who=f"{getpass.getuser()}@{socket.gethostname()}",
         control_host=socket.gethostname(),
         control_pid=os.getpid(),
-        control_pid_start=_local_start_ticks(os.getpid()),
+        control_pid_start=_local_start_time(os.getpid()),
         since=datetime.now(timezone.utc).isoformat(timespec="seconds"),
     )
 
@@ -93,7 +94,7 @@ def read_lock(host: Host, install_dir: str) -> LockOwner | None:
 def stale_reason(owner: LockOwner) -> str | None:
     """Why the lock's owner has provably ended, or None when it may still be running."""
     if owner.control_host == socket.gethostname():
-        start = _local_start_ticks(owner.control_pid)
+        start = _local_start_time(owner.control_pid)
         if start is None or (owner.control_pid_start and start != owner.control_pid_start):
             return f"its control process {owner.control_pid} on {owner.control_host} is gone"
     if owner.flow_run_id:
@@ -110,7 +111,7 @@ def owner_alive(owner: LockOwner) -> bool:
     """True when the owner provably still runs: its control process lives on this machine."""
     if owner.control_host != socket.gethostname():
         return False
-    start = _local_start_ticks(owner.control_pid)
+    start = _local_start_time(owner.control_pid)
     return start is not None and start == owner.control_pid_start
 
 
@@ -196,13 +197,16 @@ def _exists(host: Host, path: str) -> bool:
     return host.run(f"test -e {q(path)}").ok
 
 
-def _local_start_ticks(pid: int) -> str | None:
+def _local_start_time(pid: int) -> str | None:
+    """When the local process `pid` started (epoch seconds, as text), or None when it is gone or a zombie.
+    Portable (psutil): no /proc, so the control side may run on Windows too."""
     try:
-        stat = Path(f"/proc/{int(pid)}/stat").read_text()
-    except OSError:
+        process = psutil.Process(int(pid))
+        if process.status() == psutil.STATUS_ZOMBIE:
+            return None
+        return f"{process.create_time():.2f}"
+    except (psutil.Error, ValueError):
         return None
-    fields = stat[stat.rfind(")") + 2 :].split()
-    return None if fields[0] in ("Z", "X") else fields[19]
 
 
 def _flow_run_state(flow_run_id: str):  # -> prefect State | None

@@ -20,6 +20,7 @@ from flows.hostfs import home_dir
 from flows.hosts import Host
 from flows.lock import host_lock, new_owner
 from flows.procs import find_service
+from flows.releases import record_release, release_of
 from flows.rundir import RunRecord, RunSummary, StageFailed, report_markdown
 from flows.supervisor import Restarts, read_restarts
 from flows.target import Target, load_target
@@ -128,8 +129,16 @@ def deploy_sdxl(
                 run.write_text("plan.md", plan)
                 return _finish(run, "dry-run", "dry run: preflight passed; nothing was changed")
 
+            serving = release_of(host, target, current.process)
             state = save_state(
-                host, target, DeployState(run_id=run.dir.name, stage="backup", old_process=current.process)
+                host,
+                target,
+                DeployState(
+                    run_id=run.dir.name,
+                    stage="backup",
+                    old_process=current.process,
+                    previous_release=serving.id if serving else None,
+                ),
             )
             with run.stage("backup"):
                 backup = backup_current(host, target, current.process)
@@ -166,6 +175,17 @@ def deploy_sdxl(
             _after_failure(run, host, target, state, failure)
             raise DeployFailed(f"deploy-sdxl {run.summary.message}", str(run.dir)) from None
 
+        if started.launch is not None:
+            record = record_release(
+                host,
+                target,
+                release_id=release.release_id,
+                release_path=release.path,
+                launch=started.launch,
+                process=started.process,
+                run_id=run.dir.name,
+            )
+            run.summary.facts["release"] = record.id
         state.status, state.stage = "deployed", "done"
         save_state(host, target, state)
         note_reconnects(run, host)
@@ -203,14 +223,16 @@ def _after_failure(
     """Roll back when the old service may have been touched; record whether it answers afterwards."""
     touched = STAGES.index(failure.stage) >= ROLLBACK_FROM
     outcome = ""
+    port = target.current.port
     if host is not None and touched:
         try:
             result = roll_back(host, target)
             run.summary.rolled_back = True
             outcome = f"; rolled back: {result.restarted}"
+            port = result.port or port
         except Exception as exc:  # report both failures: the stage's and the rollback's
             outcome = f"; ROLLBACK FAILED: {type(exc).__name__}: {exc}"
-    run.summary.old_service_answering = _old_service_answers(host, target)
+    run.summary.old_service_answering = _old_service_answers(host, target, port)
     if host is not None and state:
         state.status = "rolled_back" if run.summary.rolled_back else "failed"
         try:
@@ -222,13 +244,14 @@ def _after_failure(
     _finish(run, "failed", f"{failure}{outcome}{answering[run.summary.old_service_answering]}")
 
 
-def _old_service_answers(host: Host | None, target: Target) -> bool | None:
-    """Whether the current service answers healthy now (None when the host cannot be reached)."""
+def _old_service_answers(host: Host | None, target: Target, port: int) -> bool | None:
+    """Whether the old service answers healthy on `port` now (None when the host cannot be reached)."""
+    service = target.current.model_copy(update={"port": port})
     try:
         if host is not None:
-            return current_answers(host, target.current) is not None
+            return current_answers(host, service) is not None
         with target.connection.open() as fresh:
-            return current_answers(fresh, target.current) is not None
+            return current_answers(fresh, service) is not None
     except Exception:
         return None
 
@@ -269,8 +292,9 @@ def deploy_plan(target: Target, current_process: str) -> str:
             f"{c.name}{'' if c.threshold is None else f' {c.threshold:g}'}{'' if c.enforce else ' (warn)'}"
             for c in target.criteria
         ),
-        f"on any failure from stopping on: stop the new service, restart `{cur.start_command}` "
-        f"in {cur.workdir}, wait for {cur.health_path} on port {cur.port}",
+        "on any failure from stopping on: stop the new service and start again what served before: the "
+        f"recorded release serving now (`sdxl-deploy releases`), else `{cur.start_command}` in {cur.workdir}; "
+        f"wait for {cur.health_path} on its port",
     ]
     return (
         "Deploy plan for "
@@ -343,12 +367,14 @@ def rollback_sdxl(
     runs_dir: str = "runs",
     force_unlock: bool = False,
 ) -> RunSummary:
-    """Put the old service back: stop the new one, restore from the latest (or a named) backup, verify.
+    """Put the old service back: stop the new one, start the release that served before it (recorded on the
+    box), or, when none did or `backup` is named, restore the current service from its backup; verify.
 
     Args:
         target: The host and both services (ignored when target_file is set).
         target_file: A YAML/JSON target file on the worker's machine.
-        backup: A backup name under backup_root (or a path); default: this deploy's, else the latest.
+        backup: A backup name under backup_root (or a path) of the current service to restore, even when
+            a recorded release served before; default: the release before, else this deploy's backup.
         runs_dir: Where the run directory (summary.json, report.md) is written.
         force_unlock: Clear the host's deploy lock even when its owner cannot be checked from here.
     """
@@ -367,6 +393,4 @@ def rollback_sdxl(
         except StageFailed as failure:
             _finish(run, "failed", str(failure))
             raise RollbackFailed(f"rollback-sdxl {failure}", str(run.dir)) from None
-    return _finish(
-        run, "completed", f"{result.restarted}; old service answering on port {target.current.port}"
-    )
+    return _finish(run, "completed", f"{result.restarted}; old service answering on port {result.port}")

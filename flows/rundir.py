@@ -138,7 +138,7 @@ class RunRecord:
 
     def write_text(self, name: str, text: str) -> Path:
         path = self.dir / name
-        path.write_text(text)
+        path.write_text(text, encoding="utf-8")
         return path
 
     def write_json(self, name: str, data: Any) -> Path:
@@ -154,7 +154,9 @@ class RunRecord:
         return self.summary
 
     def save(self) -> None:
-        (self.dir / "summary.json").write_text(self.summary.model_dump_json(indent=2) + "\n")
+        (self.dir / "summary.json").write_text(
+            self.summary.model_dump_json(indent=2) + "\n", encoding="utf-8"
+        )
 
 
 def report_markdown(summary: RunSummary) -> str:

@@ -19,6 +19,8 @@ from pydantic import BaseModel
 
 from flows.hostfs import read_text, run_checked, write_text
 from flows.hosts import Host, q
+from flows.procs import ProcessInfo, start_detached
+from flows.secrets import resolve_secret
 
 MAX_QUICK_CRASHES = 3
 
@@ -85,6 +87,32 @@ def prepare_supervisor(host: Host, install_dir: str, env: dict[str, str]) -> lis
     write_text(host, env_file, "".join(f"export {name}={q(value)}\n" for name, value in env.items()))
     run_checked(host, f"rm -f -- {q(restarts)}", f"resetting {restarts}")
     return ["sh", script, str(MAX_QUICK_CRASHES)]
+
+
+class Launch(BaseModel):
+    """How a service is started under its supervisor: enough to start it again later, never a secret value
+    (`secret_env` holds references such as `env:SDXL_API_KEY`, resolved again at each start)."""
+
+    argv: list[str]  # the service's own argv; argv[0] is the interpreter
+    workdir: str
+    env: dict[str, str] = {}
+    secret_env: dict[str, str] = {}
+    install_dir: str  # where the supervisor's script, env file and restart record live
+    log_file: str
+    pid_file: str
+
+
+def start_supervised(host: Host, launch: Launch) -> ProcessInfo:
+    """Start `launch.argv` detached under the restart-loop supervisor, secrets resolved now."""
+    env = {**launch.env, **{name: resolve_secret(source) for name, source in launch.secret_env.items()}}
+    supervisor = prepare_supervisor(host, launch.install_dir, env)
+    return start_detached(
+        host,
+        [*supervisor, *launch.argv],
+        workdir=launch.workdir,
+        log_file=launch.log_file,
+        pid_file=launch.pid_file,
+    )
 
 
 def read_restarts(host: Host, install_dir: str) -> Restarts:

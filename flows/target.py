@@ -8,6 +8,7 @@ the host's `$HOME` once connected (`Target.on_host`).
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any, Literal
 
@@ -91,9 +92,14 @@ class Connection(_Model):
 
     def open(self):  # -> flows.hosts.Host
         """Open the host this connection describes (a context manager)."""
-        from flows.hosts import LocalHost, SSHHost
+        from flows.hosts import HostError, LocalHost, SSHHost
 
         if self.kind == "local":
+            if not local_host_supported():
+                raise HostError(
+                    "connection.kind 'local' runs the box's POSIX shell commands on this machine, which is not "
+                    "POSIX (Windows); set connection.kind: ssh and connection.hostname to reach the GPU box"
+                )
             return LocalHost()
         return SSHHost(
             self.hostname or "",
@@ -314,6 +320,12 @@ def expand_home(path: str, home: str) -> str:
     return path
 
 
+def local_host_supported() -> bool:
+    """Whether this machine can itself be the box (`connection.kind: local`): POSIX only. A Windows
+    control side reaches its box over SSH."""
+    return os.name == "posix"
+
+
 def _expand_local(path: str | None) -> str | None:
     return str(Path(path).expanduser()) if path else None
 
@@ -324,7 +336,7 @@ def load_target(path: str | Path) -> Target:
 
     file = Path(path).expanduser()
     try:
-        text = file.read_text()
+        text = file.read_text(encoding="utf-8")
     except OSError as exc:
         raise TargetFileError(f"target file {str(file)!r}: {exc.strerror or exc}") from exc
     try:

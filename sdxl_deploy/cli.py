@@ -13,7 +13,7 @@ app.command("serve")(service_commands.serve)
 app.command("bench-gpu")(service_commands.bench_gpu)
 app.command("bench-unet")(service_commands.bench_unet)
 app.add_typer(service_commands.models_app, name="models")
-for _name in ("deploy", "verify", "rollback", "demo"):
+for _name in ("deploy", "verify", "rollback", "releases", "demo"):
     app.command(_name)(getattr(flow_commands, _name))
 app.command("evaluate")(evaluation_commands.evaluate)
 app.command("report")(evaluation_commands.report)

@@ -18,11 +18,10 @@ from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel
 
 from flows.errors import DeployError
-from flows.hostfs import digests, file_size, make_dirs, read_text, run_checked, write_text
+from flows.hostfs import digests, file_size, make_dirs, read_text, remote_child, run_checked, write_text
 from flows.hosts import Host, q
-from flows.procs import ProcessInfo, start_detached, stop_process, wait_port_free
-from flows.secrets import service_env
-from flows.supervisor import prepare_supervisor
+from flows.procs import ProcessInfo, stop_process, wait_port_free
+from flows.supervisor import Launch, start_supervised
 from flows.target import Target
 from flows.tasks.common import run_logger
 
@@ -42,6 +41,7 @@ class Started(BaseModel):
     log_file: str
     log_offset: int
     install_dir: str = ""  # where its supervisor records restarts
+    launch: Launch | None = None  # how it was started (recorded as a release once the deploy succeeds)
 
 
 def sha256_file(path: Path) -> str:
@@ -85,7 +85,7 @@ def ship_release(host: Host, target: Target, wheel: Path) -> Release:
     version = wheel.name.split("-")[1]
     release_id = f"{version}-{sha[:12]}"
     path = f"{target.new.install_dir}/releases/{release_id}"
-    site, remote_wheel, marker = f"{path}/site", f"{path}/{wheel.name}", f"{path}/site/.installed"
+    site, remote_wheel, marker = f"{path}/site", remote_child(path, wheel), f"{path}/site/.installed"
     if (read_text(host, marker) or "").strip() == sha:
         log.info("release %s is already installed at %s", release_id, path)
         return Release(release_id=release_id, path=path, site=site, wheel_sha256=sha, reused=True)
@@ -148,14 +148,17 @@ def start_new_service(host: Host, target: Target, release: Release) -> Started:
     file and log file; its environment (secrets included) goes through a private env file."""
     new = target.new
     offset = file_size(host, new.log_file) or 0
-    env = {"PYTHONPATH": release.site, **service_env(new)}
-    supervisor = prepare_supervisor(host, new.install_dir, env)
-    process = start_detached(
-        host,
-        [*supervisor, *serve_argv(target)],
+    launch = Launch(
+        argv=serve_argv(target),
         workdir=release.path,
+        env={"PYTHONPATH": release.site, **new.env},
+        secret_env=new.secret_env,
+        install_dir=new.install_dir,
         log_file=new.log_file,
         pid_file=new.pid_file,
     )
+    process = start_supervised(host, launch)
     run_logger().info("started %s under its supervisor, log %s", process.describe(), new.log_file)
-    return Started(process=process, log_file=new.log_file, log_offset=offset, install_dir=new.install_dir)
+    return Started(
+        process=process, log_file=new.log_file, log_offset=offset, install_dir=new.install_dir, launch=launch
+    )

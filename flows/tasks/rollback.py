@@ -1,4 +1,7 @@
-"""Rollback: stop the new service, put back the current one from its backup, and prove it answers.
+"""Rollback: stop the new service, put back the one that served before it, and prove it answers.
+
+What served before is the release a successful deploy recorded (`flows/releases.py`) when the failed
+deploy replaced one, else the target's `current` service (SD1.5), restored from its backup.
 
 Idempotent: each step checks first (is the new one running? does the old one answer already? does each
 file match the backup?), so running it twice, or after a deploy that was interrupted anywhere, is safe.
@@ -15,7 +18,7 @@ from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel
 
 from flows.deploy_state import load_state, save_state
-from flows.errors import RollbackError
+from flows.errors import ReleaseError, RollbackError
 from flows.hostfs import digests, file_size, run_checked, tail_bytes
 from flows.hosts import Host, q
 from flows.procs import (
@@ -29,6 +32,14 @@ from flows.procs import (
     stop_process,
     wait_port_free,
 )
+from flows.releases import (
+    ReleaseRecord,
+    get_release,
+    release_health,
+    restart_release,
+    serving_now,
+)
+from flows.secrets import SecretUnavailable
 from flows.target import CurrentService, Target
 from flows.tasks.backup import BackupFile, latest_backup, verify_backup
 from flows.tasks.common import get_health, is_healthy, run_logger, service_url
@@ -41,6 +52,8 @@ class RollbackResult(BaseModel):
     restarted: str
     health: dict[str, Any] | None
     answering: bool
+    release: int | None = None  # the recorded release put back (None: the target's current service)
+    port: int = 0  # where the service put back answers
 
 
 def current_answers(host: Host, service: CurrentService) -> dict[str, Any] | None:
@@ -88,6 +101,19 @@ def roll_back(host: Host, target: Target, backup: str | None = None) -> Rollback
         stopped = "the new service was not running"
     log.info("rollback: %s", stopped)
 
+    previous = release_before(host, target) if backup is None else None
+    fallback = ""
+    if previous is not None:
+        try:
+            result = restore_release(host, target, previous, stopped)
+        except (ReleaseError, SecretUnavailable) as exc:  # something must answer: SD1.5 from its backup
+            log.warning("rollback: %s; restoring the current service from its backup instead", exc)
+            fallback = f"could not start {previous.describe()} again ({str(exc).splitlines()[0]}); "
+        else:
+            log.info("rollback: %s; health %s", result.restarted, result.health)
+            mark_rolled_back(host, target)
+            return result
+
     backup_dir: str | None = None
     service = target.current
     restored: list[str] = []
@@ -106,12 +132,9 @@ def roll_back(host: Host, target: Target, backup: str | None = None) -> Rollback
             process = restart_current(host, service, target.new.install_dir)
             health = wait_healthy(host, service, process)
             restarted = f"restarted {process.describe()} from {backup_dir}"
+    restarted = fallback + restarted
     log.info("rollback: %s; health %s", restarted, health)
-
-    state = load_state(host, target)
-    if state:
-        state.status, state.stage = "rolled_back", "rollback"
-        save_state(host, target, state)
+    mark_rolled_back(host, target)
     return RollbackResult(
         backup_dir=backup_dir,
         stopped_new=stopped,
@@ -119,6 +142,46 @@ def roll_back(host: Host, target: Target, backup: str | None = None) -> Rollback
         restarted=restarted,
         health=health,
         answering=health is not None,
+        port=service.port,
+    )
+
+
+def mark_rolled_back(host: Host, target: Target) -> None:
+    state = load_state(host, target)
+    if state:
+        state.status, state.stage = "rolled_back", "rollback"
+        save_state(host, target, state)
+
+
+def release_before(host: Host, target: Target) -> ReleaseRecord | None:
+    """The recorded release that served before the deploy being rolled back (None: `current` did)."""
+    state = load_state(host, target)
+    if state is None or state.previous_release is None:
+        return None
+    try:
+        return get_release(host, target, state.previous_release)
+    except ReleaseError as exc:  # its record is gone: the current service from its backup, then
+        run_logger().warning("rollback: %s", exc)
+        return None
+
+
+def restore_release(host: Host, target: Target, record: ReleaseRecord, stopped: str) -> RollbackResult:
+    """Start the earlier release again under its supervisor with its own argv (unless it already serves)."""
+    health = release_health(host, record) if serving_now(host, record) else None
+    if health is not None:
+        restarted = f"{record.describe()} already answers on port {record.port}"
+    else:
+        health = restart_release(host, target, record, target.new.ready_timeout_s)
+        restarted = f"restarted {record.describe()} as {record.process.describe()}"
+    return RollbackResult(
+        backup_dir=None,
+        stopped_new=stopped,
+        restored_files=[],
+        restarted=restarted,
+        health=health,
+        answering=True,
+        release=record.id,
+        port=record.port,
     )
 
 
