@@ -191,6 +191,10 @@ def test_ssh_deploy_tunnel_verify_and_rollback(
         assert gates["tunnel"]["verdict"] == "pass" and "local port forward" in gates["tunnel"]["observed"]
         assert gates["app_request"]["verdict"] == "pass"
         assert current_answers(local, target.current)["model"] == "tiny-sdxl"
+        # The prober reached the app's port through its own port forward and saw the stop-first outage.
+        downtime = summary["downtime"]
+        assert downtime["probes"] > 0 and downtime["longest_outage_s"] > 0 and not downtime["still_down"]
+        assert downtime["failed_requests"] < downtime["probes"]  # it saw the service before and after
 
         verified = verify_sdxl(target=target, runs_dir=runs, return_state=True)
         assert verified.is_completed(), verified.message
