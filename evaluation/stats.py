@@ -1,15 +1,28 @@
 """Paired comparison statistics: per-prompt differences, bootstrap 95% CI of the mean, win rate, verdict.
 
 The unit is the prompt: a prompt's score is the mean over its seeds, and the difference is candidate minus
-baseline on the same prompt and seeds. The verdict is a non-inferiority call on the CI's lower bound:
+baseline on the same prompt and seeds. The verdict reads the CI against the margin, with three outcomes
+(as Argo Rollouts' analysis has: successful, failed, inconclusive):
 
-- "better": the whole CI is above 0;
-- "not worse within margin": the CI's lower bound is above `-margin`;
-- "worse": a drop larger than the margin cannot be ruled out.
+- "better" (pass): the whole CI is above 0;
+- "not worse within margin" (pass): the CI's lower end is above `-margin`;
+- "worse" (fail): the evidence says worse: the candidate is significantly worse (the whole CI below 0) AND
+  its estimated drop (the CI's centre, which the percentile bootstrap puts at about the mean difference)
+  is larger than the margin. This includes the textbook
+  non-inferiority failure (the whole CI below `-margin`), and also catches drops near or past the margin
+  that the textbook rule would leave inconclusive at a dozen prompts (tests/test_verdict.py measures both);
+  an equal candidate is called worse in under 2.5% of comparisons (the CI's upper end falls below 0 that
+  rarely);
+- "inconclusive": anything else: the comparison is too small to tell (the CI straddles `-margin` and the
+  evidence does not say worse). It is not a failure; a person decides.
+
+`comparison_size` gives the number of prompts that makes two equal services pass with a given probability.
 """
 
 from __future__ import annotations
 
+import math
+from statistics import NormalDist
 from typing import TYPE_CHECKING, Literal
 
 import numpy as np
@@ -18,8 +31,16 @@ from pydantic import BaseModel
 if TYPE_CHECKING:
     import pandas as pd
 
-Verdict = Literal["better", "not worse within margin", "worse"]
-VERDICTS: tuple[Verdict, ...] = ("better", "not worse within margin", "worse")
+Verdict = Literal["better", "not worse within margin", "inconclusive", "worse"]
+VERDICTS: tuple[Verdict, ...] = ("better", "not worse within margin", "inconclusive", "worse")
+# What a gate does with a verdict.
+Outcome = Literal["pass", "fail", "inconclusive"]
+OUTCOMES: dict[Verdict, Outcome] = {
+    "better": "pass",
+    "not worse within margin": "pass",
+    "inconclusive": "inconclusive",
+    "worse": "fail",
+}
 BOOTSTRAP_SEED = 20240601
 
 
@@ -64,14 +85,57 @@ def win_rate(diffs: np.ndarray | list[float]) -> float:
 
 
 def verdict(ci_low: float, ci_high: float, margin: float) -> Verdict:
-    """Non-inferiority call on the CI of candidate minus baseline (see the module docstring)."""
+    """The call on the CI of candidate minus baseline (see the module docstring)."""
     if margin < 0:
         raise ValueError(f"margin must be >= 0, got {margin}")
+    if ci_low > ci_high:
+        raise ValueError(f"ci_low must not be above ci_high, got [{ci_low}, {ci_high}]")
     if ci_low > 0:
         return "better"
     if ci_low > -margin:
         return "not worse within margin"
-    return "worse"
+    if ci_high < 0 and (ci_low + ci_high) / 2 < -margin:
+        return "worse"
+    return "inconclusive"
+
+
+def outcome(call: Verdict) -> Outcome:
+    """pass, fail or inconclusive: what a gate does with the verdict."""
+    return OUTCOMES[call]
+
+
+def comparison_size(
+    score_sd: float,
+    margin: float,
+    probability: float = 0.95,
+    *,
+    correlation: float = 0.0,
+    confidence: float = 0.95,
+) -> int:
+    """Prompts to compare so that two services of equal quality pass (the CI's lower end above `-margin`)
+    with `probability`.
+
+    `score_sd`: the SD of one service's per-prompt scores, as the baseline shows it. `correlation`: between
+    the two services' scores on the same prompt (0, the default, assumes none: the safe side when only the
+    baseline is known; the same model twice is close to 1). A per-prompt difference then has SD
+    `d = score_sd * sqrt(2 * (1 - correlation))`; over n prompts its mean is about N(0, d^2/n) and the CI's
+    lower end about mean - z_ci * d / sqrt(n), so P(pass) = Phi(margin * sqrt(n) / d - z_ci), which reaches
+    `probability` at n = ((z_ci + z_p) * d / margin)^2.
+    """
+    if score_sd < 0 or not math.isfinite(score_sd):
+        raise ValueError(f"score_sd must be a finite number >= 0, got {score_sd}")
+    if margin <= 0:
+        raise ValueError(f"margin must be > 0 to size a comparison, got {margin}")
+    if not 0.5 <= probability < 1:
+        raise ValueError(f"probability must be in [0.5, 1), got {probability}")
+    if not -1 <= correlation <= 1:
+        raise ValueError(f"correlation must be in [-1, 1], got {correlation}")
+    if not 0 < confidence < 1:
+        raise ValueError(f"confidence must be between 0 and 1, got {confidence}")
+    normal = NormalDist()
+    z_ci, z_p = normal.inv_cdf(1 - (1 - confidence) / 2), normal.inv_cdf(probability)
+    diff_sd = score_sd * math.sqrt(2 * (1 - correlation))
+    return max(2, math.ceil(((z_ci + z_p) * diff_sd / margin) ** 2))
 
 
 def paired_stats(

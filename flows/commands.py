@@ -158,6 +158,9 @@ def print_summary(summary_path: Path, console: Any = None) -> dict[str, Any]:
     from rich.console import Console
     from rich.table import Table
 
+    from flows.prober import Downtime
+    from flows.tasks.gates import shown_verdict
+
     console = console or Console()
     summary = json.loads(summary_path.read_text(encoding="utf-8"))
     colour = {"completed": "green", "failed": "red", "dry-run": "cyan"}.get(summary["status"], "yellow")
@@ -174,7 +177,13 @@ def print_summary(summary_path: Path, console: Any = None) -> dict[str, Any]:
         gates = Table(title="success criteria", title_justify="left")
         for column in ("criterion", "threshold", "observed", "mode", "verdict"):
             gates.add_column(column, overflow="fold")
-        verdict_colour = {"pass": "green", "fail": "red", "warn": "yellow", "n/a": "dim"}
+        verdict_colour = {
+            "pass": "green",
+            "fail": "red",
+            "warn": "yellow",
+            "n/a": "dim",
+            "inconclusive": "magenta",
+        }
         for row in summary["gates"]:
             threshold = "" if row["threshold"] is None else f"{row['threshold']:g}"
             verdict = row["verdict"]
@@ -183,9 +192,11 @@ def print_summary(summary_path: Path, console: Any = None) -> dict[str, Any]:
                 threshold,
                 row["observed"][:120],
                 "enforce" if row["enforce"] else "warn",
-                f"[{verdict_colour[verdict]}]{verdict}[/]",
+                f"[{verdict_colour[verdict]}]{shown_verdict(verdict)}[/]",
             )
         console.print(gates)
+    if summary.get("downtime"):
+        console.print(f"downtime: {Downtime.model_validate(summary['downtime']).describe()}", markup=False)
     console.print(summary["message"], markup=False)
     if summary["rolled_back"] or summary["failed_stage"]:
         console.print(

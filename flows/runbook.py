@@ -19,6 +19,7 @@ from flows.errors import DeployFailed, RollbackFailed, VerifyFailed
 from flows.hostfs import home_dir
 from flows.hosts import Host
 from flows.lock import host_lock, new_owner
+from flows.prober import watch_downtime
 from flows.procs import find_service
 from flows.releases import record_release, release_of
 from flows.rundir import RunRecord, RunSummary, StageFailed, report_markdown
@@ -108,6 +109,7 @@ def deploy_sdxl(
             with run.stage("preflight"):
                 host, target = connect(stack, target)
                 take_lock(stack, host, target, run, force_unlock)
+                prober = None if dry_run else stack.enter_context(watch_downtime(run, host, target))
                 interrupted = interrupted_deploy(host, target)
                 if interrupted and not dry_run:
                     run.summary.facts["recovered"] = recover(host, target, interrupted)
@@ -166,7 +168,12 @@ def deploy_sdxl(
             with run.stage("gate"):
                 quality = assess_quality(host, target, baseline, run.dir / "quality", quality_margin(target))
                 evidence = Evidence(
-                    health=ready.health, benchmark=bench, app=app, log_scan=log_scan, quality=quality
+                    health=ready.health,
+                    benchmark=bench,
+                    app=app,
+                    log_scan=log_scan,
+                    quality=quality,
+                    downtime=prober.downtime() if prober else None,
                 )
                 gates = evaluate_gates(target.criteria, evidence, artifact_key="sdxl-deploy-gates")
                 run.record_gates(gates)
@@ -385,6 +392,7 @@ def rollback_sdxl(
             with run.stage("rollback"):
                 host, target = connect(stack, target)
                 take_lock(stack, host, target, run, force_unlock)
+                stack.enter_context(watch_downtime(run, host, target))
                 result = roll_back(host, target, backup)
                 run.summary.facts["rollback"] = result.model_dump()
                 run.summary.backup_dir = result.backup_dir

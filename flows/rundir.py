@@ -19,6 +19,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, Field
 
 from flows.errors import RehearsedFailure, StageFailed
+from flows.prober import Downtime
 from flows.target import Target
 from flows.tasks.common import run_logger
 from flows.tasks.gates import GateReport, GateRow, gates_markdown
@@ -54,6 +55,7 @@ class RunSummary(BaseModel):
     new_service_answering: bool | None = None
     backup_dir: str | None = None
     release_id: str | None = None
+    downtime: Downtime | None = None
     facts: dict[str, Any] = Field(default_factory=dict)
 
 
@@ -83,6 +85,7 @@ class RunRecord:
         self.dir = make_run_dir(runs_dir, flow)
         self.fail_at = fail_at
         self.on_stage: Callable[[str], None] | None = None
+        self.before_finish: list[Callable[[], None]] = []  # e.g. the downtime prober's last record
         self._started = time.monotonic()
         self.summary = RunSummary(
             flow=flow,
@@ -145,6 +148,8 @@ class RunRecord:
         return self.write_text(name, json.dumps(data, indent=2, default=str) + "\n")
 
     def finish(self, status: RunStatus, message: str) -> RunSummary:
+        for hook in self.before_finish:
+            hook()
         self.summary.status = status
         self.summary.message = message
         self.summary.finished_at = _now().isoformat(timespec="seconds")
@@ -171,6 +176,11 @@ def report_markdown(summary: RunSummary) -> str:
         lines.append(f"- {summary.message}")
     if summary.backup_dir:
         lines.append(f"- backup: `{summary.backup_dir}`")
+    for row in summary.gates:
+        if row.verdict == "inconclusive":
+            lines.append(f"- {row.criterion}: **INCONCLUSIVE**, a person should look: {row.observed}")
+    if summary.downtime:
+        lines.append(f"- downtime: {summary.downtime.describe()}")
     if summary.failed_stage or summary.rolled_back:
         lines.append(
             f"- rolled back: {'yes' if summary.rolled_back else 'no'}; old service answering afterwards: "

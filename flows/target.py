@@ -46,6 +46,7 @@ CriterionName = Literal[
     "no_cuda_errors",
     "peak_vram_gb",
     "quality",
+    "max_downtime_s",
 ]
 
 
@@ -67,6 +68,8 @@ DEFAULT_CRITERIA: tuple[Criterion, ...] = (
     Criterion(name="no_cuda_errors"),
     Criterion(name="peak_vram_gb", threshold=20),
     Criterion(name="quality", threshold=1.0),  # margin in CLIP points (non-inferiority)
+    # Longest outage the app saw (s). Report-only while the upgrade stops the old service first.
+    Criterion(name="max_downtime_s", threshold=1.0, enforce=False),
 )
 
 
@@ -258,6 +261,23 @@ class QualityCheck(_Model):
     scorer_weights: str | None = Field("openai", description="open_clip weights tag or checkpoint file.")
 
 
+class ProbeSettings(_Model):
+    """The downtime prober: `/health` and the app's request sent to the app's port for the whole flow."""
+
+    enabled: bool = Field(True, description="Off: no probing; the max_downtime_s row reads 'not measured'.")
+    health_every_s: float = Field(0.25, gt=0, le=60, description="Seconds between /health probes.")
+    health_timeout_s: float = Field(5.0, gt=0, description="A /health probe slower than this fails.")
+    app_pause_s: float = Field(
+        5.0,
+        ge=0,
+        description="Seconds between the answer to one app-request probe and the next (one in flight).",
+    )
+    app_timeout_s: float = Field(120.0, gt=0, description="An app-request probe slower than this fails.")
+    max_duration_s: float = Field(
+        4 * 3600.0, gt=0, description="The prober stops by itself after this long, even if the flow has not."
+    )
+
+
 class Paths(_Model):
     """Where backups go and how many to keep."""
 
@@ -274,6 +294,7 @@ class Target(_Model):
     workload: Workload = Field(default_factory=Workload)
     paths: Paths = Field(default_factory=Paths)
     quality: QualityCheck = Field(default_factory=QualityCheck)
+    probe: ProbeSettings = Field(default_factory=ProbeSettings)
     criteria: list[Criterion] = Field(
         default_factory=lambda: [c.model_copy() for c in DEFAULT_CRITERIA],
         description="Success criteria: name, threshold, enforce (or warn only).",

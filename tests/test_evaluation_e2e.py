@@ -198,7 +198,12 @@ def test_the_report_shows_images_and_charts_in_chromium(evaluation: EvaluationRe
     _run_chromium(["--window-size=1280,1400", f"--screenshot={shot}", report.as_uri()], tmp_path / "profile2")
     with Image.open(shot) as image:
         pixels = image.convert("RGB")
-        tone = {"better": (21, 128, 61), "not worse within margin": (180, 83, 9), "worse": (185, 28, 28)}
+        tone = {
+            "better": (21, 128, 61),
+            "not worse within margin": (180, 83, 9),
+            "inconclusive": (100, 116, 139),
+            "worse": (185, 28, 28),
+        }
         hits = sum(1 for p in pixels.getdata() if p == tone[evaluation.verdict])
         assert hits > 20_000, "the verdict panel is painted in its colour"
         assert len(set(pixels.crop((0, 0, 1280, 1400)).getdata())) > 500, "charts and images add many colours"

@@ -128,9 +128,9 @@ def test_win_rate_counts_ties_as_half() -> None:
     [
         ((0.1, 2.0), 1.0, "better"),
         ((-0.5, 1.0), 1.0, "not worse within margin"),
-        ((-1.0, 1.0), 1.0, "worse"),  # the lower bound must be strictly above -margin
+        ((-1.0, 1.0), 1.0, "inconclusive"),  # the lower bound must be strictly above -margin to pass
         ((-3.0, -2.0), 1.0, "worse"),
-        ((-0.1, 0.5), 0.0, "worse"),
+        ((-0.1, 0.5), 0.0, "inconclusive"),  # not shown to be as good, nor shown to be worse
     ],
 )
 def test_verdict_is_a_non_inferiority_call_on_the_ci(
@@ -184,7 +184,8 @@ def test_per_prompt_means_over_seeds_and_category_breakdown() -> None:
     assert overall.win_rate == pytest.approx(2 / 3)
     by = categories.set_index("category")
     assert by.loc["faces", "mean_diff"] == 3.0 and by.loc["faces", "n"] == 2
-    assert by.loc["text", "mean_diff"] == -1.0 and by.loc["text", "verdict"] == "worse"
+    # one prompt, a drop of exactly the margin: not shown to be worse by MORE than the margin
+    assert by.loc["text", "mean_diff"] == -1.0 and by.loc["text", "verdict"] == "inconclusive"
 
 
 def test_timing_summary_known_answers() -> None:

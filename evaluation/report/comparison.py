@@ -47,7 +47,7 @@ def comparison_context(run_dir: Path, history_file: str | Path | None) -> dict[s
             "CLIP score: candidate not worse than baseline by more than the margin",
             f"margin {result.margin:g} CLIP points",
             f"diff {o.mean_diff:+.2f}, 95% CI [{o.ci_low:+.2f}, {o.ci_high:+.2f}]",
-            "pass" if result.verdict != "worse" else "fail",
+            {"worse": "fail", "inconclusive": "inconclusive"}.get(result.verdict, "pass"),
         ),
         gate_row(
             "Every candidate request answered with an image",

@@ -18,7 +18,7 @@ if TYPE_CHECKING:
 THUMBNAIL_PX = 320
 COLORS = {"baseline": "#64748b", "candidate": "#4f46e5", "deployed": "#4f46e5"}
 TONES = {"good": "#15803d", "ok": "#b45309", "bad": "#b91c1c", "muted": "#94a3b8"}
-VERDICT_TONE = {"better": "good", "not worse within margin": "ok", "worse": "bad"}
+VERDICT_TONE = {"better": "good", "not worse within margin": "ok", "inconclusive": "muted", "worse": "bad"}
 TIMING_HEADER = ["", "images", "p50 latency", "p95 latency", "steps/s", "images/h", "peak VRAM"]
 REAL_MODELS_NOTE = (
     "Real quality numbers come from the real models: run the same evaluation between the SD1.5 and "

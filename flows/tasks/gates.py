@@ -12,12 +12,16 @@ from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel
 
 from flows.errors import GateFailed
+from flows.prober import Downtime
 from flows.target import Criterion
 from flows.tasks.benchmark import BenchmarkResult, LogScan
 from flows.tasks.common import run_logger
 from flows.tasks.tunnel import AppCheck
 
-Verdict = Literal["pass", "fail", "warn", "n/a"]
+# "inconclusive": the evidence cannot tell (so far only the quality comparison says it); it does not fail
+# the deploy, and the summary, the report and the console show it in capitals.
+Verdict = Literal["pass", "fail", "warn", "n/a", "inconclusive"]
+INCONCLUSIVE: Literal["inconclusive"] = "inconclusive"
 
 DESCRIPTIONS: dict[str, str] = {
     "model_loaded": "Health endpoint reports the model loaded",
@@ -29,6 +33,7 @@ DESCRIPTIONS: dict[str, str] = {
     "no_cuda_errors": "No CUDA errors or tracebacks in the service log",
     "peak_vram_gb": "Peak VRAM below threshold (GB)",
     "quality": "CLIP score not worse than the current model (by more than threshold)",
+    "max_downtime_s": "Longest outage the app saw during the run below threshold (s)",
 }
 
 
@@ -37,8 +42,9 @@ class QualityResult(BaseModel):
 
     current_score: float | None
     new_score: float | None
-    passed: bool
+    passed: bool  # the evidence does not say worse (a pass, or an inconclusive comparison)
     detail: str
+    inconclusive: bool = False  # too little evidence to call it either way
 
 
 class Evidence(BaseModel):
@@ -49,6 +55,7 @@ class Evidence(BaseModel):
     app: AppCheck | None = None
     log_scan: LogScan | None = None
     quality: QualityResult | None = None
+    downtime: Downtime | None = None
 
 
 class GateRow(BaseModel):
@@ -71,12 +78,18 @@ class GateReport(BaseModel):
     def failures(self) -> list[GateRow]:
         return [row for row in self.rows if row.verdict == "fail"]
 
+    @property
+    def inconclusive(self) -> list[GateRow]:
+        return [row for row in self.rows if row.verdict == INCONCLUSIVE]
+
     def table(self) -> list[dict[str, Any]]:
         return [row.model_dump() for row in self.rows]
 
 
-# Each check returns (ok, observed); ok None = not applicable (or no evidence yet).
-Check = Callable[[Evidence, Criterion], tuple[bool | None, str]]
+# Each check returns (ok, observed); ok None = not applicable (or no evidence yet), "inconclusive" = the
+# evidence cannot tell.
+Outcome = bool | None | Literal["inconclusive"]
+Check = Callable[[Evidence, Criterion], tuple[Outcome, str]]
 
 
 def _model_loaded(ev: Evidence, c: Criterion) -> tuple[bool | None, str]:
@@ -144,10 +157,17 @@ def _peak_vram(ev: Evidence, c: Criterion) -> tuple[bool | None, str]:
     return ok, f"{bench.peak_vram_gb:.1f} GB"
 
 
-def _quality(ev: Evidence, c: Criterion) -> tuple[bool | None, str]:
+def _quality(ev: Evidence, c: Criterion) -> tuple[Outcome, str]:
     if ev.quality is None:
         return None, "not compared (quality.enabled is off; verify-sdxl does not compare)"
-    return ev.quality.passed, ev.quality.detail
+    return INCONCLUSIVE if ev.quality.inconclusive else ev.quality.passed, ev.quality.detail
+
+
+def _max_downtime(ev: Evidence, c: Criterion) -> tuple[bool | None, str]:
+    if ev.downtime is None:
+        return None, "not measured (probe.enabled is off, or verify-sdxl: nothing is switched)"
+    ok = c.threshold is None or ev.downtime.longest_outage_s <= c.threshold
+    return ok, ev.downtime.describe()
 
 
 CHECKS: dict[str, Check] = {
@@ -160,15 +180,20 @@ CHECKS: dict[str, Check] = {
     "no_cuda_errors": _no_cuda_errors,
     "peak_vram_gb": _peak_vram,
     "quality": _quality,
+    "max_downtime_s": _max_downtime,
 }
 
 
 def judge(criteria: list[Criterion], evidence: Evidence) -> GateReport:
-    """One row per criterion: pass, fail (enforced), warn (failed but warn-only) or n/a."""
+    """One row per criterion: pass, fail (enforced), warn (failed but warn-only), n/a or inconclusive."""
     rows = []
     for criterion in criteria:
         ok, observed = CHECKS[criterion.name](evidence, criterion)
-        verdict: Verdict = "n/a" if ok is None else "pass" if ok else "fail" if criterion.enforce else "warn"
+        verdict: Verdict
+        if ok == INCONCLUSIVE:
+            verdict = INCONCLUSIVE
+        else:
+            verdict = "n/a" if ok is None else "pass" if ok else "fail" if criterion.enforce else "warn"
         rows.append(
             GateRow(
                 criterion=criterion.name,
@@ -189,7 +214,9 @@ def evaluate_gates(criteria: list[Criterion], evidence: Evidence, artifact_key: 
     create_table_artifact(
         key=artifact_key,
         table=report.table(),
-        description="Success criteria of the SDXL deploy: " + ("PASSED" if report.passed else "FAILED"),
+        description="Success criteria of the SDXL deploy: "
+        + ("PASSED" if report.passed else "FAILED")
+        + "".join(f"; {row.criterion} INCONCLUSIVE" for row in report.inconclusive),
     )
     log = run_logger()
     for row in report.rows:
@@ -204,11 +231,18 @@ def require_passed(report: GateReport) -> None:
         raise GateFailed(f"enforced success criteria failed: {failed}")
 
 
+def shown_verdict(verdict: str) -> str:
+    """How a verdict is shown: in capitals when the evidence could not tell, so nobody reads past it."""
+    return verdict.upper() if verdict == INCONCLUSIVE else verdict
+
+
 def gates_markdown(report: GateReport) -> str:
     lines = ["| criterion | threshold | observed | mode | verdict |", "|---|---|---|---|---|"]
     for row in report.rows:
         threshold = "" if row.threshold is None else f"{row.threshold:g}"
         mode = "enforce" if row.enforce else "warn"
         observed = row.observed.replace("|", "\\|").replace("\n", " ")
-        lines.append(f"| {row.criterion} | {threshold} | {observed} | {mode} | **{row.verdict}** |")
+        lines.append(
+            f"| {row.criterion} | {threshold} | {observed} | {mode} | **{shown_verdict(row.verdict)}** |"
+        )
     return "\n".join(lines)

@@ -4,9 +4,11 @@ The deploy cannot run both services at once (one port, one GPU), so the comparis
 switch: `collect_baseline` sends the prompts to the current service before it is stopped, and
 `assess_quality` sends the same prompts and seeds to the new one after warm-up, scores both sets here
 with CLIP, writes the comparison's run directory and report, publishes its Prefect artifacts
-(`flows.artifacts`) and applies `evaluation.compare.quality_gate` with the `quality` criterion's
-threshold as the margin. A comparison that cannot run becomes a failed (by default warn-only) quality
-row, never a crash.
+(`flows.artifacts`) and judges the difference with the `quality` criterion's threshold as the margin.
+Three outcomes (`evaluation.stats.verdict`): pass, fail (the evidence says worse, or a candidate request
+failed) and inconclusive (too few prompts to tell: the row says INCONCLUSIVE and, for now, does not fail
+the deploy; it names how many prompts the baseline's spread calls for). A comparison that cannot run
+becomes a failed quality row, never a crash.
 """
 
 from __future__ import annotations
@@ -75,8 +77,8 @@ def assess_quality(
 
     from evaluation.clip_score import load_scorer, score_generations
     from evaluation.collect import collect
-    from evaluation.compare import quality_gate
     from evaluation.evaluate import write_evaluation
+    from evaluation.stats import per_prompt
     from flows.artifacts import publish_evaluation
 
     check = target.quality
@@ -107,7 +109,7 @@ def assess_quality(
             margin=margin,
         )
         publish_evaluation(result)
-        passed, detail = quality_gate(result, margin)
+        judged = judge_comparison(result, per_prompt(scored)["baseline"], margin)
     except Exception as exc:
         return QualityResult(
             current_score=None,
@@ -115,9 +117,43 @@ def assess_quality(
             passed=False,
             detail=f"quality comparison failed: {type(exc).__name__}: {exc}",
         )
+    run_logger().info("quality: %s; report %s", judged.detail, result.report)
+    return judged
+
+
+def judge_comparison(result: Any, baseline_scores: Any, margin: float) -> QualityResult:
+    """Pass, fail (worse, or a candidate request failed) or inconclusive, from a finished comparison
+    (`evaluation.compare.EvaluationResult`); `baseline_scores`: the baseline's per-prompt scores."""
+    from evaluation.compare import quality_gate
+    from evaluation.stats import outcome, verdict
+
+    passed, detail = quality_gate(result, margin)
+    o = result.overall
+    inconclusive = passed and outcome(verdict(o.ci_low, o.ci_high, margin)) == "inconclusive"
+    if inconclusive:
+        detail += "; " + sizing_hint(baseline_scores, margin, len(result.seeds))
     if result.stand_ins:
         detail += " (random-weight stand-ins: not a real quality signal)"
-    run_logger().info("quality: %s; report %s", detail, result.report)
     return QualityResult(
-        current_score=result.baseline_score, new_score=result.candidate_score, passed=passed, detail=detail
+        current_score=result.baseline_score,
+        new_score=result.candidate_score,
+        passed=passed,
+        inconclusive=inconclusive,
+        detail=detail,
+    )
+
+
+def sizing_hint(baseline_scores: Any, margin: float, seeds: int, probability: float = 0.95) -> str:
+    """How many prompts the baseline's per-prompt spread calls for (`evaluation.stats.comparison_size`)."""
+    import numpy as np
+
+    from evaluation.stats import comparison_size
+
+    if len(baseline_scores) < 2 or margin <= 0:
+        return "too few prompts to estimate their spread: raise quality.prompt_limit"
+    spread = float(np.std(np.asarray(baseline_scores, dtype=float), ddof=1))
+    needed = comparison_size(spread, margin, probability)
+    return (
+        f"with the baseline's per-prompt SD of {spread:.2f} CLIP points, two equal services pass "
+        f"{probability:.0%} of the time at {needed} prompts x {seeds} seed(s) (quality.prompt_limit)"
     )

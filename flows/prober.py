@@ -1,0 +1,282 @@
+"""Downtime, always measured: an independent prober sends `/health` and the app's own request to the app's
+port for the whole flow (rollback included), records every probe, and turns the record into outages.
+
+Two threads, each with its own httpx client and its own way to the port (an SSH port forward on a remote
+target, the port itself on a local one): `/health` every `health_every_s` (0.25 s), and the app's request
+one at a time, `app_pause_s` after the previous answer, so the probe never floods a GPU that serves one
+generation at a time. An outage is a run of consecutive failed probes (both kinds, in the order they were
+sent); it lasts from the last success before it to the first success after it (or to the last probe, when
+the service never came back). The prober stops by itself after `max_duration_s`, and `stop()` waits a
+bounded time.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager, ExitStack, contextmanager
+from datetime import datetime, timezone
+from typing import TYPE_CHECKING, Any, Literal
+
+import httpx
+from pydantic import BaseModel, Field
+
+from flows.secrets import api_key
+from flows.tasks.common import is_healthy, run_logger, service_url
+
+if TYPE_CHECKING:
+    from flows.hosts import Host
+    from flows.rundir import RunRecord
+    from flows.target import ProbeSettings, Target
+
+ProbeKind = Literal["health", "app"]
+# How the upgrade treats the app: "stop-first" (the only mode until the staged start exists) or "staged".
+DowntimeMode = Literal["stop-first", "staged"]
+STOP_WAIT_S = 5.0  # how long stop() waits for a probe in flight before leaving its answer out
+
+
+class Probe(BaseModel):
+    """One request of the prober: when it was sent (seconds since the prober started), and its answer."""
+
+    kind: ProbeKind
+    at_s: float
+    ok: bool
+    status: int | None = None  # HTTP status; None when nothing answered
+    latency_s: float
+    error: str = ""
+
+
+class Outage(BaseModel):
+    """Consecutive failed probes: from the last success before them to the first success after them."""
+
+    start_s: float
+    end_s: float
+    failed: int
+    ended: bool  # False: no success came after it (the service was still down at the last probe)
+
+    @property
+    def seconds(self) -> float:
+        return round(self.end_s - self.start_s, 3)
+
+
+class Downtime(BaseModel):
+    """What the app saw during the flow, in `summary.json` and judged by the `max_downtime_s` gate."""
+
+    mode: DowntimeMode
+    longest_outage_s: float
+    failed_requests: int = Field(description="Failed probes of both kinds.")
+    probes: int
+    outages: int
+    total_outage_s: float
+    still_down: bool = Field(
+        description="The last probe failed: the outage had not ended when probing stopped."
+    )
+    failed_app_requests: int
+    app_requests: int
+    started_at: str | None = None
+
+    def describe(self) -> str:
+        if not self.probes:
+            return f"{self.mode}: no probe was sent"
+        down = "; STILL DOWN at the last probe" if self.still_down else ""
+        return (
+            f"{self.mode}: longest outage {self.longest_outage_s:.2f} s ({self.outages} outage(s), "
+            f"{self.total_outage_s:.2f} s in all); {self.failed_requests} of {self.probes} probes failed, "
+            f"{self.failed_app_requests} of {self.app_requests} app requests{down}"
+        )
+
+
+def find_outages(probes: Sequence[Probe]) -> list[Outage]:
+    """The runs of consecutive failed probes, in the order the probes were sent."""
+    outages: list[Outage] = []
+    last_ok: float | None = None
+    start = end = 0.0
+    failed = 0
+    for probe in sorted(probes, key=lambda p: p.at_s):
+        if probe.ok:
+            if failed:
+                outages.append(Outage(start_s=start, end_s=probe.at_s, failed=failed, ended=True))
+                failed = 0
+            last_ok = probe.at_s
+        else:
+            if not failed:
+                start = probe.at_s if last_ok is None else last_ok
+            failed += 1
+            end = probe.at_s
+    if failed:
+        outages.append(Outage(start_s=start, end_s=end, failed=failed, ended=False))
+    return outages
+
+
+def summarize(probes: Sequence[Probe], mode: DowntimeMode, started_at: str | None = None) -> Downtime:
+    """The downtime numbers of a probe record."""
+    outages = find_outages(probes)
+    app = [p for p in probes if p.kind == "app"]
+    return Downtime(
+        mode=mode,
+        longest_outage_s=max((o.seconds for o in outages), default=0.0),
+        failed_requests=sum(not p.ok for p in probes),
+        probes=len(probes),
+        outages=len(outages),
+        total_outage_s=round(sum(o.seconds for o in outages), 3),
+        still_down=bool(outages) and not outages[-1].ended,
+        failed_app_requests=sum(not p.ok for p in app),
+        app_requests=len(app),
+        started_at=started_at,
+    )
+
+
+class Prober:
+    """Probes one service port from two threads until stopped (or `max_duration_s` passed)."""
+
+    def __init__(
+        self,
+        open_url: Callable[[], AbstractContextManager[str]],
+        app_request: dict[str, Any],
+        settings: ProbeSettings,
+        mode: DowntimeMode = "stop-first",
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        self.open_url, self.app_request, self.settings, self.mode = open_url, app_request, settings, mode
+        self.headers = headers or {}
+        self._probes: list[Probe] = []
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._closed = False
+        self._threads: list[threading.Thread] = []
+        self._t0 = 0.0
+        self.started_at: str | None = None
+
+    def start(self) -> Prober:
+        self._t0 = time.monotonic()
+        self.started_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        for kind in ("health", "app"):
+            thread = threading.Thread(target=self._loop, args=(kind,), name=f"prober-{kind}", daemon=True)
+            self._threads.append(thread)
+            thread.start()
+        return self
+
+    def stop(self) -> Downtime:
+        """Stop probing (waits at most about `STOP_WAIT_S` per thread) and return the downtime."""
+        self._stop.set()
+        deadline = time.monotonic() + STOP_WAIT_S + self.settings.health_timeout_s
+        for thread in self._threads:
+            thread.join(timeout=max(deadline - time.monotonic(), 0.1))
+        with self._lock:
+            self._closed = True  # a probe still in flight is left out
+        return self.downtime()
+
+    @property
+    def probes(self) -> list[Probe]:
+        with self._lock:
+            return list(self._probes)
+
+    def downtime(self) -> Downtime:
+        """The downtime so far (the gate reads it while the prober runs)."""
+        return summarize(self.probes, self.mode, self.started_at)
+
+    def _elapsed(self) -> float:
+        return time.monotonic() - self._t0
+
+    def _loop(self, kind: ProbeKind) -> None:
+        with httpx.Client() as client, ExitStack() as way:
+            url: str | None = None
+            while not self._stop.is_set() and self._elapsed() < self.settings.max_duration_s:
+                sent = self._elapsed()
+                try:
+                    url = url or way.enter_context(self.open_url())
+                    probe = self._send(client, kind, url, sent)
+                except Exception as exc:  # the SSH link is down: a failed probe; the next one tries again
+                    probe = Probe(kind=kind, at_s=round(sent, 3), ok=False, latency_s=0.0, error=_short(exc))
+                if probe.status is None:  # no answer: the next probe opens a fresh way (a new port forward)
+                    way.close()
+                    url = None
+                with self._lock:
+                    if self._closed:
+                        return
+                    self._probes.append(probe)
+                wait = self.settings.health_every_s - (self._elapsed() - sent)
+                self._stop.wait(max(wait, 0.0) if kind == "health" else self.settings.app_pause_s)
+
+    def _send(self, client: httpx.Client, kind: ProbeKind, url: str, sent: float) -> Probe:
+        started = time.monotonic()
+        status, ok, error = None, False, ""
+        try:
+            if kind == "health":
+                answer = client.get(f"{url}/health", timeout=self.settings.health_timeout_s)
+                status = answer.status_code
+                ok = status == 200 and is_healthy(_json(answer))
+            else:
+                answer = client.post(
+                    f"{url}/generate",
+                    json=self.app_request,
+                    headers=self.headers,
+                    timeout=self.settings.app_timeout_s,
+                )
+                status = answer.status_code
+                body = _json(answer)
+                ok = status == 200 and body.get("success") is True
+                error = "" if ok else str(body.get("error_type") or body.get("error") or "")[:200]
+        except httpx.HTTPError as exc:
+            error = _short(exc)
+        return Probe(
+            kind=kind,
+            at_s=round(sent, 3),
+            ok=ok,
+            status=status,
+            latency_s=round(time.monotonic() - started, 3),
+            error=error,
+        )
+
+
+def _short(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"[:200]
+
+
+def _json(answer: httpx.Response) -> dict[str, Any]:
+    try:
+        body = answer.json()
+    except ValueError:
+        return {}
+    return body if isinstance(body, dict) else {}
+
+
+@contextmanager
+def watch_downtime(
+    run: RunRecord, host: Host, target: Target, mode: DowntimeMode = "stop-first"
+) -> Iterator[Prober | None]:
+    """Probe the app's port (`current.port`) until the run finishes; the downtime goes into its summary
+    (and every probe into `downtime.json`) just before the summary is written for the last time."""
+    settings = target.probe
+    if not settings.enabled:
+        yield None
+        return
+    key = api_key(target.new)
+    prober = Prober(
+        lambda: service_url(host, target.current.port),
+        target.workload.app_request,
+        settings,
+        mode,
+        headers={"Authorization": f"Bearer {key}"} if key else None,
+    )
+    recorded = False
+
+    def record() -> None:
+        nonlocal recorded
+        if recorded:
+            return
+        recorded = True
+        run.summary.downtime = downtime = prober.stop()
+        run.write_json(
+            "downtime.json", {**downtime.model_dump(), "probe_list": [p.model_dump() for p in prober.probes]}
+        )
+        run_logger().info("downtime: %s", downtime.describe())
+
+    run.before_finish.append(record)
+    prober.start()
+    try:
+        yield prober
+    finally:
+        record()
+        run.save()

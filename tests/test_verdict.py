@@ -1,0 +1,191 @@
+"""The quality verdict with three outcomes (pass, fail, inconclusive), the comparison's sizing, the rates of
+the rule on simulated equal and worse pairs (fixed seeds), and how the gate shows an inconclusive call."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from evaluation.compare import EvaluationResult, GenerationSettings, ServiceInfo
+from evaluation.metrics import TimingSummary
+from evaluation.stats import comparison_size, outcome, paired_stats, verdict
+from flows.rundir import RunSummary, report_markdown
+from flows.target import Criterion
+from flows.tasks.gates import Evidence, gates_markdown, judge, require_passed
+from flows.tasks.quality import judge_comparison, sizing_hint
+
+MARGIN = 1.0
+RUNS = 1000
+
+
+# ---------------------------------------------------------------- the three outcomes
+
+
+@pytest.mark.parametrize(
+    ("ci", "expected"),
+    [
+        ((0.2, 1.5), "better"),
+        ((-0.9, 0.8), "not worse within margin"),
+        ((-3.0, -1.5), "worse"),  # the whole CI below -margin: the textbook failure
+        ((-2.5, -0.3), "worse"),  # significantly worse, estimated drop 1.4 > margin
+        (
+            (-1.6, -0.2),
+            "inconclusive",
+        ),  # significantly worse, but the estimated drop 0.9 is within the margin
+        ((-2.5, 0.3), "inconclusive"),  # too wide to tell
+        ((-1.0, 0.0), "inconclusive"),  # lower end exactly at -margin: not shown to be within it
+    ],
+)
+def test_verdict_on_constructed_intervals(ci: tuple[float, float], expected: str) -> None:
+    assert verdict(*ci, MARGIN) == expected
+
+
+def test_three_outcomes_on_constructed_samples() -> None:
+    rng = np.random.default_rng(7)
+    base = rng.normal(30, 2, 40)
+    equal = paired_stats(base, base + rng.normal(0, 0.3, 40), MARGIN)
+    worse = paired_stats(base, base - 3 + rng.normal(0, 0.3, 40), MARGIN)
+    few = paired_stats([30.0, 28.0, 31.0, 27.0], [32.0, 25.0, 32.0, 24.5], MARGIN)  # +2, -3, +1, -2.5
+    assert outcome(equal.verdict) == "pass" and equal.ci_low > -MARGIN
+    assert worse.verdict == "worse" and outcome(worse.verdict) == "fail" and worse.ci_high < -MARGIN
+    assert few.verdict == "inconclusive" and outcome(few.verdict) == "inconclusive"
+    assert few.ci_low < -MARGIN < few.ci_high
+
+
+# ---------------------------------------------------------------- sizing
+
+
+def test_comparison_size_known_values_and_bad_input() -> None:
+    # ((1.96 + 1.645) * sqrt(2) * 1.0 / 1.0) ** 2 = 25.99...
+    assert comparison_size(1.0, 1.0, 0.95) == 26
+    assert comparison_size(2.0, 1.0, 0.95) == 104  # four times the prompts for twice the spread
+    assert comparison_size(1.0, 2.0, 0.95) == 7
+    assert comparison_size(1.0, 1.0, 0.95, correlation=1.0) == 2  # the same model twice: no spread left
+    assert comparison_size(1.0, 1.0, 0.80) < comparison_size(1.0, 1.0, 0.99)
+    with pytest.raises(ValueError, match="margin must be > 0"):
+        comparison_size(1.0, 0.0)
+    with pytest.raises(ValueError, match="score_sd must be .* got -1"):
+        comparison_size(-1.0, 1.0)
+    with pytest.raises(ValueError, match="probability must be .* got 1.5"):
+        comparison_size(1.0, 1.0, 1.5)
+
+
+# ---------------------------------------------------------------- simulation (fixed seeds)
+
+
+def simulate(n: int, score_sd: float, true_diff: float, seed: int) -> dict[str, float]:
+    """Share of RUNS comparisons of n prompts called pass / fail / inconclusive, with the old rule's fail
+    rate (CI lower end at or below -margin) and the textbook's (whole CI below -margin) beside them."""
+    rng = np.random.default_rng(seed)
+    counts = {"pass": 0, "fail": 0, "inconclusive": 0, "old_fail": 0, "textbook_fail": 0}
+    for _ in range(RUNS):
+        base = rng.normal(30.0, score_sd, n)
+        cand = rng.normal(30.0 + true_diff, score_sd, n)  # no prompt-level correlation: the sizing's case
+        stats = paired_stats(base, cand, MARGIN)
+        counts[outcome(stats.verdict)] += 1
+        counts["old_fail"] += stats.ci_low <= -MARGIN
+        counts["textbook_fail"] += stats.ci_high < -MARGIN
+    return {key: value / RUNS for key, value in counts.items()}
+
+
+def test_equal_services_at_the_default_twelve_prompts_are_rarely_failed() -> None:
+    rates = simulate(12, score_sd=1.0, true_diff=0.0, seed=1)
+    print(f"equal pairs, 12 prompts, SD 1: {rates}")
+    assert rates["fail"] < 0.05  # measured 0.004 (the old rule: 0.254)
+    assert rates["old_fail"] > 0.2  # the old rule failed about a quarter of equal candidates
+    assert rates["inconclusive"] == pytest.approx(rates["old_fail"], abs=0.02)  # now they are inconclusive
+
+
+def test_at_the_sized_number_of_prompts_equal_services_pass() -> None:
+    n = comparison_size(1.0, MARGIN, 0.95)
+    rates = simulate(n, score_sd=1.0, true_diff=0.0, seed=2)
+    print(f"equal pairs, {n} prompts, SD 1: {rates}")
+    assert rates["pass"] >= 0.93 and rates["fail"] < 0.05  # measured 0.943 and 0.0
+
+
+def test_worse_services_are_detected() -> None:
+    n = comparison_size(1.0, MARGIN, 0.95)
+    twice = simulate(12, score_sd=1.0, true_diff=-2 * MARGIN, seed=3)
+    near = simulate(n, score_sd=1.0, true_diff=-1.5 * MARGIN, seed=4)
+    print(f"worse by 2x margin, 12 prompts: {twice}\nworse by 1.5x margin, {n} prompts: {near}")
+    assert twice["fail"] >= 0.9 and twice["pass"] == 0
+    assert near["fail"] >= 0.85 and near["pass"] == 0
+    assert near["textbook_fail"] < 0.6 < near["fail"]  # why the rule also fails a significant big drop
+
+
+# ---------------------------------------------------------------- the gate
+
+
+def _result(base: list[float], cand: list[float], errors: int = 0) -> EvaluationResult:
+    stats = paired_stats(base, cand, MARGIN)
+    timing = TimingSummary(
+        images=len(cand), errors=errors, latency_p50_s=None, latency_p95_s=None, steps_per_s=None,
+        images_per_hour=None, peak_vram_gb=None, cost_per_image=None,
+    )  # fmt: skip
+    return EvaluationResult(
+        verdict=stats.verdict,
+        margin=MARGIN,
+        overall=stats,
+        categories=[],
+        timing={"candidate": timing},
+        services={
+            "baseline": ServiceInfo(role="baseline", url="http://a", model="sd15"),
+            "candidate": ServiceInfo(role="candidate", url="http://b", model="sdxl"),
+        },
+        scorer="ViT-L-14/openai",
+        random_weights=False,
+        prompts=len(base),
+        seeds=[0],
+        settings=GenerationSettings(),
+        price_per_hour=1.0,
+        run_dir="/tmp/x",
+    )
+
+
+def test_an_inconclusive_comparison_is_shown_but_does_not_fail_the_deploy() -> None:
+    base, cand = [30.0, 28.0, 31.0, 27.0], [32.0, 25.0, 32.0, 24.5]
+    quality = judge_comparison(_result(base, cand), base, MARGIN)
+    assert quality.passed and quality.inconclusive
+    assert (
+        quality.detail.startswith("inconclusive:")
+        and "two equal services pass 95% of the time at" in quality.detail
+    )
+
+    report = judge([Criterion(name="quality", threshold=MARGIN)], Evidence(quality=quality))
+    assert [r.verdict for r in report.rows] == ["inconclusive"] and report.passed
+    require_passed(report)  # enforced, and still not a failure (for now)
+    assert "**INCONCLUSIVE**" in gates_markdown(report)
+    summary = RunSummary(
+        flow="deploy-sdxl", run_dir="/tmp/x", target="local", current_service="sd15", new_model="sdxl",
+        started_at="now", gates=report.rows,
+    )  # fmt: skip
+    assert "- quality: **INCONCLUSIVE**, a person should look" in report_markdown(summary)
+
+
+def test_a_worse_comparison_or_a_failed_request_fails_and_a_good_one_passes() -> None:
+    base = [30.0 + i % 5 for i in range(20)]
+    worse = judge_comparison(
+        _result(base, [b - 3.0 + (i % 3) * 0.1 for i, b in enumerate(base)]), base, MARGIN
+    )
+    errors = judge_comparison(_result(base, [b + 0.1 for b in base], errors=1), base, MARGIN)
+    good = judge_comparison(
+        _result(base, [b + (0.1 if i % 2 else -0.1) for i, b in enumerate(base)]), base, MARGIN
+    )
+    assert (worse.passed, worse.inconclusive) == (False, False) and worse.detail.startswith("worse:")
+    assert (errors.passed, errors.inconclusive) == (
+        False,
+        False,
+    ) and "1 candidate request(s) failed" in errors.detail
+    assert (good.passed, good.inconclusive) == (True, False)
+    verdicts = [
+        judge([Criterion(name="quality", threshold=MARGIN)], Evidence(quality=q)).rows[0].verdict
+        for q in (worse, errors, good)
+    ]
+    assert verdicts == ["fail", "fail", "pass"]
+
+
+def test_the_sizing_hint_reads_the_baselines_spread() -> None:
+    scores = np.random.default_rng(5).normal(30, 1.0, 12)
+    sd = float(np.std(scores, ddof=1))
+    assert f"{comparison_size(sd, MARGIN)} prompts x 2 seed(s)" in sizing_hint(scores, MARGIN, seeds=2)
+    assert "too few prompts" in sizing_hint([30.0], MARGIN, seeds=1)
