@@ -143,6 +143,7 @@ class Prober:
         self._probes: list[Probe] = []
         self._lock = threading.Lock()
         self._stop = threading.Event()
+        self._quiet = threading.Event()
         self._closed = False
         self._threads: list[threading.Thread] = []
         self._t0 = 0.0
@@ -167,6 +168,16 @@ class Prober:
             self._closed = True  # a probe still in flight is left out
         return self.downtime()
 
+    @contextmanager
+    def quiet(self) -> Iterator[None]:
+        """Hold back the app-request probe while the flow times its own requests (the GPU serves one at a
+        time: a probe in the queue would show up in the benchmark's latencies); /health keeps probing."""
+        self._quiet.set()
+        try:
+            yield
+        finally:
+            self._quiet.clear()
+
     @property
     def probes(self) -> list[Probe]:
         with self._lock:
@@ -183,6 +194,9 @@ class Prober:
         with httpx.Client() as client, ExitStack() as way:
             url: str | None = None
             while not self._stop.is_set() and self._elapsed() < self.settings.max_duration_s:
+                if kind == "app" and self._quiet.is_set():
+                    self._stop.wait(self.settings.health_every_s)
+                    continue
                 sent = self._elapsed()
                 try:
                     url = url or way.enter_context(self.open_url())

@@ -7,7 +7,7 @@ a failure at the start of that stage, to watch the automatic rollback without br
 
 from __future__ import annotations
 
-from contextlib import ExitStack
+from contextlib import AbstractContextManager, ExitStack, nullcontext
 from pathlib import Path
 from typing import Any, Literal
 
@@ -19,7 +19,7 @@ from flows.errors import DeployFailed, RollbackFailed, VerifyFailed
 from flows.hostfs import home_dir
 from flows.hosts import Host
 from flows.lock import host_lock, new_owner
-from flows.prober import watch_downtime
+from flows.prober import Prober, watch_downtime
 from flows.procs import find_service
 from flows.releases import record_release, release_of
 from flows.rundir import RunRecord, RunSummary, StageFailed, report_markdown
@@ -160,13 +160,17 @@ def deploy_sdxl(
                 ready = warm_up(host, target, started)
                 run.summary.facts["warmup"] = ready.model_dump(exclude={"health"})
             with run.stage("benchmark"):
-                bench = run_benchmark(host, target)
+                with quiet(prober):
+                    bench = run_benchmark(host, target)
                 log_scan = scan_log(host, started.log_file, started.log_offset)
                 run.write_json("benchmark.json", bench.model_dump())
             with run.stage("tunnel"):
                 app = check_app_path(host, target)
             with run.stage("gate"):
-                quality = assess_quality(host, target, baseline, run.dir / "quality", quality_margin(target))
+                with quiet(prober):
+                    quality = assess_quality(
+                        host, target, baseline, run.dir / "quality", quality_margin(target)
+                    )
                 evidence = Evidence(
                     health=ready.health,
                     benchmark=bench,
@@ -200,6 +204,11 @@ def deploy_sdxl(
         return _finish(
             run, "completed", f"deployed {target.new.model} on port {target.new.port}; all gates passed"
         )
+
+
+def quiet(prober: Prober | None) -> AbstractContextManager[None]:
+    """The prober's app requests held back while the flow sends its own (timed) requests."""
+    return prober.quiet() if prober else nullcontext()
 
 
 def take_lock(stack: ExitStack, host: Host, target: Target, run: RunRecord, force: bool) -> None:

@@ -173,6 +173,23 @@ def test_app_requests_go_one_at_a_time_at_their_own_pace() -> None:
     assert len(health) >= 20 and downtime.longest_outage_s == 0.0
 
 
+def test_quiet_holds_back_app_requests_and_keeps_probing_health() -> None:
+    service = _Service(free_port())
+    with running(service):
+        prober = _prober(service.port).start()
+        time.sleep(0.5)
+        with prober.quiet():
+            time.sleep(0.3)  # an app request in flight when quiet began finishes
+            app_before = service.generated
+            health_before = sum(p.kind == "health" for p in prober.probes)
+            time.sleep(1.0)
+            assert service.generated == app_before  # none sent while the flow times its own requests
+            assert sum(p.kind == "health" for p in prober.probes) >= health_before + 10
+        time.sleep(0.5)
+        downtime = prober.stop()
+    assert service.generated > app_before and downtime.failed_requests == 0
+
+
 def test_the_prober_stops_by_itself_and_stop_is_bounded() -> None:
     service = _Service(free_port(), generate_s=30.0)  # an app request that hangs
     with running(service):
