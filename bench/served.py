@@ -11,6 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import httpx
 import numpy as np
 
 from bench.images import decode_image, image_diff
@@ -20,8 +21,6 @@ from bench.scenarios import SAME_IMAGE_MIN_PSNR_DB, TARGETS, Scenario, scenario_
 from bench.startup import NO_STARTUP_FACTS, startup_figures
 
 if TYPE_CHECKING:
-    import httpx
-
     from bench.harness import Bench
 
 log = logging.getLogger("bench")
@@ -44,8 +43,6 @@ class BenchedService:
 
     def start(self) -> dict[str, Any]:
         """Start, wait for /ready; the start-up figures from `/health`'s `startup` (`bench.startup`)."""
-        import httpx
-
         self.process.start()
         self.client = httpx.Client(base_url=self.process.url, timeout=600)
         startup = self.health().get("startup")
