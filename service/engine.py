@@ -189,7 +189,7 @@ class Engine:
                 self._place(pipe)
         # from_pipe casts the shared modules to its own dtype argument, float32 when none is given; it takes
         # the VAE only when named (it checks the type against the pipeline's declared AutoencoderKL)
-        self.img2img = Img2Img.from_pipe(base, vae=base.vae, **{_dtype_keyword(): self.dtype})
+        self.img2img = Img2Img.from_pipe(base, vae=base.vae, **{dtype_keyword(): self.dtype})
         self.img2img.set_progress_bar_config(disable=True)
         self.speed = plan_speed(s, self.device, spec.backend)
         apply_speed(self.speed, (base, refiner, self.img2img))
@@ -540,7 +540,7 @@ def _load(cls: Any, source: str, dtype: torch.dtype, *, single_file: bool, **kwa
     """The one loading path: `from_pretrained` (hub id or folder) or `from_single_file` (checkpoint)."""
     from pathlib import Path
 
-    kwargs[_dtype_keyword()] = dtype
+    kwargs[dtype_keyword()] = dtype
     if single_file:
         return cls.from_single_file(source, **kwargs)
     if not Path(source).exists() and dtype in (torch.float16, torch.bfloat16):
@@ -552,7 +552,7 @@ def _load(cls: Any, source: str, dtype: torch.dtype, *, single_file: bool, **kwa
     return cls.from_pretrained(source, **kwargs)
 
 
-def _dtype_keyword() -> str:
+def dtype_keyword() -> str:
     """diffusers 0.42 renamed `torch_dtype` to `dtype`; the GPU box may run an older release."""
     import diffusers
     from packaging.version import Version

@@ -1,14 +1,23 @@
-"""The GPU benchmark's pure parts on the CPU: scenarios as data, the image comparison, the table, the CLI."""
+"""The GPU benchmark's pure parts on the CPU: scenarios as data, the image comparison, the start-up figures from
+`/health`, the table, the shared launcher, the CLI, and the wheel that leaves the benchmarks out."""
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
+import zipfile
+from pathlib import Path
 
 import numpy as np
+import pytest
 
-from service.bench import SCENARIOS, Results, image_diff, scenario_sizes, table
-from tests.servers import REPO
+from bench.harness import Results
+from bench.images import image_diff
+from bench.launch import REPO, ServiceProcess
+from bench.scenarios import SCENARIOS, scenario_sizes
+from bench.startup import NO_STARTUP_FACTS, startup_figures
+from bench.table import table
 
 
 def test_scenarios_cover_the_issue_targets() -> None:
@@ -50,6 +59,72 @@ def test_table_puts_baseline_beside_service_and_says_met_or_missed() -> None:
     assert "cold start to ready 285.000 s (warm-up/compile 248.500 s)" in text
 
 
+# What a service started at epoch 1_795_000_000.0 states in `/health` (`service.schema.StartupFacts`) once ready.
+SPAWNED_AT = 1_795_000_000.0
+STARTUP = {
+    "phase": "ready",
+    "milestones": {
+        "started": SPAWNED_AT + 6.5,
+        "loading_started": SPAWNED_AT + 7.0,
+        "base_loaded": SPAWNED_AT + 8.25,
+        "warmup_started": SPAWNED_AT + 9.0,
+        "warmup_done": SPAWNED_AT + 70.0,
+        "ready": SPAWNED_AT + 70.1,
+    },
+    "load_s": 1.3,
+    "warmup_s": 61.0,
+    "compile": True,
+    "compiled_functions": 2,
+    "loaded_functions": 4,
+    "compile_fallbacks": [],
+    "compiled_shapes": ["base 512x512 x1", "base 512x512 x2"],
+    "warnings": [],
+}
+
+
+def test_startup_figures_come_from_the_services_own_startup_facts() -> None:
+    figures = startup_figures(STARTUP, ready_s=70.4321, spawned_at=SPAWNED_AT)
+    assert figures["ready_s"] == 70.43  # as the client measured it
+    assert figures["warmup_compile_s"] == 61.0 and figures["base_load_s"] == 1.3
+    # each milestone placed after the spawn, in seconds
+    assert figures["timeline_s"] == {
+        "started": 6.5,
+        "loading_started": 7.0,
+        "base_loaded": 8.25,
+        "warmup_started": 9.0,
+        "warmup_done": 70.0,
+        "ready": 70.1,
+    }
+    assert figures["saved_compile"] == {"loaded": 4, "compiled": 2}
+    assert figures["startup_warnings"] == [] and figures["target_ready_s"] == 60.0
+    off = {**STARTUP, "warnings": ["torch.compile does not work here (x): serving uncompiled"]}
+    assert startup_figures(off, ready_s=1, spawned_at=SPAWNED_AT)["startup_warnings"] == off["warnings"]
+
+
+def test_startup_figures_of_a_service_without_startup_facts_say_so() -> None:
+    figures = startup_figures(None, ready_s=12.0, spawned_at=SPAWNED_AT)
+    assert figures["ready_s"] == 12.0 and figures["startup_warnings"] == [NO_STARTUP_FACTS]
+    assert (
+        figures["warmup_compile_s"] is None
+        and figures["timeline_s"] == {}
+        and figures["saved_compile"] is None
+    )
+
+
+def test_no_service_log_is_parsed_in_bench() -> None:
+    sources = {path.name: path.read_text() for path in (REPO / "bench").glob("*.py")}
+    assert not [name for name, text in sources.items() if "import re\n" in text or "re.findall" in text]
+
+
+def test_launcher_reports_a_service_that_exits_before_ready_with_its_log(tmp_path: Path) -> None:
+    log = tmp_path / "serve.log"
+    service = ServiceProcess("tiny-sd15", env={"SDXL_HOST": "10.1.2.3"}, log=log, ready_timeout_s=60)
+    with pytest.raises(RuntimeError, match=r"service exited with \d+ before it was ready: .*not a loopback"):
+        service.start()
+    assert service.proc is not None and service.proc.poll() is not None  # gone, not left running
+    assert "not a loopback address" in log.read_text()
+
+
 def test_bench_gpu_is_a_cli_command() -> None:
     out = subprocess.run(
         [sys.executable, "-m", "sdxl_deploy.cli", "bench-gpu", "--help"],
@@ -70,10 +145,51 @@ def test_bench_gpu_is_a_cli_command() -> None:
         assert refused.returncode == 2 and f"unknown {option} ['{value}']; valid: " in refused.stderr
 
 
+def test_the_deploys_wheel_holds_no_benchmark_and_its_cli_says_where_they_are(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The wheel the deploy builds (`pip wheel --no-deps --no-build-isolation`) and installs on the box, from a
+    copy of this checkout whose setuptools staging folder still holds the benchmark modules of an older build."""
+    from flows.tasks import deploy
+
+    checkout = tmp_path / "checkout"
+    shutil.copytree(
+        REPO,
+        checkout,
+        ignore=shutil.ignore_patterns(
+            ".git", ".venv", ".cache", "runs", "build", "dist", "*.egg-info", "__pycache__", ".*_cache"
+        ),
+    )
+    assert (checkout / "bench" / "harness.py").is_file()
+    for stale in ("service/bench.py", "service/bench_unet.py", "bench/harness.py"):
+        (checkout / "build" / "lib" / stale).parent.mkdir(parents=True, exist_ok=True)
+        (checkout / "build" / "lib" / stale).write_text("STALE = True\n")
+    monkeypatch.setattr(deploy, "PROJECT_ROOT", checkout)
+    wheel = deploy.build_wheel.fn(tmp_path / "wheel")
+    names = zipfile.ZipFile(wheel).namelist()
+    assert "sdxl_deploy/cli.py" in names and "service/engine.py" in names
+    assert [n for n in names if n.startswith("bench/") or n.startswith("service/bench")] == []
+    # the installed CLI (the wheel's files alone, run from elsewhere) says how to get the benchmarks
+    site = tmp_path / "site"
+    zipfile.ZipFile(wheel).extractall(site)
+    for command in ("bench-gpu", "bench-unet"):
+        stub = subprocess.run(
+            [sys.executable, "-m", "sdxl_deploy.cli", command, "--help"],
+            cwd=site,
+            env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(site), "HOME": str(tmp_path)},
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert stub.returncode == 2, stub.stderr
+        assert f"`sdxl-deploy {command}` runs from a checkout" in stub.stderr
+        assert "not part of the installed wheel" in stub.stderr
+
+
 def test_bench_unet_times_each_variant_and_compares_outputs_with_eager(tmp_path) -> None:  # type: ignore[no-untyped-def]
     import json
 
-    from service.bench_unet import VARIANTS, run
+    from bench.unet import VARIANTS, run
 
     eager = tuple(v for v in VARIANTS if not v.compiled and v.attention == "default")
     results = run(tmp_path, family="sdxl", calls=2, variants=eager, tiny=True)
@@ -92,36 +208,9 @@ def test_bench_unet_times_each_variant_and_compares_outputs_with_eager(tmp_path)
     }
 
 
-def test_startup_timeline_places_each_milestone_after_the_spawn() -> None:
-    import datetime
-
-    from service.bench import startup_timeline
-
-    spawned = datetime.datetime(2026, 11, 27, 7, 38, 0).timestamp()
-    log = "\n".join(
-        [
-            "some warning printed by an import",
-            "2026-11-27 07:38:06,500 INFO service.server: listening",
-            "2026-11-27 07:38:07,000 INFO service.engine: Loading synthetic-sd15 (sd15) on cuda as bfloat16",
-            "2026-11-27 07:38:08,250 INFO service.engine: Base model loaded in 1.3 s",
-            "2026-11-27 07:38:09,000 INFO service.accel: speed: warming up base at 512x512, 1 image(s)",
-            "2026-11-27 07:38:40,000 INFO service.accel: speed: warming up base at 512x512, 2 image(s)",
-            "2026-11-27 07:39:10,000 INFO service.accel: speed: warm-up took 61.0 s",
-            "2026-11-27 07:39:10,100 INFO service.engine: Model loaded successfully: synthetic-sd15",
-        ]
-    )
-    assert startup_timeline(log, spawned) == {
-        "first_log_line": 6.5,
-        "loading_started": 7.0,
-        "base_loaded": 8.25,
-        "warmup_started": 9.0,
-        "warmup_done": 70.0,
-        "model_ready": 70.1,
-    }
-
-
+@pytest.mark.timeout(1800)  # six service starts and the baseline: minutes on a CPU that other work shares
 def test_bench_gpu_times_opt_in_variants_beside_the_default_service(tmp_path) -> None:  # type: ignore[no-untyped-def]
-    from service.bench import BenchConfig, run_bench
+    from bench.harness import BenchConfig, run_bench
 
     config = BenchConfig(
         families=("sd15",),
@@ -134,6 +223,7 @@ def test_bench_gpu_times_opt_in_variants_beside_the_default_service(tmp_path) ->
         reps=1,
         baseline_reps=1,
         ablation=False,
+        budget_s=3600.0,  # on a busy CPU the default budget (a device command's 600 s) would skip the variants
     )
     results = run_bench(config)
     assert results.errors == []

@@ -58,6 +58,11 @@ def build_wheel(out_dir: Path) -> Path:
     if not (PROJECT_ROOT / "pyproject.toml").exists():
         raise DeployError(f"no pyproject.toml in {PROJECT_ROOT}: pass a prebuilt wheel instead")
     out_dir.mkdir(parents=True, exist_ok=True)
+    import shutil
+
+    # setuptools packs whatever its staging folder holds: a module moved or deleted since an earlier build
+    # (service/bench.py) would ship again
+    shutil.rmtree(PROJECT_ROOT / "build", ignore_errors=True)
     command = [
         sys.executable,
         "-m",

@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from service.bench import cuda_sync
+from bench.measure import cuda_sync, environment
 
 log = logging.getLogger("bench-unet")
 
@@ -300,8 +300,6 @@ def _write(  # after every variant: a run cut short keeps what it had
     skipped: list[str],
     stages: dict[str, float],
 ) -> None:
-    from service.bench import environment
-
     data = {
         "family": family,
         "size": size,
