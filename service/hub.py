@@ -20,16 +20,11 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 
-HALF_VARIANT = (
-    "fp16"  # the half-precision weights hub repos ship beside the plain ones (`*.fp16.safetensors`)
-)
+# The half-precision weights hub repos ship beside the plain ones (`*.fp16.safetensors`).
+HALF_VARIANT = "fp16"
 # Weight file stems diffusers and transformers read; other files (single-file checkpoints such as
 # `sd_xl_base_1.0.safetensors` or `sdxl.vae.safetensors`) are not part of a diffusers load.
-_WEIGHT_STEMS = {
-    "diffusion_pytorch_model": "diffusers",
-    "model": "transformers",
-    "pytorch_model": "transformers",
-}
+_WEIGHT_STEMS = frozenset({"diffusion_pytorch_model", "model", "pytorch_model"})
 _WEIGHT_EXTENSIONS = (".safetensors", ".bin")
 # Pipeline components without weights (their folders hold configs and vocabularies only).
 _NO_WEIGHTS = ("Tokenizer", "Scheduler", "Processor", "FeatureExtractor")
@@ -98,8 +93,15 @@ def list_files(source: str) -> SourceFiles:
         files = frozenset(p.relative_to(path).as_posix() for p in path.rglob("*") if p.is_file())
         return SourceFiles(source, f"folder {path}", files, path, on_hub=False)
     from huggingface_hub import HfApi, constants
-    from huggingface_hub.errors import RepositoryNotFoundError, RevisionNotFoundError
+    from huggingface_hub.errors import HFValidationError, RepositoryNotFoundError, RevisionNotFoundError
+    from huggingface_hub.utils import validate_repo_id
 
+    try:
+        validate_repo_id(source)
+    except HFValidationError:
+        raise ModelFilesMissing(
+            f"{source!r} is neither an existing model folder nor a hub repo id ('org/name')"
+        ) from None
     if not constants.is_offline_mode():
         endpoint = constants.ENDPOINT
         try:
