@@ -20,6 +20,7 @@ from service.accel import SpeedPlan, apply_speed, plan_speed, warm_up
 from service.embeddings import TextEmbeddings
 from service.encoding import configure as configure_encoder
 from service.errors import Cancelled, GenerationFailed, OutOfMemory, ServiceError
+from service.hub import plan_load
 from service.models import ModelSpec, resolve_model
 from service.params import GenerationParams, final_size
 from service.restorers import FaceRestorer, load_restorer
@@ -537,19 +538,17 @@ def _timed(timings: dict[str, float], stage: str) -> Iterator[None]:
 
 
 def _load(cls: Any, source: str, dtype: torch.dtype, *, single_file: bool, **kwargs: Any) -> Any:
-    """The one loading path: `from_pretrained` (hub id or folder) or `from_single_file` (checkpoint)."""
-    from pathlib import Path
+    """The one loading path: `from_pretrained` (hub id or folder) or `from_single_file` (checkpoint).
 
+    `from_pretrained` follows the source's file list (`service.hub.plan_load`): the fp16 variant in half
+    precision where the repo ships it (half the download), plain weights otherwise; the log names the files.
+    """
     kwargs[dtype_keyword()] = dtype
     if single_file:
         return cls.from_single_file(source, **kwargs)
-    if not Path(source).exists() and dtype in (torch.float16, torch.bfloat16):
-        try:  # hub repos ship half-precision weights: half the download
-            return cls.from_pretrained(source, variant="fp16", use_safetensors=True, **kwargs)
-        except (ValueError, OSError) as exc:
-            if "variant" not in str(exc):
-                raise
-    return cls.from_pretrained(source, **kwargs)
+    plan = plan_load(source, half=dtype in (torch.float16, torch.bfloat16), skip=set(kwargs))
+    log.info("%s from %s: %s", cls.__name__, source, plan.describe())
+    return cls.from_pretrained(source, **plan.kwargs, **kwargs)
 
 
 def dtype_keyword() -> str:

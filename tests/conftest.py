@@ -11,7 +11,7 @@ import pytest
 
 from tests.servers import settings_for, thread_server
 
-pytest_plugins = ["tests.sshd", "tests.flows_support"]
+pytest_plugins = ["tests.sshd", "tests.flows_support", "tests.hub_mirror"]
 
 REPO = Path(__file__).resolve().parents[1]
 
