@@ -51,8 +51,9 @@ test: setup
 	$(PY) -m pytest -q -p no:cacheprovider
 	@$(MAKE) --no-print-directory test-seed
 
+# Its own model cache: the generated models are written by that stack's diffusers.
 test-seed: setup $(SEED_STAMP)
-	$(SEED_PY) -m pytest -q -p no:cacheprovider $(SEED_TESTS)
+	SDXL_DEPLOY_CACHE=$(CURDIR)/.cache/models-seed $(SEED_PY) -m pytest -q -p no:cacheprovider $(SEED_TESTS)
 
 lint: setup
 	$(PY) -m ruff check --no-cache .
