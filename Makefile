@@ -1,24 +1,41 @@
 # Two set-up commands matter: `make demo` and `make test`. Both create the environment first.
 PY      := .venv/bin/python
 STAMP   := .venv/.installed
+# The seed box's stack (constraints-seed.txt: torch 2.5.1, diffusers 0.35.1 ...) in a second environment,
+# where the service and engine tests run too: the oldest versions pyproject.toml accepts are tested ones.
+SEED_PY    := .venv-seed/bin/python
+SEED_STAMP := .venv-seed/.installed
+SEED_TESTS := tests/test_builders.py tests/test_accel.py tests/test_saved_compile.py tests/test_quality_options.py \
+	tests/test_embeddings.py tests/test_coalescing.py tests/test_encoding.py tests/test_service_api.py \
+	tests/test_service_runtime.py tests/test_service_hostile.py
 export PREFECT_HOME ?= $(CURDIR)/.cache/prefect
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 120
 export HF_HUB_OFFLINE ?= 1
 export SDXL_DEPLOY_CACHE ?= $(CURDIR)/.cache/models
 
-.PHONY: setup demo test lint ui clean system-deps
+.PHONY: setup setup-seed demo test test-seed lint ui clean system-deps
 
 setup: $(STAMP)
 	@mkdir -p "$(PREFECT_HOME)" "$(SDXL_DEPLOY_CACHE)"
 
-$(STAMP): pyproject.toml constraints.txt
+$(STAMP): pyproject.toml constraints.txt service/requirements.txt
 	@$(MAKE) --no-print-directory system-deps
 	test -x $(PY) || python3 -m venv .venv
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -c constraints.txt torch torchvision
-	$(PY) -m pip install -q -c constraints.txt -e '.[test]'
+	$(PY) -m pip install -q -c constraints.txt -c service/requirements.txt -e '.[test]'
 	touch $(STAMP)
+
+setup-seed: $(SEED_STAMP)
+
+# PyPI's Linux torch 2.5.1 is the CUDA 12.4 build: `import torch` needs its nvidia-* libraries even on a CPU
+# (checked: without them it fails on libcudart.so.12), so they come along (~2.9 GB, pip's cache keeps them).
+$(SEED_STAMP): pyproject.toml constraints-seed.txt service/requirements.txt
+	test -x $(SEED_PY) || python3 -m venv .venv-seed
+	$(SEED_PY) -m pip install -q --upgrade pip
+	$(SEED_PY) -m pip install -q -c constraints-seed.txt -c service/requirements.txt -e '.[test]'
+	touch $(SEED_STAMP)
 
 # Debian packages the tests use: a real OpenSSH server and a real Chromium.
 system-deps:
@@ -32,6 +49,11 @@ demo: setup
 test: setup
 	$(PY) -m ruff check --no-cache .
 	$(PY) -m pytest -q -p no:cacheprovider
+	@$(MAKE) --no-print-directory test-seed
+
+# Its own model cache: the generated models are written by that stack's diffusers.
+test-seed: setup $(SEED_STAMP)
+	SDXL_DEPLOY_CACHE=$(CURDIR)/.cache/models-seed $(SEED_PY) -m pytest -q -p no:cacheprovider $(SEED_TESTS)
 
 lint: setup
 	$(PY) -m ruff check --no-cache .
@@ -41,4 +63,4 @@ ui: setup
 	bash scripts/ui.sh
 
 clean:
-	rm -rf .cache runs
+	rm -rf .cache runs .venv-seed

@@ -27,7 +27,14 @@ from flows.supervisor import Restarts, read_restarts
 from flows.target import Target, load_target
 from flows.tasks.backup import backup_current
 from flows.tasks.benchmark import run_benchmark, scan_log
-from flows.tasks.deploy import build_wheel, serve_argv, ship_release, start_new_service, stop_service
+from flows.tasks.deploy import (
+    build_wheel,
+    check_compile,
+    serve_argv,
+    ship_release,
+    start_new_service,
+    stop_service,
+)
 from flows.tasks.gates import Evidence, evaluate_gates, require_passed
 from flows.tasks.preflight import inspect_current, inspect_host, require_ready
 from flows.tasks.quality import assess_quality, collect_baseline
@@ -148,8 +155,20 @@ def deploy_sdxl(
             with run.stage("baseline"):
                 baseline = collect_baseline(host, target, run.dir / "quality")
             with run.stage("ship"):
-                release = ship_release(host, target, Path(wheel) if wheel else build_wheel(run.dir / "wheel"))
+                release = ship_release(
+                    host,
+                    target,
+                    Path(wheel) if wheel else build_wheel(run.dir / "wheel"),
+                    fixes=host_facts.release_fixes,
+                    box_torch=host_facts.packages.get("torch"),
+                )
                 state.release_id = run.summary.release_id = release.release_id
+                run.summary.warnings += host_facts.notes
+                if host_facts.gpus:  # the service compiles on CUDA only: check it before the old one stops
+                    compiled = check_compile(host, release)
+                    run.summary.facts["compile_check"] = compiled.model_dump()
+                    if compiled.warning():
+                        run.summary.warnings.append(compiled.warning())
             with run.stage("stop_current"):
                 stop_service(host, current.process, target.current.port, target.current.stop_timeout_s)
             with run.stage("start_new"):
@@ -293,10 +312,13 @@ def deploy_plan(target: Target, current_process: str) -> str:
             if check.enabled
             else "no quality comparison (quality.enabled is off)"
         ),
-        f"build this project's wheel and install it into {new.install_dir}/releases/<release>/site "
-        f"with {new.python} -m pip install --no-deps --target",
+        f"build this project's wheel; make the release environment {new.install_dir}/releases/<release>/venv "
+        f"with {new.python} (which is not modified) and install the wheel and the service's pinned "
+        "dependencies into it"
+        + (f" from the wheelhouse {new.wheelhouse}" if new.wheelhouse else "")
+        + "; on a GPU, check torch.compile with it",
         f"stop the current service {current_process} (TERM, wait {cur.stop_timeout_s:.0f} s, KILL)",
-        f"start `{' '.join(serve_argv(target))}` detached; log {new.log_file}, pid file {new.pid_file}",
+        f"start `{' '.join(serve_argv(target, f'{new.install_dir}/releases/<release>/venv/bin/python'))}` detached; log {new.log_file}, pid file {new.pid_file}",
         f"stream the log and wait for /ready (up to {new.ready_timeout_s:.0f} s), "
         f"{target.workload.warmup_requests} warm-up request(s)",
         f"benchmark {target.workload.benchmark_runs} generations at "

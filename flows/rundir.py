@@ -56,6 +56,7 @@ class RunSummary(BaseModel):
     backup_dir: str | None = None
     release_id: str | None = None
     downtime: Downtime | None = None
+    warnings: list[str] = Field(default_factory=list)  # worth reading, not a failure (e.g. compile check)
     facts: dict[str, Any] = Field(default_factory=dict)
 
 
@@ -186,6 +187,7 @@ def report_markdown(summary: RunSummary) -> str:
             f"- rolled back: {'yes' if summary.rolled_back else 'no'}; old service answering afterwards: "
             f"{_yes_no(summary.old_service_answering)}"
         )
+    lines += [f"- warning: {warning}" for warning in summary.warnings]
     lines += ["", "## Stages", "", "| stage | status | seconds | detail |", "|---|---|---|---|"]
     for stage in summary.stages:
         detail = stage.detail.replace("|", "\\|").replace("\n", " ")[:300]

@@ -158,7 +158,17 @@ class NewService(_Model):
         "variable of the flow's process) or 'secret:BLOCK' (a Prefect Secret block), e.g. "
         "SDXL_API_KEY: env:SDXL_API_KEY.",
     )
-    python: str = Field("python3", min_length=1, description="Interpreter on the host that has torch etc.")
+    python: str = Field(
+        "python3",
+        min_length=1,
+        description="The box's interpreter with CUDA torch, diffusers, transformers and accelerate. Never "
+        "modified: each release gets its own environment made by it (the service's other dependencies, fixes).",
+    )
+    wheelhouse: str | None = Field(
+        None,
+        description="A folder of wheels on THIS machine for a box without a package index: uploaded to "
+        "<install_dir>/wheelhouse and the release environment is installed from it alone (--no-index).",
+    )
     install_dir: str = Field("~/sdxl-deploy", description="Releases, pid file and deploy state live here.")
     log_dir: str = Field("~/sdxl-deploy/logs", description="Where the service log goes.")
     serve_args: list[str] = Field(default_factory=list, description="Extra `serve` arguments.")

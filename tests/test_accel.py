@@ -18,6 +18,7 @@ import pytest
 import torch
 from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0, FusedAttnProcessor2_0
 
+from service import saved_compile
 from service.accel import is_compiled, plan_speed, saved_compiles
 from service.engine import Engine
 from service.params import resolve_params
@@ -205,9 +206,13 @@ def test_compile_wraps_unets_and_vae_decoder_and_uses_the_cache_dir(
     assert is_compiled(engine.base.unet) and is_compiled(engine.refiner.unet)
     assert is_compiled(engine.base.vae.decoder) and not is_compiled(engine.base.text_encoder)
     assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(cache) and cache.is_dir()
-    # saved whole by default (SDXL_SAVE_COMPILED); off: plain torch.compile
-    assert {c.label for c in saved_compiles((engine.base, engine.refiner))} == {"unet", "vae-decoder"}
-    assert len(saved_compiles((engine.base, engine.refiner))) == 3  # base and refiner UNets, one VAE decoder
+    # saved whole by default (SDXL_SAVE_COMPILED); off, or a torch older than 2.10: plain torch.compile
+    if saved_compile.available():
+        assert {c.label for c in saved_compiles((engine.base, engine.refiner))} == {"unet", "vae-decoder"}
+        assert len(saved_compiles((engine.base, engine.refiner))) == 3  # base and refiner UNets, one decoder
+    else:  # the seed stack (torch 2.5): compiled all the same, nothing saved, and it says why
+        assert not saved_compiles((engine.base, engine.refiner))
+        assert any("save_compiled needs torch >= 2.10" in note for note in engine.speed.notes)
     plain = _engine(model_cache, compile="on", compile_cache_dir=cache, save_compiled="off")
     assert is_compiled(plain.base.unet) and not saved_compiles((plain.base, plain.refiner))
     # the pipelines still see the same module objects (so save_pretrained, .config etc. keep working)

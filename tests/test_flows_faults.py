@@ -239,7 +239,7 @@ def test_link_cut_during_upload_changes_nothing(
         assert not summary["rolled_back"] and summary["facts"]["ssh_reconnects"] >= 1
         assert_old_service_back(local, target, summary, "ship")
         assert find_service(local, target.current.port) == before  # never touched
-        assert not list(releases.glob("*/site")) and not list(releases.glob("*/*.whl"))  # nothing installed
+        assert not list(releases.glob("*/venv")) and not list(releases.glob("*/*.whl"))  # nothing installed
         fault_counts.update(faults=1, backups_verified=1)
     finally:
         stop_all(local, target)

@@ -412,4 +412,4 @@ def test_a_corrupted_upload_is_refused_before_anything_is_installed(tmp_path: Pa
         ship_release.fn(_CorruptingHost(), target, wheel)
     releases = list((tmp_path / "box" / "sdxl-deploy" / "releases").iterdir())
     assert len(releases) == 1
-    assert sorted(p.name for p in releases[0].iterdir()) == [wheel.name + ".part"]  # no wheel, no site/
+    assert sorted(p.name for p in releases[0].iterdir()) == [wheel.name + ".part"]  # no wheel, no venv/

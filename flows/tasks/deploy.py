@@ -1,14 +1,19 @@
-"""Deploy: build this project's wheel here, ship it as an isolated release, stop the old service by its
-PID, start the new one detached.
+"""Deploy: build this project's wheel here, ship it as a release with its own environment, stop the old
+service by its PID, start the new one detached.
 
-A release lives in `<install_dir>/releases/<version>-<sha256 prefix>/` with the wheel and a `site/`
-folder installed with `pip install --no-deps --target`, so neither the host's own environment nor
-anything else is overwritten; the service runs with `PYTHONPATH=<site>`.
+A release lives in `<install_dir>/releases/<version>-<sha256 prefix>/`: the wheel and `venv/`, a virtual
+environment made by the box's python that sees the box's packages (its CUDA torch above all) behind its
+own. Into it go the service's dependencies at the tested versions (`service/requirements.txt`, shipped in
+the wheel), the fixes preflight named (e.g. transformers 4.57.1 over the yanked 4.57.0), and the wheel;
+all before anything is stopped, and the box's own interpreter is never modified. The service runs with
+`<release>/venv/bin/python` (`Release.python`). A box without a package index gets the wheels from
+`new.wheelhouse`, uploaded to `<install_dir>/wheelhouse/` and installed with `--no-index --find-links`.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -31,9 +36,27 @@ PROJECT_ROOT = Path(__file__).resolve().parents[2]
 class Release(BaseModel):
     release_id: str
     path: str
-    site: str
+    site: str  # the release environment's site-packages (where the wheel is installed)
     wheel_sha256: str
     reused: bool
+    python: str  # the interpreter the release runs with: <release>/venv/bin/python
+
+
+class CompileCheck(BaseModel):
+    """`python -m service.compile_check` run with the release's python (contract 2)."""
+
+    ok: bool
+    device: str
+    torch: str
+    error: str | None
+
+    def warning(self) -> str | None:
+        if self.ok:
+            return None
+        return (
+            f"torch.compile does not work with the release's python on {self.device} (torch {self.torch}): "
+            f"{self.error}; the service will serve uncompiled"
+        )
 
 
 class Started(BaseModel):
@@ -82,18 +105,73 @@ def build_wheel(out_dir: Path) -> Path:
     return wheels[-1]
 
 
+# Run by the box's python: make `<release>/venv` (no pip of its own: the box's pip runs in it) whose
+# site-packages ends with a .pth naming the box python's own package folders, so the release sees the box's
+# torch behind its own packages; print the venv's python and site-packages as JSON. `venv
+# --system-site-packages` alone is not enough: a box python that is itself a venv or conda env would give
+# the release its base interpreter's packages, not its own.
+_RELEASE_ENV_SCRIPT = """\
+import json, os, site, subprocess, sys, venv
+env_dir = sys.argv[1]
+site_dirs = set(site.getsitepackages())
+if site.ENABLE_USER_SITE:
+    site_dirs.add(site.getusersitepackages())
+first = next((i for i, p in enumerate(sys.path) if p in site_dirs), len(sys.path))
+box_paths = [p for p in sys.path[first:] if os.path.isdir(p)]
+venv.EnvBuilder(with_pip=False, symlinks=True, clear=True).create(env_dir)
+python = os.path.join(env_dir, "bin", "python")
+own = subprocess.run([python, "-c", "import site; print(site.getsitepackages()[0])"],
+                     capture_output=True, text=True, check=True, env={}).stdout.strip()
+with open(os.path.join(own, "_sdxl_deploy_box_site.pth"), "w") as pth:
+    pth.write("".join(p + "\\n" for p in box_paths))
+print(json.dumps({"python": python, "site": own, "box_paths": box_paths}))
+"""
+
+
+def upload_wheelhouse(host: Host, local_dir: Path, remote_dir: str) -> int:
+    """Upload the wheelhouse's wheels that the box does not hold yet (same sha256 and size); how many."""
+    wheels = sorted(local_dir.glob("*.whl"))
+    if not wheels:
+        raise DeployError(f"new.wheelhouse {str(local_dir)!r} holds no .whl files")
+    make_dirs(host, remote_dir)
+    there = digests(host, [f"{remote_dir}/{w.name}" for w in wheels])
+    sent = 0
+    for local in wheels:
+        remote = f"{remote_dir}/{local.name}"
+        held = there[remote]
+        if held is None or (held.sha256, held.size) != (sha256_file(local), local.stat().st_size):
+            host.put(local, f"{remote}.part")
+            run_checked(host, f"mv -f -- {q(f'{remote}.part', remote)}", f"moving {remote} into place")
+            sent += 1
+    return sent
+
+
 @task(cache_policy=NO_CACHE)
-def ship_release(host: Host, target: Target, wheel: Path) -> Release:
-    """Upload the wheel, check its size and sha256 on the host, install it as an isolated release."""
+def ship_release(
+    host: Host, target: Target, wheel: Path, fixes: list[str] | None = None, box_torch: str | None = None
+) -> Release:
+    """Upload the wheel, check its size and sha256 on the host, build the release's own environment.
+
+    `fixes`: requirements installed over the box's versions (from preflight); `box_torch`: the box's torch
+    version, pinned so that no install can ever replace it.
+    """
     log = run_logger()
     sha = sha256_file(wheel)
     version = wheel.name.split("-")[1]
     release_id = f"{version}-{sha[:12]}"
     path = f"{target.new.install_dir}/releases/{release_id}"
-    site, remote_wheel, marker = f"{path}/site", remote_child(path, wheel), f"{path}/site/.installed"
-    if (read_text(host, marker) or "").strip() == sha:
+    venv, remote_wheel = f"{path}/venv", remote_child(path, wheel)
+    python, marker = f"{venv}/bin/python", f"{venv}/.installed"
+    pins = [f"torch=={box_torch}"] if box_torch else []
+    recipe = "\n".join([sha, *sorted(fixes or []), *pins]) + "\n"
+    if read_text(host, marker) == recipe:
+        site = run_checked(
+            host, f"{q(python)} -c {q('import site; print(site.getsitepackages()[0])')}", f"running {python}"
+        )
         log.info("release %s is already installed at %s", release_id, path)
-        return Release(release_id=release_id, path=path, site=site, wheel_sha256=sha, reused=True)
+        return Release(
+            release_id=release_id, path=path, site=site.strip(), wheel_sha256=sha, reused=True, python=python
+        )
 
     make_dirs(host, path)
     # Upload beside the final name and check size and sha256 on the host before anything is installed:
@@ -109,16 +187,65 @@ def ship_release(host: Host, target: Target, wheel: Path) -> Release:
             f"{sha[:12]}...): got {got}; nothing was installed"
         )
     run_checked(host, f"mv -f -- {q(partial, remote_wheel)}", f"moving {partial} into place")
+
+    index: list[str] = []
+    if target.new.wheelhouse:
+        remote_wheelhouse = f"{target.new.install_dir}/wheelhouse"
+        sent = upload_wheelhouse(host, Path(target.new.wheelhouse).expanduser(), remote_wheelhouse)
+        log.info("wheelhouse: %d new wheel(s) uploaded to %s", sent, remote_wheelhouse)
+        index = ["--no-index", "--find-links", remote_wheelhouse]
+    made = run_checked(
+        host,
+        f"{q(target.new.python)} -E -c {q(_RELEASE_ENV_SCRIPT)} {q(venv)}",
+        f"creating the release environment {venv} with {target.new.python}",
+        timeout=300,
+    )
+    site = json.loads(made.strip().splitlines()[-1])["site"]
+    constraints = f"{path}/box-pins.txt"
+    write_text(host, constraints, "".join(f"{pin}\n" for pin in pins))
+    pip = f"env -u PYTHONPATH {q(python)} -m pip install --disable-pip-version-check -q"
     run_checked(
         host,
-        f"rm -rf -- {q(site)} && {q(target.new.python)} -m pip install --no-deps --no-index "
-        f"--disable-pip-version-check -q --target {q(site)} {q(remote_wheel)}",
-        f"installing {wheel.name} into {site}",
+        f"{pip} --no-index --no-deps --ignore-installed {q(remote_wheel)}",
+        f"installing {wheel.name} into {venv}",
         timeout=600,
     )
-    write_text(host, marker, sha + "\n")
-    log.info("shipped %s (%d bytes, sha256 %s...) to %s", wheel.name, wheel.stat().st_size, sha[:12], path)
-    return Release(release_id=release_id, path=path, site=site, wheel_sha256=sha, reused=False)
+    run_checked(
+        host,
+        f"{pip} {q(*index)} -r {q(f'{site}/service/requirements.txt')} -c {q(constraints)} {q(*(fixes or []))}",
+        f"installing the service's dependencies into {venv}"
+        + (f" (with {', '.join(fixes)})" if fixes else ""),
+        timeout=1200,
+    )
+    write_text(host, marker, recipe)
+    log.info(
+        "shipped %s (%d bytes, sha256 %s...) to %s, environment %s%s",
+        wheel.name,
+        wheel.stat().st_size,
+        sha[:12],
+        path,
+        venv,
+        f" with {', '.join(fixes)}" if fixes else "",
+    )
+    return Release(release_id=release_id, path=path, site=site, wheel_sha256=sha, reused=False, python=python)
+
+
+@task(cache_policy=NO_CACHE)
+def check_compile(host: Host, release: Release, device: str = "auto") -> CompileCheck:
+    """Run `python -m service.compile_check --device DEVICE` with the release's python (changes nothing)."""
+    result = host.run(
+        f"cd {q(release.path)} && env -u PYTHONPATH {q(release.python)} -m service.compile_check "
+        f"--device {q(device)}",
+        timeout=600,
+    )
+    lines = result.stdout.strip().splitlines()
+    try:
+        check = CompileCheck.model_validate_json(lines[-1])
+    except (IndexError, ValueError):
+        answer = (result.stderr or result.stdout).strip()[-300:]
+        check = CompileCheck(ok=False, device=device, torch="?", error=f"exit {result.exit_code}: {answer}")
+    run_logger().info("compile check with %s: %s", release.python, check.model_dump_json())
+    return check
 
 
 @task(cache_policy=NO_CACHE)
@@ -130,10 +257,11 @@ def stop_service(host: Host, process: ProcessInfo, port: int, timeout_s: float) 
     return outcome
 
 
-def serve_argv(target: Target) -> list[str]:
+def serve_argv(target: Target, python: str | None = None) -> list[str]:
+    """The service's command line; `python` is the release's interpreter (default: the target's)."""
     new = target.new
     return [
-        new.python,
+        python or new.python,
         "-m",
         "sdxl_deploy.cli",
         "serve",
@@ -154,9 +282,9 @@ def start_new_service(host: Host, target: Target, release: Release) -> Started:
     new = target.new
     offset = file_size(host, new.log_file) or 0
     launch = Launch(
-        argv=serve_argv(target),
+        argv=serve_argv(target, release.python),
         workdir=release.path,
-        env={"PYTHONPATH": release.site, **new.env},
+        env={"PYTHONPATH": "", **new.env},  # the release's own environment only
         secret_env=new.secret_env,
         install_dir=new.install_dir,
         log_file=new.log_file,

@@ -11,6 +11,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel
 
+from flows.compat import StackVerdict, assess_stack
 from flows.errors import PreflightRefused
 from flows.hostfs import free_disk_gb
 from flows.hosts import Host, q
@@ -18,21 +19,18 @@ from flows.procs import ProcessInfo, find_service
 from flows.target import Target
 from flows.tasks.common import get_health, is_healthy, retry_transient, run_logger, service_url
 
-# Modules the service imports on the host -> their distribution names (reported with versions).
-SERVICE_REQUIREMENTS: dict[str, str] = {
+# What the box's python provides (module -> distribution), reported with versions and judged by
+# `flows.compat`; the service's other dependencies come with each release's own environment.
+BOX_PACKAGES: dict[str, str] = {
     "torch": "torch",
     "diffusers": "diffusers",
     "transformers": "transformers",
+    "accelerate": "accelerate",
     "safetensors": "safetensors",
     "PIL": "pillow",
-    "fastapi": "fastapi",
-    "uvicorn": "uvicorn",
-    "pydantic": "pydantic",
-    "pydantic_settings": "pydantic-settings",
-    "prometheus_client": "prometheus-client",
-    "typer": "typer",
+    "pip": "pip",
+    "open_clip": "open_clip_torch",
 }
-OPTIONAL_PACKAGES: dict[str, str] = {"accelerate": "accelerate", "open_clip": "open_clip_torch"}
 
 # Disk a model needs on first start (weights download) plus a buffer, in GB.
 DISK_NEEDED_GB: dict[str, float] = {
@@ -81,6 +79,8 @@ class HostFacts(BaseModel):
     torch_cuda: str | None
     cuda_available: bool | None
     problems: list[str]
+    release_fixes: list[str] = []  # installed into the release environment over the box's versions
+    notes: list[str] = []
 
 
 class CurrentFacts(BaseModel):
@@ -102,7 +102,7 @@ def needed_disk_gb(target: Target) -> float:
 
 @task(cache_policy=NO_CACHE, retries=2, retry_delay_seconds=5, retry_condition_fn=retry_transient)
 def inspect_host(host: Host, target: Target) -> HostFacts:
-    """Free disk, GPUs and VRAM, CUDA, and the service's packages on the host."""
+    """Free disk, GPUs and VRAM, CUDA, and the versions of the box python's packages (judged by `flows.compat`)."""
     log = run_logger()
     problems: list[str] = []
     free = free_disk_gb(host, target.new.install_dir)
@@ -113,8 +113,9 @@ def inspect_host(host: Host, target: Target) -> HostFacts:
         )
 
     gpus, driver = _gpus(host)
-    wanted = json.dumps(SERVICE_REQUIREMENTS | OPTIONAL_PACKAGES)
-    result = host.run(f"{q(target.new.python)} -c {q(_PACKAGES_SCRIPT)} {q(wanted)}", timeout=180)
+    result = host.run(
+        f"{q(target.new.python)} -c {q(_PACKAGES_SCRIPT)} {q(json.dumps(BOX_PACKAGES))}", timeout=180
+    )
     info: dict[str, Any] = {}
     if result.ok:
         info = json.loads(result.stdout.strip().splitlines()[-1])
@@ -122,13 +123,21 @@ def inspect_host(host: Host, target: Target) -> HostFacts:
         answer = (result.stderr or result.stdout).strip()[-300:]
         problems.append(f"python {target.new.python!r} does not run on {host.name}: {answer}")
     packages = info.get("packages", {})
-    missing = [dist for dist in SERVICE_REQUIREMENTS.values() if info and packages.get(dist) is None]
-    if missing:
-        problems.append(
-            f"{target.new.python} lacks {', '.join(missing)} (install them into that environment)"
-        )
     if info.get("torch_error"):
         problems.append(f"torch does not import: {info['torch_error']}")
+    verdict = StackVerdict()
+    if info:
+        verdict = assess_stack(
+            info.get("python"),
+            packages,
+            info.get("torch_cuda"),
+            info.get("cuda_available"),
+            has_gpu=bool(gpus),
+            python=target.new.python,
+        )
+        problems.extend(verdict.refusals)
+    for note in verdict.notes:
+        log.warning(note)
 
     facts = HostFacts(
         free_disk_gb=round(free, 1),
@@ -141,10 +150,13 @@ def inspect_host(host: Host, target: Target) -> HostFacts:
         torch_cuda=info.get("torch_cuda"),
         cuda_available=info.get("cuda_available"),
         problems=problems,
+        release_fixes=verdict.fixes,
+        notes=verdict.notes,
     )
     gpu_text = ", ".join(f"{g.name} {g.free_gb:.1f}/{g.total_gb:.1f} GB free" for g in gpus) or "no GPU"
     log.info(
-        "host %s: %.1f GB free (need %.1f), %s, python %s, torch %s (CUDA %s)",
+        "host %s: %.1f GB free (need %.1f), %s, python %s, torch %s (CUDA %s), diffusers %s, "
+        "transformers %s, accelerate %s",
         host.name,
         free,
         needed,
@@ -152,6 +164,9 @@ def inspect_host(host: Host, target: Target) -> HostFacts:
         facts.python_version,
         packages.get("torch"),
         facts.torch_cuda,
+        packages.get("diffusers"),
+        packages.get("transformers"),
+        packages.get("accelerate"),
     )
     return facts
 
