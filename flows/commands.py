@@ -158,7 +158,7 @@ def print_summary(summary_path: Path, console: Any = None) -> dict[str, Any]:
     from rich.console import Console
     from rich.table import Table
 
-    from flows.prober import Downtime
+    from flows.downtime import Downtime
     from flows.tasks.gates import shown_verdict
 
     console = console or Console()

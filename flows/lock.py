@@ -26,10 +26,10 @@ from datetime import datetime, timezone
 import psutil
 from pydantic import BaseModel, ValidationError
 
+from flows.common import run_logger
 from flows.errors import HostLocked
 from flows.hostfs import read_text, run_checked, write_text
 from flows.hosts import Host, q
-from flows.tasks.common import run_logger
 
 LOCK_TTL_S = 12 * 3600.0  # far beyond the longest deploy (a first SDXL download is ~40 min)
 LOCK_NAME = "deploy.lock"

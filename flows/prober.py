@@ -4,9 +4,7 @@ port for the whole flow (rollback included), records every probe, and turns the 
 Two threads, each with its own httpx client and its own way to the port (an SSH port forward on a remote
 target, the port itself on a local one): `/health` every `health_every_s` (0.25 s), and the app's request
 one at a time, `app_pause_s` after the previous answer, so the probe never floods a GPU that serves one
-generation at a time. An outage is a run of consecutive failed probes (both kinds, in the order they were
-sent); it lasts from the last success before it to the first success after it (or to the last probe, when
-the service never came back). The prober stops by itself after `max_duration_s`, and `stop()` waits a
+generation at a time. What the probes show (outages) is worked out in `flows/downtime.py`. The prober stops by itself after `max_duration_s`, and `stop()` waits a
 bounded time.
 """
 
@@ -14,117 +12,23 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, ExitStack, contextmanager
 from datetime import datetime, timezone
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 import httpx
-from pydantic import BaseModel, Field
 
+from flows.common import is_healthy, run_logger, service_url
+from flows.downtime import Downtime, DowntimeMode, Probe, ProbeKind, summarize
 from flows.secrets import api_key
-from flows.tasks.common import is_healthy, run_logger, service_url
 
 if TYPE_CHECKING:
     from flows.hosts import Host
     from flows.rundir import RunRecord
     from flows.target import ProbeSettings, Target
 
-ProbeKind = Literal["health", "app"]
-# How the upgrade treats the app: "stop-first" (the only mode until the staged start exists) or "staged".
-DowntimeMode = Literal["stop-first", "staged"]
 STOP_WAIT_S = 5.0  # how long stop() waits for a probe in flight before leaving its answer out
-
-
-class Probe(BaseModel):
-    """One request of the prober: when it was sent (seconds since the prober started), and its answer."""
-
-    kind: ProbeKind
-    at_s: float
-    ok: bool
-    status: int | None = None  # HTTP status; None when nothing answered
-    latency_s: float
-    error: str = ""
-
-
-class Outage(BaseModel):
-    """Consecutive failed probes: from the last success before them to the first success after them."""
-
-    start_s: float
-    end_s: float
-    failed: int
-    ended: bool  # False: no success came after it (the service was still down at the last probe)
-
-    @property
-    def seconds(self) -> float:
-        return round(self.end_s - self.start_s, 3)
-
-
-class Downtime(BaseModel):
-    """What the app saw during the flow, in `summary.json` and judged by the `max_downtime_s` gate."""
-
-    mode: DowntimeMode
-    longest_outage_s: float
-    failed_requests: int = Field(description="Failed probes of both kinds.")
-    probes: int
-    outages: int
-    total_outage_s: float
-    still_down: bool = Field(
-        description="The last probe failed: the outage had not ended when probing stopped."
-    )
-    failed_app_requests: int
-    app_requests: int
-    started_at: str | None = None
-
-    def describe(self) -> str:
-        if not self.probes:
-            return f"{self.mode}: no probe was sent"
-        down = "; STILL DOWN at the last probe" if self.still_down else ""
-        return (
-            f"{self.mode}: longest outage {self.longest_outage_s:.2f} s ({self.outages} outage(s), "
-            f"{self.total_outage_s:.2f} s in all); {self.failed_requests} of {self.probes} probes failed, "
-            f"{self.failed_app_requests} of {self.app_requests} app requests{down}"
-        )
-
-
-def find_outages(probes: Sequence[Probe]) -> list[Outage]:
-    """The runs of consecutive failed probes, in the order the probes were sent."""
-    outages: list[Outage] = []
-    last_ok: float | None = None
-    start = end = 0.0
-    failed = 0
-    for probe in sorted(probes, key=lambda p: p.at_s):
-        if probe.ok:
-            if failed:
-                outages.append(Outage(start_s=start, end_s=probe.at_s, failed=failed, ended=True))
-                failed = 0
-            last_ok = probe.at_s
-        else:
-            if not failed:
-                start = probe.at_s if last_ok is None else last_ok
-            failed += 1
-            end = probe.at_s
-    if failed:
-        outages.append(Outage(start_s=start, end_s=end, failed=failed, ended=False))
-    return outages
-
-
-def summarize(probes: Sequence[Probe], mode: DowntimeMode, started_at: str | None = None) -> Downtime:
-    """The downtime numbers of a probe record."""
-    outages = find_outages(probes)
-    app = [p for p in probes if p.kind == "app"]
-    return Downtime(
-        mode=mode,
-        longest_outage_s=max((o.seconds for o in outages), default=0.0),
-        failed_requests=sum(not p.ok for p in probes),
-        probes=len(probes),
-        outages=len(outages),
-        total_outage_s=round(sum(o.seconds for o in outages), 3),
-        still_down=bool(outages) and not outages[-1].ended,
-        failed_app_requests=sum(not p.ok for p in app),
-        app_requests=len(app),
-        started_at=started_at,
-    )
 
 
 class Prober:

@@ -20,11 +20,11 @@ from evaluation.prompts import builtin_prompts, load_prompts, spread
 from evaluation.regression import RegressionDetected, run_regression_benchmark
 from evaluation.results import GenerationSettings, RegressionRun
 from flows.artifacts import publish_regression
+from flows.common import run_logger, service_url
 from flows.runbook import choose_target, connect
 from flows.rundir import make_run_dir
 from flows.secrets import api_key
 from flows.target import Target
-from flows.tasks.common import run_logger, service_url
 
 
 @task(cache_policy=NO_CACHE)

@@ -17,13 +17,13 @@ from typing import Any
 import httpx
 from pydantic import BaseModel, ValidationError
 
+from flows.common import get_health, is_healthy, service_url
 from flows.errors import ReleaseError
 from flows.hostfs import file_size, read_text, tail_bytes, write_text
 from flows.hosts import Host, HostUnreachable
 from flows.procs import ProcessInfo, is_running, listener_pids, process_info, stop_process
 from flows.supervisor import Launch, start_supervised
 from flows.target import Target
-from flows.tasks.common import get_health, is_healthy, service_url
 
 KEEP_RELEASES = 50  # the newest records kept in releases.json
 

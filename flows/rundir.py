@@ -18,10 +18,10 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
+from flows.common import run_logger
+from flows.downtime import Downtime
 from flows.errors import RehearsedFailure, StageFailed
-from flows.prober import Downtime
 from flows.target import Target
-from flows.tasks.common import run_logger
 from flows.tasks.gates import GateReport, GateRow, gates_markdown
 
 RunStatus = Literal["running", "completed", "failed", "dry-run"]

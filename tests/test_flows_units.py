@@ -22,6 +22,7 @@ from prefect.states import Completed, exception_to_failed_state
 
 import flows
 from flows import errors
+from flows.common import retry_transient
 from flows.demo import demo_target, free_port
 from flows.errors import BackupError, DeployError, RehearsedFailure, StageFailed, TargetFileError
 from flows.hostfs import digests, write_text
@@ -31,7 +32,6 @@ from flows.rundir import RunRecord, make_run_dir
 from flows.target import DEFAULT_CRITERIA, Criterion, Target, expand_home, load_target
 from flows.tasks.backup import backup_current, list_backups, prune_backups, verify_backup
 from flows.tasks.benchmark import BenchmarkResult, ImageCheck, LogScan, check_image, percentile
-from flows.tasks.common import retry_transient
 from flows.tasks.gates import Evidence, QualityResult, judge
 from flows.tasks.rollback import restore_files
 from flows.tasks.tunnel import AppCheck

@@ -14,8 +14,9 @@ from pathlib import Path
 import pytest
 
 from flows.demo import free_port
+from flows.downtime import Probe, find_outages, summarize
 from flows.hosts import LocalHost
-from flows.prober import Probe, Prober, find_outages, summarize
+from flows.prober import Prober
 from flows.runbook import deploy_sdxl, rollback_sdxl
 from flows.target import DEFAULT_CRITERIA, Criterion, ProbeSettings, Target
 from flows.tasks.gates import Evidence, judge

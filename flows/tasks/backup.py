@@ -18,12 +18,12 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel
 
+from flows.common import run_logger
 from flows.errors import BackupError
 from flows.hostfs import Digest, digests, read_text, run_checked, write_text
 from flows.hosts import Host, q
 from flows.procs import ProcessInfo, listener_pids
 from flows.target import CurrentService, Target
-from flows.tasks.common import run_logger
 
 MANIFEST = "MANIFEST.json"
 

@@ -15,11 +15,11 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel
 
+from flows.common import run_logger, service_url
 from flows.hostfs import tail_bytes
 from flows.hosts import Host
 from flows.secrets import api_key
 from flows.target import Target
-from flows.tasks.common import run_logger, service_url
 from service.client import ServiceCallError, ServiceClient
 
 LOG_ERROR_PATTERNS = re.compile(

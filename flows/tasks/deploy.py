@@ -22,13 +22,13 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel
 
+from flows.common import run_logger
 from flows.errors import DeployError
 from flows.hostfs import digests, file_size, make_dirs, read_text, remote_child, run_checked, write_text
 from flows.hosts import Host, q
 from flows.procs import ProcessInfo, stop_process, wait_port_free
 from flows.supervisor import Launch, start_supervised
 from flows.target import Target
-from flows.tasks.common import run_logger
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 

@@ -11,11 +11,11 @@ from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel
 
+from flows.common import run_logger
+from flows.downtime import Downtime
 from flows.errors import GateFailed
-from flows.prober import Downtime
 from flows.target import Criterion
 from flows.tasks.benchmark import BenchmarkResult, LogScan
-from flows.tasks.common import run_logger
 from flows.tasks.tunnel import AppCheck
 
 # "inconclusive": the evidence cannot tell (so far only the quality comparison says it); it does not fail

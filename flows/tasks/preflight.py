@@ -11,13 +11,13 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel
 
+from flows.common import get_health, is_healthy, retry_transient, run_logger, service_url
 from flows.compat import StackVerdict, assess_stack
 from flows.errors import PreflightRefused
 from flows.hostfs import free_disk_gb
 from flows.hosts import Host, q
 from flows.procs import ProcessInfo, find_service
 from flows.target import Target
-from flows.tasks.common import get_health, is_healthy, retry_transient, run_logger, service_url
 
 # What the box's python provides (module -> distribution), reported with versions and judged by
 # `flows.compat`; the service's other dependencies come with each release's own environment.

@@ -20,10 +20,10 @@ from typing import Any
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
+from flows.common import run_logger, service_url
 from flows.hosts import Host
 from flows.secrets import api_key
 from flows.target import Target
-from flows.tasks.common import run_logger, service_url
 from flows.tasks.gates import QualityResult
 
 

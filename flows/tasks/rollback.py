@@ -17,6 +17,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel
 
+from flows.common import get_health, is_healthy, run_logger, service_url
 from flows.deploy_state import load_state, save_state
 from flows.errors import ReleaseError, RollbackError
 from flows.hostfs import digests, file_size, run_checked, tail_bytes
@@ -42,7 +43,6 @@ from flows.releases import (
 from flows.secrets import SecretUnavailable
 from flows.target import CurrentService, Target
 from flows.tasks.backup import BackupFile, latest_backup, verify_backup
-from flows.tasks.common import get_health, is_healthy, run_logger, service_url
 
 
 class RollbackResult(BaseModel):

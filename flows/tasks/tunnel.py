@@ -10,11 +10,11 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel
 
+from flows.common import run_logger
 from flows.hosts import Host
 from flows.secrets import api_key
 from flows.target import Target
 from flows.tasks.benchmark import check_image
-from flows.tasks.common import run_logger
 
 
 class AppCheck(BaseModel):

@@ -13,6 +13,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel
 
+from flows.common import retry_transient, run_logger, service_url
 from flows.errors import HostUnreachable, ServiceDidNotStart
 from flows.hostfs import tail_bytes
 from flows.hosts import Host
@@ -20,7 +21,6 @@ from flows.procs import is_running
 from flows.secrets import api_key
 from flows.supervisor import read_restarts
 from flows.target import Target
-from flows.tasks.common import retry_transient, run_logger, service_url
 from flows.tasks.deploy import Started
 from service.client import ServiceCallError, ServiceClient
 

@@ -1,4 +1,4 @@
-"""What the tasks share: the run logger, the retry policy (transient errors only), HTTP to a service port."""
+"""What the flows share: the run logger, the retry policy (transient errors only), HTTP to a service port."""
 
 from __future__ import annotations
 
