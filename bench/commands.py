@@ -45,7 +45,8 @@ def bench_gpu(
     tiny: Annotated[bool, typer.Option(help="Tiny models at 128 px: a quick dry run (CPU is fine).")] = False,
 ) -> None:
     """GPU benchmark: plain diffusers (fp16 eager, +- slicing) beside the service end to end over HTTP."""
-    from bench.harness import BenchConfig, run_bench
+    from bench.harness import BenchConfig
+    from bench.run import run_bench
     from bench.scenarios import SERVICE_VARIANTS, SKIPPABLE_STAGES
 
     config = BenchConfig(

@@ -1,23 +1,6 @@
-"""GPU benchmark: plain diffusers beside the service's own path, in one run, on one card.
-
-`sdxl-deploy bench-gpu --models sdxl --out DIR` does, per model family, in this order:
-
-1. build the synthetic full-size model on the GPU and write it to local disk (timed), then load from there;
-2. the plain-diffusers baseline (`bench.baseline`): fp16 eager, then fp16 eager + attention slicing + VAE
-   slicing, pipeline time and pipeline + Pillow PNG + base64 (what most self-hosted SD APIs do);
-3. the service's eager path (bf16, compile off) in process (`bench.eager`): the same-seed reference images, and
-   an eager ablation (classic attention -> SDPA -> + fused QKV -> + channels_last) on the same loaded pipelines;
-4. the service as it ships (`bench.served`): `sdxl-deploy serve` in its own process under uvicorn with its
-   defaults (cold start with an empty compile cache = the first compile), then every scenario end to end over
-   HTTP (request -> JSON with base64 PNG, decoded by the client) and the same-seed comparison with step 3;
-5. a restart with the warm compile cache (restart-to-ready), a few requests after it, then N concurrent
-   clients on the restarted service;
-6. optional: service variants (`SERVICE_VARIANTS`, e.g. CUDA graphs off, the opt-ins), each started and
-   restarted like the default (no concurrent clients); the PNG encoders on 1024x1024 (`bench.encode`).
-
-Scenarios are data (`bench.scenarios`). Each stage runs in its own `Bench.stage`: a failure is recorded and the
-run goes on, and the JSON is written after every stage (a run cut short keeps what it had); the table
-(`bench.table`) is printed last. `--tiny` runs the same code on the tiny models (CPU-friendly), for tests.
+"""The benchmark run's bookkeeping: its options (`BenchConfig`), what it measured (`Results`, dumped to JSON
+after every stage) and `Bench`, the stage wrapper (a failure is recorded and the run goes on) that the
+stages (`bench.baseline`, `bench.eager`, `bench.served`) write their figures through. `bench.run` runs them.
 """
 
 from __future__ import annotations
@@ -25,8 +8,6 @@ from __future__ import annotations
 import itertools
 import json
 import logging
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -36,11 +17,8 @@ from typing import Any
 
 import numpy as np
 
-from bench import baseline, eager, encode, served
-from bench.launch import REPO
-from bench.measure import environment, free_memory
-from bench.scenarios import FAMILY_MODELS, SERVICE_VARIANTS, TINY_MODELS, Scenario, scenarios_of
-from bench.table import table
+from bench.measure import free_memory
+from bench.scenarios import Scenario, scenarios_of
 
 log = logging.getLogger("bench")
 
@@ -132,67 +110,6 @@ class Bench:
     def scenarios(self, family: str) -> list[Scenario]:
         return scenarios_of(family)
 
-    # -- the run
-
-    def run(self) -> Results:
-        self.results.meta = environment()
-        self.results.meta["config"] = {k: str(v) for k, v in asdict(self.c).items()}
-        self.save()
-        if self.c.pytest_gpu:
-            with self.stage("pytest -m gpu"):
-                self.run_pytest_gpu()
-        for family in self.c.families:
-            model = (TINY_MODELS if self.c.tiny else FAMILY_MODELS)[family]
-            with self.stage(f"{family}: build"):
-                model_dir = self.build(family, model)
-            if "baseline" not in self.c.skip:
-                with self.stage(f"{family}: baseline"):
-                    baseline.run_baseline(self, family, model_dir)
-            if "eager" not in self.c.skip:
-                with self.stage(f"{family}: service eager path"):
-                    eager.run_eager(self, family, model_dir)
-            if "service" not in self.c.skip:
-                with self.stage(f"{family}: service"):
-                    served.run_service(self, family, model_dir)
-            for variant in self.c.variants:
-                with self.stage(f"{family}: service {variant}", optional=True, needs_s=90) as ok:
-                    if ok:
-                        served.run_service(
-                            self, family, model_dir, label=variant, env=SERVICE_VARIANTS[variant]
-                        )
-        if "encode" not in self.c.skip:
-            with self.stage("encode 1024x1024"):
-                self.results.encode = encode.time_encoders()
-        return self.results
-
-    def run_pytest_gpu(self) -> None:
-        started = time.perf_counter()
-        proc = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "pytest",
-                "-q",
-                "-m",
-                "gpu",
-                "--noconftest",
-                "-p",
-                "no:cacheprovider",
-                "tests/test_accel.py",
-            ],
-            cwd=REPO,
-            capture_output=True,
-            text=True,
-            timeout=300,
-        )
-        tail = (proc.stdout + proc.stderr).strip().splitlines()[-15:]
-        self.results.pytest = {
-            "returncode": proc.returncode,
-            "seconds": round(time.perf_counter() - started, 1),
-            "tail": tail,
-        }
-        log.info("pytest -m gpu: rc=%d\n%s", proc.returncode, "\n".join(tail))
-
     def build(self, family: str, model: str) -> Path:
         """Build the model on the GPU (random weights, real architecture) and write it to local disk."""
         import torch
@@ -214,16 +131,3 @@ class Bench:
         }
         free_memory()
         return out
-
-
-def run_bench(config: BenchConfig) -> Results:
-    """Run every stage, write `bench.json` and `table.txt` under `config.out`, print the table last."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("httpx").setLevel(logging.WARNING)
-    bench = Bench(config)
-    results = bench.run()
-    bench.save()
-    text = table(results)
-    (config.out / "table.txt").write_text(text + "\n", encoding="utf-8")
-    print(text, flush=True)
-    return results
