@@ -70,6 +70,7 @@ def _served(state: ServiceState) -> Iterator[str]:
         thread.join(15)
 
 
+@pytest.mark.timeout(900)
 def test_health_reports_each_phase_of_the_start_with_real_times(model_cache: Path) -> None:
     """loading -> warming_up -> ready, each held open by the test: what a deploy sees while it waits."""
     state = ServiceState(settings_for("tiny-sd15", model_cache, warmup_on_load="on"))
@@ -97,12 +98,12 @@ def test_health_reports_each_phase_of_the_start_with_real_times(model_cache: Pat
             assert warm["load_s"] > 0 and "warmup_started" in warm["milestones"]
             assert httpx.get(f"{url}/ready").status_code == 503  # not ready while warming up
             warming.set()
-            wait_ready(url, timeout=120)
+            wait_ready(url, timeout=600)  # a 512 px warm-up: seconds alone, minutes on a busy CPU
         finally:
             loading.set()
             warming.set()
         ready = _startup(url)
-        assert httpx.post(f"{url}/generate", json=SMALL, timeout=60).status_code == 200
+        assert httpx.post(f"{url}/generate", json=SMALL, timeout=120).status_code == 200
     assert ready["phase"] == "ready"
     at = ready["milestones"]
     assert [at[name] for name in ORDER] == sorted(at[name] for name in ORDER)
