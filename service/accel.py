@@ -1,4 +1,4 @@
-"""Speed: apply the speed settings to loaded pipelines, and warm them up before the service says ready.
+"""Speed: plan the speed settings for a device and apply them to loaded pipelines.
 
 Each technique is one setting (the "Speed" block of `ServiceSettings`); `auto` turns it on where it helps
 (CUDA) and off on the CPU, so tests and CPU boxes run plain eager diffusers. What each one bought is measured
@@ -18,34 +18,32 @@ by the benchmark (`sdxl-deploy bench-gpu`, docs/BENCHMARKS.md), not assumed here
   compiled shape; `service/embeddings.py` keeps the embeddings of recent texts).
 - cuda_graphs: compile mode `reduce-overhead`: each UNet call is replayed as one CUDA graph, removing the
   CPU launch overhead (what limits SD1.5 at 512 px).
-- warmup_on_load: one short generation at the default size during load, so the first compile happens
-  before `/ready` and not in a client's request.
+- warmup_on_load: short generations at the default size before `/ready` (`service/warmup.py`), so the first
+  compile happens then and not in a client's request.
 - coalesce: compatible requests waiting in the queue run as one batched call (`service/worker.py`), in
   batches of 2, 4, ... images up to `coalesce_max_images`; with compile on, each of those sizes is warmed up
   too (static shapes: each batch size is its own compiled graph).
+
+Before anything is compiled, `checked_plan` compiles a tiny function (`service/compile_check.py`): when
+torch.compile does not work on the device, the plan serves uncompiled and says so in its `warnings`.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import time
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
 from service import saved_compile
+from service.compile_check import compile_problem
 from service.settings import ServiceSettings, Toggle
 
-if TYPE_CHECKING:
-    from service.engine import Engine
-
 log = logging.getLogger(__name__)
-
-WARMUP_STEPS = 4  # with the refiner's default split 0.8: 3 base steps and 1 refiner step
 
 
 @dataclass(frozen=True)
@@ -64,7 +62,8 @@ class SpeedPlan:
     coalesce_sizes: tuple[int, ...] = (1,)  # images per call the queue may form from waiting requests
     compile_text_encoders: bool = False
     save_compiled: bool = False
-    notes: tuple[str, ...] = field(default_factory=tuple)
+    notes: tuple[str, ...] = field(default_factory=tuple)  # settings resolved against each other
+    warnings: tuple[str, ...] = field(default_factory=tuple)  # what the device could not do
 
     @property
     def compile_mode(self) -> str:
@@ -72,18 +71,27 @@ class SpeedPlan:
         return "reduce-overhead" if self.cuda_graphs else "default"
 
     def as_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "notes": list(self.notes), "compile_mode": self.compile_mode}
+        return {
+            **asdict(self),
+            "notes": list(self.notes),
+            "warnings": list(self.warnings),
+            "compile_mode": self.compile_mode,
+        }
 
 
 def _on(value: Toggle, auto: bool) -> bool:
     return auto if value == "auto" else value == "on"
 
 
-def plan_speed(settings: ServiceSettings, device: torch.device, backend: str = "sdxl") -> SpeedPlan:
+def plan_speed(
+    settings: ServiceSettings, device: torch.device, backend: str = "sdxl", compile_error: str | None = None
+) -> SpeedPlan:
     """Resolve the speed settings for `device`: auto = on for CUDA, off on the CPU (sdpa: on everywhere);
-    coalescing's and compiled text encoders' auto is on for SD1.5 on CUDA only (measured: docs/BENCHMARKS.md)."""
+    coalescing's and compiled text encoders' auto is on for SD1.5 on CUDA only (measured: docs/BENCHMARKS.md).
+    `compile_error`: why torch.compile does not work on the device; compile then stays off, with a warning."""
     cuda = device.type == "cuda"
     notes: list[str] = []
+    warnings: list[str] = []
     sdpa = _on(settings.sdpa, True)
     fuse_qkv = _on(settings.fuse_qkv, cuda)
     if settings.attention_slicing and (sdpa or fuse_qkv):
@@ -93,6 +101,9 @@ def plan_speed(settings: ServiceSettings, device: torch.device, backend: str = "
         notes.append("fuse_qkv needs sdpa (its processor is SDPA-based): not applied")
         fuse_qkv = False
     compile_ = _on(settings.compile, cuda)
+    if compile_ and compile_error:
+        warnings.append(f"torch.compile does not work here ({compile_error}): serving uncompiled")
+        compile_ = False
     if compile_ and settings.cpu_offload:
         notes.append("compile off: cpu_offload moves modules between devices at every call")
         compile_ = False
@@ -124,7 +135,23 @@ def plan_speed(settings: ServiceSettings, device: torch.device, backend: str = "
         compile_text_encoders=compile_ and _on(settings.compile_text_encoders, backend == "sd15"),
         save_compiled=save_compiled,
         notes=tuple(notes),
+        warnings=tuple(warnings),
     )
+
+
+def checked_plan(settings: ServiceSettings, device: torch.device, backend: str = "sdxl") -> SpeedPlan:
+    """`plan_speed`, after making sure torch.compile works on `device` when the plan compiles: if a tiny
+    function does not compile and run there (`service/compile_check.py`), the plan serves uncompiled."""
+    plan = plan_speed(settings, device, backend)
+    if plan.compile:
+        if plan.cache_dir:  # the check is the process's first compile: Inductor's caches must be set first
+            use_compile_cache(plan.cache_dir)
+        problem = compile_problem(device, plan.compile_mode)
+        if problem is not None:
+            plan = plan_speed(settings, device, backend, compile_error=problem)
+            for warning in plan.warnings:
+                log.warning("speed: %s", warning)
+    return plan
 
 
 def use_compile_cache(cache_dir: str | Path) -> Path:
@@ -220,78 +247,3 @@ def saved_compiles(pipes: Iterable[Any]) -> list[saved_compile.SavedCompile]:
 def is_compiled(module: torch.nn.Module) -> bool:
     """Whether `module.compile()` wrapped this module's call."""
     return getattr(module, "_compiled_call_impl", None) is not None
-
-
-def warm_up(engine: Engine) -> float:
-    """One short generation at the model's default size through the service's own path; returns seconds.
-
-    Compiles the UNet(s) and the VAE decoder for the default size with CFG on (what real requests use), so a
-    cold start pays the compile before `/ready`. With `cfg_cutoff` below 1 each UNet also sees the unguided
-    (half-batch) shape: the base pass is cut after half its steps, and the base + refiner pass is split in
-    the middle and cut inside the refiner's steps. The compiled functions keep the CUDA-graph tree they were
-    compiled with, so the GPU worker thread replays (and, on its first request, records) graphs in that same
-    tree: the loader thread must not reset it.
-    """
-    from service.params import resolve_params
-    from service.schema import GenerateRequest
-    from service.worker import Job
-
-    assert engine.spec is not None
-    started = time.perf_counter()
-    sizes = engine.speed.coalesce_sizes if engine.speed else (1,)
-    # base alone first (base UNet + VAE decoder), then base + refiner (the refiner's UNet): timed apart;
-    # then each batch size that coalesced requests may form (a batch of k compiles like k images)
-    shapes = [
-        (use_refiner, k)
-        for k in sizes
-        for use_refiner in ((False, True) if engine.refiner_loaded else (False,))
-    ]
-    cut = engine.settings.cfg_cutoff < 1.0
-    for use_refiner, images in shapes:
-        params = resolve_params(
-            GenerateRequest(
-                prompt="warm-up",
-                num_inference_steps=WARMUP_STEPS,
-                seed=0,
-                use_refiner=use_refiner,
-                batch_size=images,
-                refiner_split=0.5 if cut else 0.8,  # 2 base + 2 refiner steps
-            ),
-            engine.spec,
-            refiner_loaded=engine.refiner_loaded,
-            restorer_loaded=False,
-            max_prompt_chars=engine.settings.max_prompt_chars,
-            cfg_cutoff=(0.75 if use_refiner else 0.5) if cut else 1.0,  # guided 3 of 4 / 2 of 4 steps
-        )
-        log.info(
-            "speed: warming up %s at %dx%d, %d image(s) (the first compile takes minutes)",
-            "base + refiner" if use_refiner else "base",
-            params.width,
-            params.height,
-            images,
-        )
-        t0 = time.perf_counter()
-        engine.generate(params, Job())
-        log.info(
-            "speed: warm-up %s, %d image(s) took %.1f s",
-            "base + refiner" if use_refiner else "base",
-            images,
-            time.perf_counter() - t0,
-        )
-    seconds = time.perf_counter() - started
-    log.info("speed: warm-up took %.1f s", seconds)
-    saved = saved_compiles((engine.base, engine.refiner, engine.img2img))
-    if saved:
-        log.info(
-            "speed: saved compile: %d loaded from disk, %d compiled and saved%s",
-            sum(len(c.loaded) for c in saved),
-            sum(len(c.compiled) for c in saved),
-            "".join(f"; {c.label}: plain torch.compile for a call ({r})" for c in saved for r in c.fallbacks),
-        )
-    if engine.speed and engine.speed.compile:
-        from torch._dynamo.utils import compile_times
-
-        log.info(
-            "speed: where the compile time went (s, torch's own counters):\n%s", compile_times("str", True)
-        )
-    return seconds

@@ -1,58 +1,82 @@
-"""Does torch.compile work here? Compile and run a tiny function on a device; one JSON line, exit 0 when ok.
+"""Does torch.compile work here? Compile and run a tiny function the way the service compiles its models.
 
-`python -m service.compile_check [--device cuda|cpu|auto]` prints
-`{"ok": bool, "device": str, "torch": str, "error": str | null}`. The deploy runs it with the release's
-python before anything is stopped; the service calls `compile_problem(device)` before it compiles.
-(Minimal version from the `env` branch; the `svc` branch owns this module.)
+The service runs `compile_problem` before it compiles anything (a problem turns compile off for the process
+and becomes a start-up warning); preflight runs `python -m service.compile_check [--device cuda|cpu|auto]`,
+which prints one JSON line `{"ok", "device", "torch", "error"}` and exits 0 when ok, 1 otherwise.
+
+Each check compiles new code (a fresh constant in the function), so a kernel cached on disk by an earlier
+run cannot hide a compiler that no longer works.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import secrets
 import sys
 
+import torch
 
-def resolve_device(device: str) -> str:
-    """`auto` is CUDA when torch sees a GPU, else the CPU."""
-    if device != "auto":
-        return device
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
+_known: dict[tuple[str, str], str | None] = {}  # (device, mode) -> the problem, checked once per process
 
 
-def compile_problem(device: str) -> str | None:
-    """None when a tiny function compiles and runs with torch.compile on `device`; else why not."""
+def default_mode(device: torch.device) -> str:
+    """The compile mode the service uses by default there: CUDA graphs (reduce-overhead) on CUDA."""
+    return "reduce-overhead" if device.type == "cuda" else "default"
+
+
+def compile_problem(device: str | torch.device, mode: str | None = None) -> str | None:
+    """None when torch.compile (Inductor, static shapes, `mode`; default: the service's mode on `device`)
+    compiles and runs a tiny function there with eager's result; else what went wrong, in one line.
+
+    Checked once per process and device."""
+    device = torch.device(device)
+    mode = mode or default_mode(device)
+    key = (str(device), mode)
+    if key not in _known:
+        _known[key] = _check(device, mode)
+    return _known[key]
+
+
+def _check(device: torch.device, mode: str) -> str | None:
+    salt = secrets.randbelow(1_000_000) + 1  # new code each time: nothing cached on disk answers for it
+
+    def tiny(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.silu(x @ w + salt * 1e-6).sum(dim=-1)
+
     try:
-        import torch
-
-        def tiny(x: torch.Tensor) -> torch.Tensor:
-            return torch.nn.functional.gelu(x * 2.0 + 1.0).sum(dim=-1)
-
-        x = torch.randn(4, 16, device=device)
-        compiled = torch.compile(tiny, fullgraph=True)
-        if not torch.allclose(compiled(x), tiny(x), atol=1e-4, rtol=1e-4):
-            return "the compiled function gave a different result than eager"
-    except Exception as exc:  # any failure means: serve uncompiled
-        return f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"[:500]
+        generator = torch.Generator("cpu").manual_seed(0)
+        x = torch.randn(4, 16, generator=generator).to(device)
+        w = torch.randn(16, 16, generator=generator).to(device)
+        compiled = torch.compile(tiny, mode=mode, fullgraph=True, dynamic=False)
+        with torch.no_grad():
+            expected = tiny(x, w)
+            for _ in range(3):  # CUDA graphs: a warm-up run, the recording, a replay
+                got = compiled(x, w)
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-3)
+    except Exception as exc:  # noqa: BLE001 - any failure is the answer
+        return _one_line(exc)
     return None
 
 
+def _one_line(exc: BaseException) -> str:
+    """`Type: message`, first non-empty line of the message, at most 300 characters."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return f"{type(exc).__name__}: {lines[0] if lines else ''}"[:300]
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m service.compile_check", description=__doc__)
     parser.add_argument("--device", choices=("cuda", "cpu", "auto"), default="auto")
     args = parser.parse_args(argv)
-    torch_version = ""
-    try:
-        import torch
-
-        torch_version = torch.__version__
-        device = resolve_device(args.device)
+    device = args.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        error: str | None = "no CUDA GPU is visible to torch"
+    else:
         error = compile_problem(device)
-    except Exception as exc:
-        device, error = args.device, f"{type(exc).__name__}: {exc}"
-    print(json.dumps({"ok": error is None, "device": device, "torch": torch_version, "error": error}))
+    print(json.dumps({"ok": error is None, "device": device, "torch": torch.__version__, "error": error}))
     return 0 if error is None else 1
 
 

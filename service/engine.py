@@ -4,11 +4,8 @@ from __future__ import annotations
 
 import gc
 import logging
-import math
-import os
-import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -16,16 +13,20 @@ from typing import Any
 import torch
 from PIL import Image
 
-from service.accel import SpeedPlan, apply_speed, plan_speed, warm_up
+from service.accel import SpeedPlan, apply_speed, checked_plan
 from service.embeddings import TextEmbeddings
 from service.encoding import configure as configure_encoder
 from service.errors import Cancelled, GenerationFailed, OutOfMemory, ServiceError
+from service.faults import FaultInjector
 from service.hub import plan_load
 from service.models import ModelSpec, resolve_model
-from service.params import GenerationParams, final_size
+from service.params import GenerationParams, final_size, resolve_params
 from service.restorers import FaceRestorer, load_restorer
 from service.samplers import SchedulerCache
+from service.schema import GenerateRequest
 from service.settings import ServiceSettings
+from service.startup import StartupRecord
+from service.steps import CfgCutoff, Progress, hires_steps, stage_steps
 from service.worker import Job
 
 log = logging.getLogger(__name__)
@@ -87,31 +88,6 @@ def resolve_dtype(setting: str, device: torch.device) -> torch.dtype:
     return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
 
 
-class FaultInjector:
-    """Rehearsal only: make the next N generations fail like a real fault (`oom:N`, `error:N`), or kill
-    the process at its next generation like a segfault or the OOM killer would (`crash:N`, exit 70)."""
-
-    def __init__(self, spec: str | None) -> None:
-        self.kind, self.remaining = None, 0
-        if spec:
-            kind, _, count = spec.partition(":")
-            if kind not in ("oom", "error", "crash") or not count.isdigit():
-                raise ValueError(f"inject_fault={spec!r} must look like 'oom:N', 'error:N' or 'crash:N'")
-            self.kind, self.remaining = kind, int(count)
-        self._lock = threading.Lock()
-
-    def maybe_raise(self) -> None:
-        with self._lock:
-            if self.remaining <= 0:
-                return
-            self.remaining -= 1
-        if self.kind == "crash":
-            os._exit(70)  # no cleanup, no answer: the connection just drops
-        if self.kind == "oom":
-            raise torch.OutOfMemoryError("CUDA out of memory. (injected by SDXL_INJECT_FAULT)")
-        raise RuntimeError("generation failed (injected by SDXL_INJECT_FAULT)")
-
-
 class Engine:
     """Holds the loaded pipelines of one model and runs generations on them (one at a time)."""
 
@@ -126,7 +102,7 @@ class Engine:
         self.restorer: FaceRestorer | None = None
         self.faults = FaultInjector(settings.inject_fault)
         self.speed: SpeedPlan | None = None  # the speed techniques in force (service/accel.py)
-        self.warmup_s: float | None = None  # seconds of the load-time warm-up (the first compile)
+        self.startup = StartupRecord()  # how this engine's start went (`/health`'s `startup`)
         self.schedulers = SchedulerCache()
         self.quality_options: list[str] = []  # opt-in settings in force that change the images
         self.embeddings = TextEmbeddings(settings.prompt_cache_size)  # prompts encoded once, kept
@@ -138,7 +114,9 @@ class Engine:
         return self.base is not None
 
     def load(self) -> None:
-        """Resolve the model, load base (+ refiner), move to the device, apply memory settings."""
+        """Resolve the model, load base (+ refiner), move to the device, apply memory and speed settings.
+
+        The warm-up (the first compile) comes after, before `/ready`: `service/warmup.py`."""
         s = self.settings
         configure_encoder(s.png_encoder, s.encode_threads)
         spec = resolve_model(s.model, s.cache_dir, refiner=s.refiner)
@@ -173,6 +151,7 @@ class Engine:
         started = time.perf_counter()
         base = _load(Text2Img, spec.base, self.dtype, single_file=spec.single_file, **kwargs)
         log.info("Base model loaded in %.1f s", time.perf_counter() - started)
+        self.startup.mark("base_loaded")
         refiner = None
         if spec.backend == "sdxl" and spec.refiner and s.load_refiner:
             log.info("Loading refiner from %s", spec.refiner)
@@ -192,7 +171,8 @@ class Engine:
         # the VAE only when named (it checks the type against the pipeline's declared AutoencoderKL)
         self.img2img = Img2Img.from_pipe(base, vae=base.vae, **{dtype_keyword(): self.dtype})
         self.img2img.set_progress_bar_config(disable=True)
-        self.speed = plan_speed(s, self.device, spec.backend)
+        self.speed = checked_plan(s, self.device, spec.backend)  # compile off where it does not work
+        self.startup.set(compile=self.speed.compile, warnings=list(self.speed.warnings))
         apply_speed(self.speed, (base, refiner, self.img2img))
         self.restorer = load_restorer(s.face_restorer)
         self.spec, self.base, self.refiner = spec, base, refiner
@@ -202,10 +182,7 @@ class Engine:
             self.quality_options.append(f"tiny_vae={tiny_vae}")
         if self.quality_options:
             log.warning("opt-in settings that change the images: %s", ", ".join(self.quality_options))
-        if self.speed.warmup:
-            self.warmup_s = warm_up(self)
         self._log_device()
-        log.info("Model loaded successfully: %s", spec.name)
 
     def _place(self, pipe: Any) -> None:
         """Move a pipeline to the device and apply the memory settings."""
@@ -231,6 +208,20 @@ class Engine:
             log.info("Running on the CPU (no CUDA GPU): fine for tiny models, far too slow for real ones")
 
     # ----- state ---------------------------------------------------------------------------------
+
+    def params(self, req: GenerateRequest, n_iter: int = 1) -> GenerationParams:
+        """The one way a request becomes generation parameters for the loaded model (422 on a bad value)."""
+        if self.spec is None:
+            raise GenerationFailed("model is not loaded")
+        return resolve_params(
+            req,
+            self.spec,
+            refiner_loaded=self.refiner_loaded,
+            restorer_loaded=self.restorer is not None,
+            max_prompt_chars=self.settings.max_prompt_chars,
+            n_iter=n_iter,
+            cfg_cutoff=self.settings.cfg_cutoff,
+        )
 
     @property
     def refiner_loaded(self) -> bool:
@@ -322,7 +313,7 @@ class Engine:
 
     def _run_stages(self, p: GenerationParams, job: Job, timings: dict[str, float]) -> list[Image.Image]:
         """Every batch of the request with its sampler; progress counts the steps of all of them."""
-        progress = _Progress([job], _stage_steps(p) * p.n_iter)
+        progress = Progress([job], stage_steps(p) * p.n_iter)
         seeds = p.seeds
         images: list[Image.Image] = []
         with self.schedulers.use((self.base, self.refiner, self.img2img), p.sampler):
@@ -341,7 +332,7 @@ class Engine:
         negatives = None
         if first.negative_prompt is not None:  # the group key keeps None and text apart
             negatives = [p.negative_prompt or "" for p, _ in requests for _ in p.seeds]
-        progress = _Progress([job for _, job in requests], _stage_steps(first))
+        progress = Progress([job for _, job in requests], stage_steps(first))
         log.info("coalesced %d requests into one batch of %d images", len(requests), len(seeds))
         with self.schedulers.use((self.base, self.refiner, self.img2img), first.sampler):
             return self._run_batch(first, seeds, progress, timings, prompts=(prompts, negatives))
@@ -350,7 +341,7 @@ class Engine:
         self,
         p: GenerationParams,
         seeds: list[int],
-        progress: _Progress,
+        progress: Progress,
         timings: dict[str, float],
         *,
         prompts: tuple[list[str], list[str] | None] | None = None,
@@ -376,10 +367,10 @@ class Engine:
             return self.embeddings.call_kwargs(pipe, *per_image, guided=p.guidance_scale > 1)
 
         last = "hires" if p.hires_fix else "refiner" if p.use_refiner else "base"
-        hires_total, hires_run = _hires_steps(p)
+        hires_total, hires_run = hires_steps(p)
         # base and refiner are one denoising pass of p.steps (the refiner finishes the base's schedule); hires
         # is another
-        guidance = _CfgCutoff(p.cfg_cutoff, p.steps)
+        guidance = CfgCutoff(p.cfg_cutoff, p.steps)
         with _timed(timings, "base"):
             extra = {"denoising_end": p.refiner_split, "output_type": "latent"} if p.use_refiner else {}
             if last == "base":
@@ -407,7 +398,7 @@ class Engine:
             progress.check_cancelled()
         if p.hires_fix:
             w, h = final_size(p)
-            guidance = _CfgCutoff(p.cfg_cutoff, hires_run)
+            guidance = CfgCutoff(p.cfg_cutoff, hires_run)
             with _timed(timings, "hires"):
                 images = self.img2img(
                     image=[image.resize((w, h), Image.Resampling.LANCZOS) for image in images],
@@ -451,81 +442,6 @@ def tensor_to_pil(images: torch.Tensor) -> list[Image.Image]:
     """
     pixels = (images.float() * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
     return [Image.fromarray(pixel) for pixel in pixels]
-
-
-def _hires_steps(p: GenerationParams) -> tuple[int, int]:
-    """(num_inference_steps to ask img2img for, steps it runs): img2img runs int(steps * strength) steps,
-    so ask for enough that at least one runs."""
-    total = max(p.steps, math.ceil(1 / p.hires_strength))
-    return total, int(total * p.hires_strength) if p.hires_fix else 0
-
-
-def _stage_steps(p: GenerationParams) -> int:
-    """Denoising steps of one batch of `p`, over every stage: the base (+ refiner) pass, then hires."""
-    return p.steps + _hires_steps(p)[1]
-
-
-class _CfgCutoff:
-    """Classifier-free guidance on the first steps of a denoising pass only (setting `cfg_cutoff`).
-
-    After the last guided step the pipeline's CFG inputs keep their conditional half and its guidance scale
-    drops to 1, so each later step is one UNet pass instead of two. diffusers' own `SDXLCFGCutoffCallback`
-    keeps row -1, which is right for one image only; a batch of N has its negatives in rows 0..N-1 and its
-    prompts in rows N..2N-1, so the second half is kept here. (The base's `add_time_ids` are the same for
-    both halves unless negative micro-conditions are given, which the service never does.)
-    """
-
-    TENSORS = ("prompt_embeds", "add_text_embeds", "add_time_ids")
-
-    def __init__(self, cutoff: float, pass_steps: int) -> None:
-        self.guided = max(1, round(cutoff * pass_steps)) if cutoff < 1.0 else None
-        self.done = 0
-
-    def call_kwargs(self, pipe: Any) -> dict[str, Any]:
-        """Extra pipeline-call arguments: a call that starts past the cutoff runs unguided from its start."""
-        if self.guided is None:
-            return {}
-        if self.done >= self.guided:
-            return {"guidance_scale": 1.0}
-        names = [name for name in self.TENSORS if name in pipe._callback_tensor_inputs]
-        return {"callback_on_step_end_tensor_inputs": names}
-
-    def after_step(self, pipe: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
-        self.done += 1
-        if self.guided is not None and self.done == self.guided and pipe.do_classifier_free_guidance:
-            for name in self.TENSORS:
-                if name in kwargs:
-                    kwargs[name] = kwargs[name].chunk(2)[1]
-            pipe._guidance_scale = 1.0
-        return kwargs
-
-
-class _Progress:
-    """Counts denoising steps across stages; interrupts the pipeline once every job of it is cancelled."""
-
-    def __init__(self, jobs: list[Job], total: int) -> None:
-        self.jobs, self.total, self.done = jobs, total, 0
-        for job in jobs:
-            job.progress(0, total)
-
-    def callback(self, guidance: _CfgCutoff | None = None) -> Callable[..., dict[str, Any]]:
-        def on_step_end(pipe: Any, step: int, timestep: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
-            self.done += 1
-            for job in self.jobs:
-                job.progress(min(self.done, self.total), self.total)
-            if self.all_cancelled:
-                pipe._interrupt = True
-            return guidance.after_step(pipe, kwargs) if guidance is not None else kwargs
-
-        return on_step_end
-
-    @property
-    def all_cancelled(self) -> bool:
-        return all(job.cancelled.is_set() for job in self.jobs)
-
-    def check_cancelled(self) -> None:
-        if self.all_cancelled:
-            raise Cancelled("cancelled while running")
 
 
 @contextmanager

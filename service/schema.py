@@ -15,6 +15,7 @@ from service.samplers import SAMPLER_NAMES
 
 OutputFormat = Literal["png", "jpeg", "webp"]
 Backend = Literal["sd15", "sdxl"]
+StartupPhase = Literal["loading", "warming_up", "ready", "failed"]
 
 MAX_SEED = 2**32 - 1
 MAX_BATCH = 8
@@ -74,6 +75,34 @@ class GenerateResponse(BaseModel):
     sampler: str | None = Field(None, description="The sampler used; null: the model's own scheduler.")
 
 
+class StartupFacts(BaseModel):
+    """How this process started, as it saw it (`/health`'s `startup`): what flows and benchmarks read instead
+    of its log. Times are `time.time()` epoch seconds; durations are seconds."""
+
+    phase: StartupPhase
+    milestones: dict[str, float] = Field(
+        default_factory=dict,
+        description='When each start-up step was reached: "started" (settings read, imports done), '
+        '"loading_started", "base_loaded", "warmup_started", "warmup_done", "ready".',
+    )
+    load_s: float | None = Field(None, description="Loading the pipelines onto the device.")
+    warmup_s: float | None = Field(None, description="The whole warm-up before /ready (compiles included).")
+    compile: bool = Field(False, description="torch.compile in force.")
+    compiled_functions: int = Field(0, description="Functions compiled (and saved) during this start.")
+    loaded_functions: int = Field(
+        0, description="Functions loaded whole from saved-compile files this start."
+    )
+    compile_fallbacks: list[str] = Field(
+        default_factory=list, description="Signatures that ran under plain torch.compile, with the reason."
+    )
+    compiled_shapes: list[str] = Field(
+        default_factory=list, description='What the warm-up compiled, e.g. "base 1024x1024 x1".'
+    )
+    warnings: list[str] = Field(
+        default_factory=list, description="What went wrong without stopping the start."
+    )
+
+
 class HealthResponse(BaseModel):
     """Body of `GET /health` (always 200 while the process lives)."""
 
@@ -100,6 +129,7 @@ class HealthResponse(BaseModel):
         "many encodings came from it (hits) or were computed (misses); null until loaded.",
     )
     error: str | None = Field(None, description="Why the model failed to load, when unhealthy.")
+    startup: StartupFacts
 
 
 class ReadyResponse(BaseModel):

@@ -14,9 +14,10 @@ from service.encoding import to_base64
 from service.engine import Engine, GenerationResult
 from service.errors import NotReady
 from service.metrics import ServiceMetrics
-from service.params import GenerationParams, coalesce_key, final_size, resolve_params
+from service.params import GenerationParams, coalesce_key, final_size
 from service.schema import GenerateRequest, GenerateResponse, HealthResponse, OutputFormat
 from service.settings import ServiceSettings
+from service.warmup import before_ready
 from service.worker import GenerationQueue, Job
 
 log = logging.getLogger(__name__)
@@ -33,7 +34,6 @@ class ServiceState:
         self.queue = GenerationQueue(settings.max_queue, settings.retry_after_s)
         self.metrics = ServiceMetrics(lambda: self.queue.depth, self._vram_used_gb)
         self.started_at = time.monotonic()
-        self.status: LoadStatus = "loading"
         self.load_error: str | None = None
 
     # ----- loading -------------------------------------------------------------------------------
@@ -45,15 +45,28 @@ class ServiceState:
         return thread
 
     def _load(self) -> None:
+        """Load, warm up, then ready; or failed, with the reason. Each step is noted in `startup`."""
+        startup = self.engine.startup
         try:
+            startup.mark("loading_started")
+            started = time.perf_counter()
             self.queue.call(self.engine.load)  # on the GPU worker thread (see GenerationQueue.call)
+            startup.set(load_s=round(time.perf_counter() - started, 3))
+            self.queue.call(lambda: before_ready(self.engine))  # the warm-up: on that thread too
             if self.engine.speed is not None:
                 self.queue.batch_sizes = self.engine.speed.coalesce_sizes
-            self.status = "ready"
+            startup.mark("ready", phase="ready")
+            log.info("Model loaded successfully: %s", self.model_name)
         except Exception as exc:  # keep the process up and say why (a failed setup is a state, not a crash)
             self.load_error = f"{type(exc).__name__}: {exc}"
-            self.status = "failed"
+            startup.set(phase="failed")
             log.exception("Model failed to load: %s", self.load_error)
+
+    @property
+    def status(self) -> LoadStatus:
+        """loading (warm-up included), ready or failed: the start-up record's phase."""
+        phase = self.engine.startup.phase
+        return "loading" if phase == "warming_up" else phase
 
     def ensure_ready(self) -> None:
         """Raise NotReady (503) unless the model is loaded."""
@@ -85,6 +98,7 @@ class ServiceState:
             quality_options=list(self.engine.quality_options),
             prompt_cache=self.engine.embeddings.stats() if self.status == "ready" else None,
             error=self.load_error,
+            startup=self.engine.startup.facts(),
         )
 
     def _vram_used_gb(self) -> float:
@@ -96,16 +110,7 @@ class ServiceState:
     def params_for(self, req: GenerateRequest, n_iter: int = 1) -> GenerationParams:
         """Validate a request against the loaded model (422 on a bad value)."""
         self.ensure_ready()
-        assert self.engine.spec is not None
-        return resolve_params(
-            req,
-            self.engine.spec,
-            refiner_loaded=self.engine.refiner_loaded,
-            restorer_loaded=self.engine.restorer is not None,
-            max_prompt_chars=self.settings.max_prompt_chars,
-            n_iter=n_iter,
-            cfg_cutoff=self.settings.cfg_cutoff,
-        )
+        return self.engine.params(req, n_iter)
 
     async def run(self, params: GenerationParams) -> tuple[GenerationResult, Job]:
         """Queue one generation on the GPU worker (429 when full, 504 past the timeout); it may run in one

@@ -7,9 +7,9 @@ from pathlib import Path
 import numpy as np
 
 from service.engine import Engine
-from service.params import resolve_params
 from service.schema import GenerateRequest
 from service.settings import ServiceSettings
+from service.warmup import before_ready
 from service.worker import Job
 
 # The request `generate` sends unless told otherwise
@@ -17,21 +17,14 @@ REQUEST = {"prompt": "a lighthouse at dusk", "num_inference_steps": 6, "seed": 1
 
 
 def load_engine(model_cache: Path, model: str = "tiny-sdxl", **settings: object) -> Engine:
-    """A loaded engine of `model` with these settings."""
+    """A loaded engine of `model` with these settings, warmed up as the service does before `/ready`."""
     engine = Engine(ServiceSettings(model=model, cache_dir=model_cache, **settings))
     engine.load()
+    before_ready(engine)
     return engine
 
 
 def generate(engine: Engine, **request: object) -> list[np.ndarray]:
     """Every image of one request (REQUEST with `request`'s fields), through the engine's own path."""
-    assert engine.spec is not None
-    params = resolve_params(
-        GenerateRequest(**{**REQUEST, **request}),
-        engine.spec,
-        refiner_loaded=engine.refiner_loaded,
-        restorer_loaded=False,
-        max_prompt_chars=2000,
-        cfg_cutoff=engine.settings.cfg_cutoff,
-    )
+    params = engine.params(GenerateRequest(**{**REQUEST, **request}))
     return [np.asarray(image) for image in engine.generate(params, Job()).images]

@@ -21,7 +21,6 @@ from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
 from service import saved_compile
 from service.accel import is_compiled, plan_speed, saved_compiles
 from service.engine import Engine
-from service.params import resolve_params
 from service.schema import GenerateRequest
 from service.settings import ServiceSettings
 from service.worker import Job
@@ -58,13 +57,10 @@ def _engine(model_cache: Path, model: str = "tiny-sdxl", **overrides: object) ->
 
 
 def _image(engine: Engine, *, size: int = 64, steps: int = 3, seed: int = 7) -> np.ndarray:
-    assert engine.spec is not None
     req = GenerateRequest(
         prompt="a red bicycle", num_inference_steps=steps, width=size, height=size, seed=seed
     )
-    params = resolve_params(
-        req, engine.spec, refiner_loaded=engine.refiner_loaded, restorer_loaded=False, max_prompt_chars=2000
-    )
+    params = engine.params(req)
     return np.asarray(engine.generate(params, Job()).image).astype(np.int16)
 
 
@@ -158,7 +154,7 @@ def test_every_module_keeps_the_requested_dtype(model_cache: Path) -> None:
 def test_all_off_runs_the_classic_attention_processor(model_cache: Path) -> None:
     engine = _engine(model_cache)
     assert _processors(engine) == {AttnProcessor}
-    assert engine.speed is not None and not engine.speed.compile and engine.warmup_s is None
+    assert engine.speed is not None and not engine.speed.compile and engine.startup.facts().warmup_s is None
 
 
 def test_sdpa_on_sets_the_sdpa_processor_and_keeps_the_image(
@@ -232,17 +228,18 @@ def test_compile_off_and_compile_vae_off_leave_modules_plain(model_cache: Path) 
     assert not is_compiled(plain.base.unet) and not is_compiled(plain.base.vae.decoder)
 
 
-def test_warmup_on_load_generates_before_ready(
-    model_cache: Path, reference: np.ndarray, caplog: pytest.LogCaptureFixture
-) -> None:
-    from flows.tasks.warmup import _COMPILED
-
-    with caplog.at_level("INFO", logger="service.accel"):
-        engine = _engine(model_cache, warmup_on_load="on")
-    assert engine.warmup_s is not None and engine.warmup_s > 0
-    # the deploy flow's warm-up reads the compile time from this log line
-    found = [_COMPILED.search(r.getMessage()) for r in caplog.records]
-    assert [float(m.group(1)) for m in found if m] == [round(engine.warmup_s, 1)]
+def test_warmup_on_load_generates_before_ready(model_cache: Path, reference: np.ndarray) -> None:
+    engine = _engine(model_cache, warmup_on_load="on")
+    # what the deploy flow (`startup.warmup_s`) and the benchmarks read from /health
+    facts = engine.startup.facts()
+    assert facts.warmup_s is not None and facts.warmup_s > 0
+    assert facts.compiled_shapes == ["base 1024x1024 x1", "base + refiner 1024x1024 x1"]
+    assert (
+        facts.milestones["base_loaded"]
+        <= facts.milestones["warmup_started"]
+        <= facts.milestones["warmup_done"]
+    )
+    assert facts.phase == "warming_up" and not facts.compile  # ready is the service's to say (ServiceState)
     _assert_close(_image(engine), reference)  # warming up leaves no state behind
 
 
@@ -328,7 +325,7 @@ def test_gpu_compiled_cuda_graphs_match_eager_and_fill_the_cache(
     # a second engine on the same cache: what a restart does (SDXL_SAVE_COMPILED, auto on with compile)
     again, images_again, got_again = gpu_worker.submit(load_and_run).result()
     graphed_again = gpu_worker.submit(graphed_functions).result() - graphed
-    assert fast.warmup_s is not None and is_compiled(fast.base.unet)
+    assert fast.startup.facts().warmup_s is not None and is_compiled(fast.base.unet)
     assert np.array_equal(images[1], images[2])  # graph replays are deterministic
     diff = np.abs(images[2] - reference)
     assert diff.mean() <= 1.0 and diff.max() <= 16, (diff.mean(), diff.max())

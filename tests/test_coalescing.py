@@ -16,9 +16,9 @@ import torch
 
 from service.accel import plan_speed
 from service.client import decode_image
-from service.engine import FaultInjector, tensor_to_pil
+from service.engine import tensor_to_pil
 from service.errors import Cancelled, GenerationTimeout, OutOfMemory
-from service.params import resolve_params
+from service.faults import FaultInjector
 from service.schema import GenerateRequest
 from service.settings import ServiceSettings
 from service.state import ServiceState
@@ -283,14 +283,7 @@ def test_requests_that_differ_in_shape_or_settings_do_not_share_a_call(
 
 def test_device_side_pixels_equal_diffusers_own_post_processing(coalescing_state: ServiceState) -> None:
     engine = coalescing_state.engine
-    assert engine.spec is not None
-    params = resolve_params(
-        _request("a red bicycle", 5, use_refiner=False),
-        engine.spec,
-        refiner_loaded=True,
-        restorer_loaded=False,
-        max_prompt_chars=2000,
-    )
+    params = engine.params(_request("a red bicycle", 5, use_refiner=False))
     ours = np.asarray(engine.generate(params, Job()).image)
     kwargs = {"prompt": "a red bicycle", "num_inference_steps": 3, "width": 64, "height": 64}
     kwargs["guidance_scale"] = params.guidance_scale

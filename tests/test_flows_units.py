@@ -413,3 +413,37 @@ def test_a_corrupted_upload_is_refused_before_anything_is_installed(tmp_path: Pa
     releases = list((tmp_path / "box" / "sdxl-deploy" / "releases").iterdir())
     assert len(releases) == 1
     assert sorted(p.name for p in releases[0].iterdir()) == [wheel.name + ".part"]  # no wheel, no venv/
+
+
+# --- warm-up ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.timeout(900)
+def test_warm_up_reads_the_compile_time_from_health(tmp_path: Path) -> None:
+    """The warm-up task against a real service process: the compile time is /health's `startup.warmup_s`
+    (the service's own number, to the millisecond), not a line of its log."""
+    from flows.tasks.deploy import Started, serve_argv
+    from flows.tasks.warmup import warm_up
+
+    host = LocalHost()
+    target = demo_target(tmp_path, free_port())
+    new = target.new.model_copy(
+        update={"model": "tiny-sd15", "env": {**target.new.env, "SDXL_WARMUP_ON_LOAD": "on"}}
+    )
+    target = target.model_copy(update={"new": new})
+    process = start_detached(
+        host,
+        serve_argv(target),
+        workdir=str(tmp_path),
+        log_file=new.log_file,
+        pid_file=new.pid_file,
+        env={"PYTHONPATH": str(REPO), **new.env},
+    )
+    try:
+        result = warm_up.fn(host, target, Started(process=process, log_file=new.log_file, log_offset=0))
+    finally:
+        stop_process(host, process, timeout_s=20)
+    startup = result.health["startup"]
+    assert startup["phase"] == "ready" and startup["compiled_shapes"] == ["base 512x512 x1"]
+    assert result.compile_s == startup["warmup_s"] and result.compile_s > 0
+    assert len(result.warmup_s) == target.workload.warmup_requests

@@ -17,11 +17,11 @@ import torch
 from diffusers import AutoencoderKL, AutoencoderTiny
 from pydantic import ValidationError
 
-from service.accel import warm_up
 from service.engine import Engine
 from service.models import REGISTRY, TINY_VAES, resolve_model
 from service.settings import ServiceSettings
 from service.state import ServiceState
+from service.warmup import warm_up
 from tests.engines import generate, load_engine
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import functools
 import json
-import logging
 import os
 import shutil
 import subprocess
@@ -110,9 +109,7 @@ def test_each_input_signature_gets_its_own_saved_function(tmp_path: Path) -> Non
 
 
 @torch.no_grad()
-def test_a_damaged_or_mismatched_file_is_compiled_again(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
-) -> None:
+def test_a_damaged_or_mismatched_file_is_compiled_again(tmp_path: Path) -> None:
     net, x, y = _net(), torch.randn(3, 8), torch.randn(5, 8)
     call = saved_compile(net, tmp_path, "net", "default")
     net(x)
@@ -121,36 +118,27 @@ def test_a_damaged_or_mismatched_file_is_compiled_again(
     # the file for y's signature holds x's function, whose guards reject y
     shutil.copy(saved_x, call.path_for(signature((y,), {})))
     again = saved_compile(net, tmp_path, "net", "default")
-    with caplog.at_level(logging.WARNING, logger="service.saved_compile"):
-        out = net(y)
-    torch.testing.assert_close(out, net.forward(y))
-    assert "does not accept this call; compiling it again" in caplog.text
-    assert again.compiled == [call.path_for(signature((y,), {})).name]
+    torch.testing.assert_close(net(y), net.forward(y))
+    # loaded, refused by its guards, compiled again (what /health's startup counts)
+    assert again.loaded == again.compiled == [call.path_for(signature((y,), {})).name]
 
     saved_x.write_bytes(b"not a compiled function")
-    caplog.clear()
     fresh = saved_compile(net, tmp_path, "net", "default")
-    with caplog.at_level(logging.WARNING, logger="service.saved_compile"):
-        torch.testing.assert_close(net(x), net.forward(x))
-    assert f"cannot load {saved_x.name}" in caplog.text and fresh.compiled == [saved_x.name]
+    torch.testing.assert_close(net(x), net.forward(x))
+    assert fresh.loaded == [] and fresh.compiled == [saved_x.name]  # could not load it: compiled again
     reloaded = saved_compile(net, tmp_path, "net", "default")
     net(x)
     assert reloaded.loaded == [saved_x.name] and fresh.fallbacks == []  # the rewritten file loads
 
 
 @torch.no_grad()
-def test_a_call_that_cannot_be_compiled_whole_runs_under_plain_compile(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
-) -> None:
+def test_a_call_that_cannot_be_compiled_whole_runs_under_plain_compile(tmp_path: Path) -> None:
     net, x = _net(Breaks), torch.randn(3, 8)
     expected = net(x)
     call = saved_compile(net, tmp_path, "breaks", "default")
-    with caplog.at_level(logging.WARNING, logger="service.saved_compile"):
-        torch.testing.assert_close(net(x), expected)
-        torch.testing.assert_close(net(x), expected)
-    assert (
-        len(call.fallbacks) == 1 and "plain torch.compile runs it" in caplog.text
-    )  # tried once, not per call
+    torch.testing.assert_close(net(x), expected)
+    torch.testing.assert_close(net(x), expected)
+    assert len(call.fallbacks) == 1 and call.fallbacks[0]  # tried once, not per call; the reason kept
     assert call.compiled == [] and not any(tmp_path.iterdir())
     assert is_compiled(net) and call._plain is not None
 

@@ -1,9 +1,11 @@
 """Warm-up: stream the new service's log into the flow's log while it loads, wait for `/ready`, then send
-warm-up requests (the first real generation compiles kernels and fills caches)."""
+warm-up requests (the first real generation compiles kernels and fills caches).
+
+The log is for people reading the run; what the flow learns about the service's start (compiling or not,
+the compile time) comes from its `/health` (`startup`, `service.schema.StartupFacts`)."""
 
 from __future__ import annotations
 
-import re
 import time
 from contextlib import ExitStack
 from typing import Any
@@ -25,7 +27,6 @@ from flows.tasks.deploy import Started
 from service.client import ServiceCallError, ServiceClient
 
 POLL_S = 0.5
-_COMPILED = re.compile(r"speed: warm-up took ([0-9.]+) s")  # logged by service/accel.py
 LINK_GRACE_S = 120.0  # how long the SSH link may stay down during warm-up before it counts as a failure
 
 
@@ -34,7 +35,9 @@ class WarmupResult(BaseModel):
     health: dict[str, Any]
     warmup_s: list[float]
     log_offset: int
-    compile_s: float | None = None  # the service's load-time warm-up (torch.compile), from its log
+    compile_s: float | None = (
+        None  # the service's load-time warm-up (torch.compile): /health's startup.warmup_s
+    )
 
 
 @task(cache_policy=NO_CACHE)
@@ -66,7 +69,7 @@ def warm_up(host: Host, target: Target, started: Started) -> WarmupResult:
                     client = None
                 watch.check_alive()
                 if client is not None:
-                    _check_loaded(client)
+                    watch.saw(_check_loaded(client))
                 link_down_since = None
             except HostUnreachable as exc:
                 stack.close()
@@ -89,11 +92,12 @@ def warm_up(host: Host, target: Target, started: Started) -> WarmupResult:
         ready_after = time.monotonic() - began
         health = client.health()
         log.info("new service ready after %.1f s: %s", ready_after, health)
-        if watch.compile_s is not None:
+        compile_s = (health.get("startup") or {}).get("warmup_s")
+        if compile_s is not None:
             log.info(
                 "the service compiled its models in %.1f s before /ready (cached on disk: the next start "
                 "reuses it)",
-                watch.compile_s,
+                compile_s,
             )
         timings = []
         for number in range(1, target.workload.warmup_requests + 1):
@@ -112,7 +116,7 @@ def warm_up(host: Host, target: Target, started: Started) -> WarmupResult:
         health=health,
         warmup_s=timings,
         log_offset=watch.offset,
-        compile_s=watch.compile_s,
+        compile_s=compile_s,
     )
 
 
@@ -123,22 +127,20 @@ class _Watch:
         self.host, self.started, self.log = host, started, log
         self.offset = started.log_offset
         self.recent: list[str] = []
-        self.compiling = False  # the service said it is compiling (first compile: minutes)
-        self.compile_s: float | None = None
+        self.compiling = False  # the service said it is warming up (the first compile: minutes)
 
     def follow_log(self) -> None:
         text, self.offset = tail_bytes(self.host, self.started.log_file, self.offset)
         for line in text.splitlines():
             self.log.info("[service] %s", line)
             self.recent = (self.recent + [line])[-20:]
-            if "speed: warming up" in line and not self.compiling:
-                self.compiling = True
-                self.log.info(
-                    "warm-up: the service is compiling its models (first time: minutes, then cached)"
-                )
-            done = _COMPILED.search(line)
-            if done:
-                self.compile_s = float(done.group(1))
+
+    def saw(self, health: dict[str, Any] | None) -> None:
+        """Note what the service's `/health` says about its start (None: no answer this time)."""
+        phase = ((health or {}).get("startup") or {}).get("phase")
+        if phase == "warming_up" and not self.compiling:
+            self.compiling = True
+            self.log.info("warm-up: the service is compiling its models (first time: minutes, then cached)")
 
     def recent_text(self) -> str:
         return "\n".join(self.recent)
@@ -179,14 +181,16 @@ def _is_ready(client: ServiceClient) -> bool:
     return httpx.get(f"{client.base_url}/ready", timeout=15).status_code == 200
 
 
-def _check_loaded(client: ServiceClient) -> None:
-    """Raise when `/health` says the model failed to load (the process stays up, unhealthy)."""
+def _check_loaded(client: ServiceClient) -> dict[str, Any] | None:
+    """`/health`'s answer (None when there is none yet); raise when it says the model failed to load (the
+    process stays up, unhealthy)."""
     try:
         health = client.health()
     except (ServiceCallError, httpx.TransportError):
-        return
+        return None
     if health.get("status") == "unhealthy":
         raise ServiceDidNotStart(f"the new service could not load its model: {health.get('error') or health}")
+    return health
 
 
 @task(cache_policy=NO_CACHE, retries=2, retry_delay_seconds=5, retry_condition_fn=retry_transient)

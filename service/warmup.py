@@ -1,0 +1,119 @@
+"""The warm-up before `/ready`: short generations through the service's own path, so that torch.compile
+compiles the shapes real requests use before a client waits for them; then what this start compiled.
+
+Runs on the GPU worker thread, after `Engine.load` (see `ServiceState`), when the speed plan asks for it
+(`warmup_on_load`, auto: with compile). What it did goes into the engine's start-up record (`/health`'s
+`startup`): its phase and milestones, `warmup_s`, the shapes it compiled, the saved-compile counts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from dataclasses import dataclass
+
+from torch._dynamo.utils import compile_times
+
+from service.accel import saved_compiles
+from service.engine import Engine
+from service.schema import GenerateRequest
+from service.worker import Job
+
+log = logging.getLogger(__name__)
+
+WARMUP_STEPS = 4  # with the refiner's default split 0.8: 3 base steps and 1 refiner step
+
+
+@dataclass(frozen=True)
+class Shape:
+    """One warm-up generation: base alone or base + refiner, at one size, with a batch of `images`."""
+
+    use_refiner: bool
+    width: int
+    height: int
+    images: int
+
+    def __str__(self) -> str:
+        stages = "base + refiner" if self.use_refiner else "base"
+        return f"{stages} {self.width}x{self.height} x{self.images}"
+
+
+def before_ready(engine: Engine) -> None:
+    """What runs between loading and `/ready`: the warm-up when the speed plan asks for one, then the
+    compile facts of this start (functions compiled and saved, loaded whole, fallbacks) into `startup`."""
+    startup = engine.startup
+    if engine.speed is not None and engine.speed.warmup:
+        startup.mark("warmup_started", phase="warming_up")
+        started = time.perf_counter()
+        shapes = warm_up(engine)
+        seconds = time.perf_counter() - started
+        startup.set(warmup_s=round(seconds, 3), compiled_shapes=[str(shape) for shape in shapes])
+        startup.mark("warmup_done")
+        log.info("speed: warm-up took %.1f s", seconds)
+        if engine.speed.compile:
+            log.info(
+                "speed: where the compile time went (s, torch's own counters):\n%s",
+                compile_times("str", True),
+            )
+    saved = saved_compiles((engine.base, engine.refiner, engine.img2img))
+    startup.set(
+        compiled_functions=sum(len(c.compiled) for c in saved),
+        loaded_functions=sum(len(c.loaded) for c in saved),
+        compile_fallbacks=[f"{c.label}: {reason}" for c in saved for reason in c.fallbacks],
+    )
+    if saved:
+        log.info(
+            "speed: saved compile: %d loaded from disk, %d compiled and saved%s",
+            sum(len(c.loaded) for c in saved),
+            sum(len(c.compiled) for c in saved),
+            "".join(f"; {c.label}: plain torch.compile for a call ({r})" for c in saved for r in c.fallbacks),
+        )
+
+
+def warm_up(engine: Engine) -> list[Shape]:
+    """One short generation at the model's default size for each shape requests may take; returns them.
+
+    Compiles the UNet(s) and the VAE decoder for the default size with CFG on (what real requests use), so a
+    cold start pays the compile before `/ready`. With `cfg_cutoff` below 1 each UNet also sees the unguided
+    (half-batch) shape: the base pass is cut after half its steps, and the base + refiner pass is split in
+    the middle and cut inside the refiner's steps. The compiled functions keep the CUDA-graph tree they were
+    compiled with, so the GPU worker thread replays (and, on its first request, records) graphs in that same
+    tree: the warm-up runs on that thread and must not reset it.
+    """
+    sizes = engine.speed.coalesce_sizes if engine.speed else (1,)
+    cut = engine.settings.cfg_cutoff < 1.0
+    shapes: list[Shape] = []
+    # base alone first (base UNet + VAE decoder), then base + refiner (the refiner's UNet): timed apart;
+    # then each batch size that coalesced requests may form (a batch of k compiles like k images)
+    for images in sizes:
+        for use_refiner in (False, True) if engine.refiner_loaded else (False,):
+            request = GenerateRequest(
+                prompt="warm-up",
+                num_inference_steps=WARMUP_STEPS,
+                seed=0,
+                use_refiner=use_refiner,
+                batch_size=images,
+                refiner_split=0.5 if cut else 0.8,  # 2 base + 2 refiner steps
+            )
+            params = engine.params(request)
+            if cut:  # guided 3 of 4 / 2 of 4 steps: the cutoff falls inside the refiner's / the base's steps
+                params = dataclasses.replace(params, cfg_cutoff=0.75 if use_refiner else 0.5)
+            shape = Shape(use_refiner, params.width, params.height, images)
+            log.info(
+                "speed: warming up %s at %dx%d, %d image(s) (the first compile takes minutes)",
+                "base + refiner" if use_refiner else "base",
+                shape.width,
+                shape.height,
+                images,
+            )
+            t0 = time.perf_counter()
+            engine.generate(params, Job())
+            log.info(
+                "speed: warm-up %s, %d image(s) took %.1f s",
+                "base + refiner" if use_refiner else "base",
+                images,
+                time.perf_counter() - t0,
+            )
+            shapes.append(shape)
+    return shapes
