@@ -80,7 +80,6 @@ def time_engine(
     engine: Any, s: Scenario, reps: int, *, tiny: bool, keep_image: bool = False, warm: bool = True
 ) -> Any:
     """Seconds of `reps` calls of the engine on scenario `s` (and the last image, with `keep_image`)."""
-    from service.params import resolve_params
     from service.schema import GenerateRequest
     from service.worker import Job
 
@@ -94,13 +93,7 @@ def time_engine(
         use_refiner=s.use_refiner,
         refiner_split=s.refiner_split,
     )
-    params = resolve_params(
-        req,
-        engine.spec,
-        refiner_loaded=engine.refiner_loaded,
-        restorer_loaded=False,
-        max_prompt_chars=2000,
-    )
+    params = engine.params(req)
     if warm:
         engine.generate(params, Job())  # warm-up (cuDNN, allocator)
     runs = []
