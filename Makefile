@@ -5,9 +5,9 @@ STAMP   := .venv/.installed
 # where the service and engine tests run too: the oldest versions pyproject.toml accepts are tested ones.
 SEED_PY    := .venv-seed/bin/python
 SEED_STAMP := .venv-seed/.installed
-SEED_TESTS := tests/test_builders.py tests/test_accel.py tests/test_saved_compile.py tests/test_quality_options.py \
-	tests/test_embeddings.py tests/test_coalescing.py tests/test_encoding.py tests/test_service_api.py \
-	tests/test_service_runtime.py tests/test_service_hostile.py
+SEED_TESTS := tests/service/test_builders.py tests/service/test_accel.py tests/service/test_saved_compile.py \
+	tests/service/test_quality_options.py tests/service/test_embeddings.py tests/service/test_coalescing.py \
+	tests/service/test_api.py tests/service/test_runtime.py
 export PREFECT_HOME ?= $(CURDIR)/.cache/prefect
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 120

@@ -1,5 +1,5 @@
 """`python -m sdxl_deploy.cli serve` in its own process on a free loopback port: started, waited for until
-`/ready`, stopped by its PID. The one launcher of the benchmark and the tests (`tests/servers.py`)."""
+`/ready`, stopped by its PID. The one launcher of the benchmark and the tests (`tests/support/servers.py`)."""
 
 from __future__ import annotations
 

@@ -70,7 +70,7 @@ def run_stages(bench: Bench) -> Results:
 
 
 def run_pytest_gpu(bench: Bench) -> None:
-    """The GPU tests of tests/test_accel.py, their exit code and last lines recorded."""
+    """The GPU tests of tests/service/test_accel.py, their exit code and last lines recorded."""
     started = time.perf_counter()
     proc = subprocess.run(
         [
@@ -83,7 +83,7 @@ def run_pytest_gpu(bench: Bench) -> None:
             "--noconftest",
             "-p",
             "no:cacheprovider",
-            "tests/test_accel.py",
+            "tests/service/test_accel.py",
         ],
         cwd=REPO,
         capture_output=True,

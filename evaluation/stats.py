@@ -10,7 +10,7 @@ baseline on the same prompt and seeds. The verdict reads the CI against the marg
   its estimated drop (the CI's centre, which the percentile bootstrap puts at about the mean difference)
   is larger than the margin. This includes the textbook
   non-inferiority failure (the whole CI below `-margin`), and also catches drops near or past the margin
-  that the textbook rule would leave inconclusive at a dozen prompts (tests/test_verdict.py measures both);
+  that the textbook rule would leave inconclusive at a dozen prompts (tests/evaluation/test_verdict.py measures both);
   an equal candidate is called worse in under 2.5% of comparisons (the CI's upper end falls below 0 that
   rarely);
 - "inconclusive": anything else: the comparison is too small to tell (the CI straddles `-margin` and the

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.servers import settings_for, thread_server
+from tests.support.servers import settings_for, thread_server
 
-pytest_plugins = ["tests.sshd", "tests.flows_support", "tests.hub_mirror"]
+pytest_plugins = ["tests.support.sshd", "tests.support.flows", "tests.support.hub_mirror"]
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from bench.launch import free_port
 from flows.hosts import SSHHost
 
 SSHD = Path("/usr/sbin/sshd")
@@ -55,7 +56,7 @@ class SSHServer:
         if not self.host_key.exists():
             _keygen(self.host_key)
         for _attempt in range(3):  # another process may grab the free port before sshd binds it
-            self.port = self.port or _free_port()
+            self.port = self.port or free_port()
             self._write_config()
             self.process = subprocess.Popen(
                 [str(SSHD), "-D", "-f", str(self.config), "-E", str(self.log)], stdin=subprocess.DEVNULL
@@ -138,12 +139,6 @@ class SSHServer:
 
 def _keygen(path: Path) -> None:
     subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "", "-f", str(path)], check=True)
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _wait_listening(hostname: str, port: int, process: subprocess.Popen[bytes], timeout_s: float) -> bool:

@@ -13,15 +13,15 @@ from pathlib import Path
 
 import pytest
 
-from flows.demo import free_port
+from bench.launch import free_port
 from flows.downtime import Probe, find_outages, summarize
 from flows.hosts import LocalHost
 from flows.prober import Prober
 from flows.runbook import deploy_sdxl, rollback_sdxl
 from flows.target import DEFAULT_CRITERIA, Criterion, ProbeSettings, Target
 from flows.tasks.gates import Evidence, judge
-from tests.flows_support import summary_of
-from tests.legacy_api import Handler
+from tests.support.flows import summary_of
+from tests.support.legacy_api import Handler
 
 APP_REQUEST = {"prompt": "a lighthouse", "width": 64, "height": 64}
 

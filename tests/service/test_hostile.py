@@ -22,7 +22,7 @@ from pydantic import ValidationError
 
 from service.client import decode_image
 from service.settings import ServiceSettings
-from tests.servers import REPO, free_port, settings_for, thread_server
+from tests.support.servers import REPO, free_port, settings_for, thread_server
 
 SMALL = {"width": 64, "height": 64, "num_inference_steps": 1, "use_refiner": False}
 LIMITS = {"header_timeout_s": 1.0, "body_timeout_s": 1.0, "keep_alive_s": 1.0, "max_header_bytes": 8192}

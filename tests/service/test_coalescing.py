@@ -23,7 +23,7 @@ from service.schema import GenerateRequest
 from service.settings import ServiceSettings
 from service.state import ServiceState
 from service.worker import GenerationQueue, Job
-from tests.servers import settings_for
+from tests.support.servers import settings_for
 
 # ----- the queue ------------------------------------------------------------------------------------
 

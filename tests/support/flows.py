@@ -15,11 +15,12 @@ import pytest
 from prefect.settings import PREFECT_HOME, temporary_settings
 from prefect.testing.utilities import prefect_test_harness
 
-from flows.demo import demo_target, free_port, start_current, stop_all
+from bench.launch import free_port
+from flows.demo import demo_target, start_current, stop_all
 from flows.hosts import LocalHost, q
 from flows.target import Connection, CurrentService, Target
 from flows.tasks.deploy import build_wheel
-from tests.sshd import SSHServer
+from tests.support.sshd import SSHServer
 
 LEGACY_SCRIPT = Path(__file__).with_name("legacy_api.py")
 # Per test: HTTP requests the services logged, faults injected, backups verified intact afterwards.

@@ -23,7 +23,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProject
 from service.builders import GENERATED_MODELS, build_model, ensure_model, model_spec, save_model
 from service.tokenizer import write_clip_tokenizer
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 TINY = ["tiny-sd15", "tiny-sdxl"]
 
 

@@ -30,7 +30,7 @@ from flows.tasks.backup import backup_current
 from flows.tasks.preflight import inspect_current
 from flows.tasks.rollback import current_answers, roll_back
 from sdxl_deploy.cli import app
-from tests.flows_support import is_legacy, legacy_target, summary_of
+from tests.support.flows import is_legacy, legacy_target, summary_of
 
 
 def fast(target: Target, **new: object) -> Target:

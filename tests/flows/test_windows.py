@@ -17,7 +17,7 @@ from flows.hosts import HostError, LocalHost
 from flows.lock import new_owner, owner_alive, stale_reason
 from flows.target import Connection, load_target
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 # Modules that run on the control side only (flows' host commands run on the box and stay POSIX).
 CONTROL_SIDE = [
     REPO / "flows" / name

@@ -19,7 +19,7 @@ from pydantic import ValidationError
 
 from service.engine import Engine, tensor_to_pil
 from service.settings import ServiceSettings
-from tests.engines import REQUEST, generate, load_engine
+from tests.support.engines import REQUEST, generate, load_engine
 
 PROMPT, STEPS, SIZE, SEED = (REQUEST[k] for k in ("prompt", "num_inference_steps", "width", "seed"))
 

@@ -98,10 +98,10 @@ def legacy_url() -> Iterator[str]:
 
     import httpx
 
-    from tests.servers import free_port
+    from tests.support.servers import free_port
 
     port = free_port()
-    script = Path(__file__).with_name("legacy_api.py")
+    script = Path(__file__).parents[1] / "support" / "legacy_api.py"
     proc = subprocess.Popen([sys.executable, str(script), str(port)], stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     try:
@@ -253,7 +253,7 @@ def test_cli_evaluate_then_report(services: tuple[str, str], tmp_path: Path) -> 
     result = _invoke(app, [*args[:5], "--prompts", str(bad)])
     assert result.exit_code == 2 and "no 'Prompt' column" in result.output
 
-    from tests.servers import free_port
+    from tests.support.servers import free_port
 
     down = f"http://127.0.0.1:{free_port()}"
     result = _invoke(app, ["evaluate", "--baseline", down, *args[3:]])
@@ -350,7 +350,7 @@ def test_an_opt_in_comparison_names_what_the_candidate_changes(
 ) -> None:
     """README's recipe: the service as shipped against the same model with the opt-ins that change images."""
     from evaluation.report import render_report
-    from tests.servers import settings_for, thread_server
+    from tests.support.servers import settings_for, thread_server
 
     opt_ins = settings_for("tiny-sdxl", model_cache, cfg_cutoff=0.5, tiny_vae="on")
     with thread_server(opt_ins) as candidate:

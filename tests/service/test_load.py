@@ -19,7 +19,7 @@ import httpx
 import pytest
 
 from service.client import decode_image
-from tests.servers import served_process
+from tests.support.servers import served_process
 
 REQUESTS, CONCURRENCY, MAX_QUEUE = 200, 32, 8
 TIME_LIMIT_S = 180.0

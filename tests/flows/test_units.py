@@ -21,9 +21,10 @@ from PIL import Image
 from prefect.states import Completed, exception_to_failed_state
 
 import flows
+from bench.launch import free_port
 from flows import errors
 from flows.common import retry_transient
-from flows.demo import demo_target, free_port
+from flows.demo import demo_target
 from flows.errors import BackupError, DeployError, RehearsedFailure, StageFailed, TargetFileError
 from flows.hostfs import digests, write_text
 from flows.hosts import LocalHost
@@ -35,9 +36,9 @@ from flows.tasks.benchmark import BenchmarkResult, ImageCheck, LogScan, check_im
 from flows.tasks.gates import Evidence, QualityResult, judge
 from flows.tasks.rollback import restore_files
 from flows.tasks.tunnel import AppCheck
-from tests.flows_support import legacy_target
+from tests.support.flows import legacy_target
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 # --- target ---------------------------------------------------------------------------------------

@@ -35,9 +35,9 @@ import torch
 from filelock import FileLock
 
 from service.models import REGISTRY, TINY_VAES
-from tests.servers import free_port
+from tests.support.servers import free_port
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 OLAH = "olah==0.5.4"
 OLAH_VENV = REPO / ".cache" / "olah-venv"
 # Test-only repos (not on the real hub), for the "missing file" errors.
@@ -173,7 +173,7 @@ def write_git_repo(folder: Path, repo_id: str) -> None:
             )
     (folder / ".gitattributes").write_text(_LFS_ATTRIBUTES)
     (folder / "README.md").write_text(
-        f"---\nlibrary_name: diffusers\n---\n# {repo_id} (tiny random-weight stand-in, tests/hub_mirror.py)\n"
+        f"---\nlibrary_name: diffusers\n---\n# {repo_id} (tiny random-weight stand-in, tests/support/hub_mirror.py)\n"
     )
     subprocess.run([*_GIT, "-C", str(folder), "add", "-A"], check=True)
     subprocess.run([*_GIT, "-C", str(folder), "commit", "-q", "-m", f"tiny {repo_id}"], check=True)
@@ -276,7 +276,7 @@ def hub_mirror(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mirror]:
 
 
 def main() -> None:
-    """`python -m tests.hub_mirror [DIR]`: build the mirror into DIR (default .cache/hub-mirror, reused when
+    """`python -m tests.support.hub_mirror [DIR]`: build the mirror into DIR (default .cache/hub-mirror, reused when
     it exists) and serve it until Ctrl-C, printing the environment a service needs to load from it."""
     root = Path(sys.argv[1] if len(sys.argv) > 1 else REPO / ".cache" / "hub-mirror").resolve()
     mirrors = root / "mirrors"

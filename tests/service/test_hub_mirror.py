@@ -1,5 +1,5 @@
 """The hub path, end to end: `sd15` and `sdxl` downloaded by the real `huggingface_hub` client from a local
-Hugging Face mirror (olah, tests/hub_mirror.py) whose repos have the real ids and file layout, loaded in
+Hugging Face mirror (olah, tests/support/hub_mirror.py) whose repos have the real ids and file layout, loaded in
 bfloat16 as on a GPU, then loaded again from the cache with the hub offline; and loading that follows each
 repo's file list (`service/hub.py`): the fp16 variant only where the repo ships it."""
 
@@ -21,8 +21,8 @@ from flows.runbook import deploy_sdxl
 from flows.target import Target
 from flows.tasks.rollback import current_answers
 from service.hub import ModelFilesMissing, plan_load
-from tests.flows_support import summary_of
-from tests.hub_mirror import (
+from tests.support.flows import summary_of
+from tests.support.hub_mirror import (
     NO_SUCH_REPO,
     SD15,
     SDXL_BASE,
@@ -33,7 +33,7 @@ from tests.hub_mirror import (
     WEIGHTLESS_TAESD,
     Mirror,
 )
-from tests.servers import REPO, free_port, served_process
+from tests.support.servers import REPO, free_port, served_process
 
 BF16 = {"SDXL_DTYPE": "bfloat16", "SDXL_DEVICE": "cpu"}
 PROMPT = "professional basketball player shooting a three pointer"

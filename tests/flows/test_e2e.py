@@ -1,7 +1,7 @@
 """The runbook end to end: real Prefect (test harness), real services, the local host and a real sshd.
 
 The "current" service is either tiny-sd15 (the demo) or the stand-in of the user's foreign SD1.5 script
-(`tests/legacy_api.py`, starts in a blink); the new one is always a real tiny-sdxl `serve` process.
+(`tests/support/legacy_api.py`, starts in a blink); the new one is always a real tiny-sdxl `serve` process.
 Every test stops what it started, by PID.
 """
 
@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from flows.demo import free_port, run_demo, start_current, stop_all
+from bench.launch import free_port
+from flows.demo import run_demo, start_current, stop_all
 from flows.deploy_state import DeployState, load_state, save_state
 from flows.hosts import LocalHost
 from flows.procs import find_service, is_running, listener_pids
@@ -24,8 +25,8 @@ from flows.tasks.backup import backup_current, list_backups, verify_backup
 from flows.tasks.deploy import ship_release, start_new_service, stop_service
 from flows.tasks.preflight import inspect_current
 from flows.tasks.rollback import current_answers, new_service_process
-from tests.flows_support import is_legacy, legacy_target, ssh_connection, summary_of
-from tests.sshd import SSHServer
+from tests.support.flows import is_legacy, legacy_target, ssh_connection, summary_of
+from tests.support.sshd import SSHServer
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("fault_counts")]
 

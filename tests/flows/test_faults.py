@@ -29,7 +29,8 @@ from prefect.client.orchestration import get_client
 from prefect.settings import get_current_settings
 from pydantic import ValidationError
 
-from flows.demo import TINY_REQUEST, free_port, start_current, stop_all
+from bench.launch import free_port
+from flows.demo import TINY_REQUEST, start_current, stop_all
 from flows.deploy_state import load_state
 from flows.errors import HostLocked, SecretUnavailable
 from flows.hosts import LocalHost, q
@@ -51,12 +52,12 @@ from flows.target import NewService, Target
 from flows.tasks.backup import backup_current, list_backups, verify_backup
 from flows.tasks.rollback import current_answers, new_service_process
 from service.client import ServiceClient
-from tests.flows_support import is_legacy, legacy_target, ssh_connection, summary_of
-from tests.sshd import SSHServer
+from tests.support.flows import is_legacy, legacy_target, ssh_connection, summary_of
+from tests.support.sshd import SSHServer
 
 pytestmark = pytest.mark.slow
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def fast(target: Target, **new: object) -> Target:

@@ -16,7 +16,7 @@ import webuiapi
 
 from service.client import ServiceCallError, ServiceClient, decode_image
 from service.samplers import SAMPLER_NAMES
-from tests.servers import settings_for, thread_server
+from tests.support.servers import settings_for, thread_server
 
 TINY = {"width": 64, "height": 64, "steps": 2}
 

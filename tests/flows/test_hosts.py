@@ -1,4 +1,4 @@
-"""The host-access layer against this machine and a real OpenSSH server on loopback (tests/sshd.py)."""
+"""The host-access layer against this machine and a real OpenSSH server on loopback (tests/support/sshd.py)."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from bench.launch import free_port
 from flows.hostfs import run_checked
 from flows.hosts import (
     CommandFailed,
@@ -30,7 +31,7 @@ from flows.hosts import (
     SSHHost,
     q,
 )
-from tests.sshd import SSHServer, _keygen
+from tests.support.sshd import SSHServer, _keygen
 
 
 @pytest.fixture(params=["local", "ssh"])
@@ -54,12 +55,6 @@ def alive(pid: int) -> bool:
     except OSError:
         return False
     return stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 # -------------------------------------------------------------------------------------------- commands

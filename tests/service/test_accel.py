@@ -24,7 +24,7 @@ from service.engine import Engine
 from service.schema import GenerateRequest
 from service.settings import ServiceSettings
 from service.worker import Job
-from tests.engines import load_engine
+from tests.support.engines import load_engine
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")
 # Eager techniques only reorder floating-point work: on the CPU in float32 the 8-bit image may move by a
@@ -40,7 +40,7 @@ ALL_OFF = {
     "warmup_on_load": "off",
 }
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="session")

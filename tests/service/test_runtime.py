@@ -15,7 +15,7 @@ from pydantic import ValidationError
 from service.client import ServiceClient, decode_image
 from service.settings import ServiceSettings
 from service.state import ServiceState
-from tests.servers import REPO, process_server, settings_for, thread_server
+from tests.support.servers import REPO, process_server, settings_for, thread_server
 
 SLOW = {"prompt": "x", "width": 256, "height": 256, "num_inference_steps": 10, "use_refiner": False}
 SMALL = {"prompt": "x", "width": 64, "height": 64, "num_inference_steps": 2}
@@ -91,7 +91,7 @@ def test_loading_answers_503_and_health_says_loading(model_cache: Path) -> None:
     import uvicorn
 
     from service.app import create_app
-    from tests.servers import free_port
+    from tests.support.servers import free_port
 
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(create_app(state.settings, state), port=port, log_level="warning"))
@@ -109,7 +109,7 @@ def test_loading_answers_503_and_health_says_loading(model_cache: Path) -> None:
         assert busy.status_code == 503 and busy.json()["error_type"] == "not_ready"
         assert "retry-after" in busy.headers
         release.set()
-        from tests.servers import wait_ready
+        from tests.support.servers import wait_ready
 
         wait_ready(url, timeout=60)
         assert httpx.post(f"{url}/generate", json=SMALL, timeout=60).status_code == 200

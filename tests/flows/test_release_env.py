@@ -1,6 +1,6 @@
 """The release environment on the box and preflight's version checks.
 
-A "box python" here is a real venv that sees the test environment's packages less some (tests/boxenv.py);
+A "box python" here is a real venv that sees the test environment's packages less some (tests/support/boxenv.py);
 the deploys are real runbook flows against the local host, with the user's SD1.5 stand-in as the current
 service. A wheelhouse made from the installed packages stands in for a box without a package index.
 """
@@ -22,10 +22,10 @@ from flows.runbook import deploy_sdxl
 from flows.target import Target
 from flows.tasks.deploy import Release, check_compile
 from flows.tasks.rollback import current_answers
-from tests.boxenv import box_python, wheel_of_installed
-from tests.flows_support import is_legacy, summary_of
+from tests.support.boxenv import box_python, wheel_of_installed
+from tests.support.flows import is_legacy, summary_of
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 STACK = {
     "torch": "2.14.1",
     "diffusers": "0.42.1",

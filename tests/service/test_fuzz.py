@@ -36,7 +36,7 @@ from schemathesis.specs.openapi.checks import (
 
 from service.app import create_app
 from service.settings import ServiceSettings
-from tests.servers import settings_for, thread_server
+from tests.support.servers import settings_for, thread_server
 
 API_KEY = "fuzz-key-7f3a"
 AUTH = {"Authorization": f"Bearer {API_KEY}"}

@@ -22,7 +22,7 @@ from service.models import REGISTRY, TINY_VAES, resolve_model
 from service.settings import ServiceSettings
 from service.state import ServiceState
 from service.warmup import warm_up
-from tests.engines import generate, load_engine
+from tests.support.engines import generate, load_engine
 
 
 @contextmanager

@@ -4,7 +4,7 @@ Small modules (CPU, Inductor's C++ backend) check each path of `SavedCompile`: c
 instance without tracing, the weights read at call time, one file per input signature, a damaged or
 mismatched file compiled again, and plain torch.compile for a call that cannot be compiled whole. The engine test compiles tiny-sd15's
 UNet and VAE decoder, then restarts in a fresh process, which must load both and draw the same image.
-The GPU side (CUDA graphs from a loaded function) is in tests/test_accel.py and `sdxl-deploy bench-gpu`.
+The GPU side (CUDA graphs from a loaded function) is in tests/service/test_accel.py and `sdxl-deploy bench-gpu`.
 """
 
 from __future__ import annotations
@@ -28,9 +28,9 @@ from torch._dynamo.utils import compilation_time_metrics
 from service.accel import is_compiled, plan_speed, saved_compiles
 from service.saved_compile import available, saved_compile, signature
 from service.settings import ServiceSettings
-from tests.engines import generate, load_engine
+from tests.support.engines import generate, load_engine
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.skipif(not available(), reason="this torch cannot save compiled functions (< 2.10)")
 
 
@@ -162,7 +162,7 @@ import json, sys
 from pathlib import Path
 import numpy as np
 from service.accel import saved_compiles
-from tests.engines import generate, load_engine
+from tests.support.engines import generate, load_engine
 engine = load_engine(Path(sys.argv[1]), "tiny-sd15", **json.loads(sys.argv[2]))
 np.save(sys.argv[3], generate(engine)[0])
 calls = saved_compiles((engine.base, engine.refiner, engine.img2img))

@@ -26,7 +26,7 @@ from service.accel import plan_speed
 from service.app import create_app
 from service.settings import ServiceSettings
 from service.state import ServiceState
-from tests.servers import REPO, free_port, process_server, settings_for, thread_server, wait_ready
+from tests.support.servers import REPO, free_port, process_server, settings_for, thread_server, wait_ready
 
 SMALL = {"prompt": "a lighthouse", "width": 64, "height": 64, "num_inference_steps": 2}
 ORDER = ["started", "loading_started", "base_loaded", "warmup_started", "warmup_done", "ready"]
@@ -139,7 +139,7 @@ def test_a_failed_load_says_failed_with_what_it_reached(tmp_path: Path) -> None:
 
 @pytest.mark.timeout(1800)
 def test_compile_on_the_cpu_reports_what_the_warm_up_compiled(model_cache: Path, tmp_path: Path) -> None:
-    """tiny-sd15 with compile forced on (as tests/test_saved_compile.py does), the UNet only (the VAE decoder
+    """tiny-sd15 with compile forced on (as tests/service/test_saved_compile.py does), the UNet only (the VAE decoder
     at 512 px is the slowest CPU compile): the warm-up compiles and saves it for the default size, and
     /health counts it. Minutes on an idle CPU."""
     settings = settings_for(

@@ -15,12 +15,13 @@ from pathlib import Path
 import httpx
 import pytest
 
-from flows.demo import TINY_REQUEST, free_port
+from bench.launch import free_port
+from flows.demo import TINY_REQUEST
 from flows.target import Connection, Criterion, NewService, Target, Workload
 
 pytestmark = pytest.mark.slow
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 PREFECT = str(Path(sys.executable).with_name("prefect"))
 POOL = "sdxl-runbook"  # the work pool prefect.yaml names
 

@@ -1,0 +1,50 @@
+"""The packages' layering (`.importlinter`), checked by import-linter over the real import graph: service imports
+nothing of flows, evaluation or bench; evaluation reaches the service only through its client and schema; nothing
+that ships imports bench; no import cycle between the modules of a package."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+PACKAGES = ("service", "flows", "evaluation", "bench", "sdxl_deploy")
+LINT_IMPORTS = str(Path(sys.executable).with_name("lint-imports"))
+
+
+def lint_imports(root: Path) -> subprocess.CompletedProcess[str]:
+    """`lint-imports` over the packages under `root`, with the project's contracts."""
+    return subprocess.run(
+        [LINT_IMPORTS, "--config", str(root / ".importlinter"), "--no-cache"],
+        cwd=root,
+        env={**os.environ, "PYTHONPATH": str(root)},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def test_the_layering_contracts_hold() -> None:
+    result = lint_imports(REPO)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "4 kept, 0 broken" in result.stdout
+
+
+def test_a_new_cycle_or_a_forbidden_import_breaks_them(tmp_path: Path) -> None:
+    """The same contracts fail on a copy of the tree with an import cycle inside service (errors <-> app) and an
+    evaluation module that imports the engine."""
+    for package in PACKAGES:
+        shutil.copytree(REPO / package, tmp_path / package, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(REPO / ".importlinter", tmp_path / ".importlinter")
+    with (tmp_path / "service" / "errors.py").open("a", encoding="utf-8") as errors:
+        errors.write("\nimport service.app  # noqa: E402,F401\n")
+    with (tmp_path / "evaluation" / "stats.py").open("a", encoding="utf-8") as stats:
+        stats.write("\nimport service.engine  # noqa: E402,F401\n")
+    result = lint_imports(tmp_path)
+    assert result.returncode != 0
+    assert "No cycles are allowed in service" in result.stdout, result.stdout
+    assert "evaluation.stats -> service.engine" in result.stdout, result.stdout
+    assert "2 kept, 2 broken" in result.stdout, result.stdout
