@@ -146,7 +146,7 @@ def checked_plan(settings: ServiceSettings, device: torch.device, backend: str =
     if plan.compile:
         if plan.cache_dir:  # the check is the process's first compile: Inductor's caches must be set first
             use_compile_cache(plan.cache_dir)
-        problem = compile_problem(device, plan.compile_mode)
+        problem = compile_problem(device)
         if problem is not None:
             plan = plan_speed(settings, device, backend, compile_error=problem)
             for warning in plan.warnings:
