@@ -175,7 +175,7 @@ def deploy_sdxl(
                 started = start_new_service(host, target, release)
                 state.new_process, state.new_log_offset = started.process, started.log_offset
                 save_state(host, target, state)
-            with run.stage("warmup"):
+            with run.stage("warmup"), quiet(prober):  # the warm-up's requests are the new service's first
                 ready = warm_up(host, target, started)
                 run.summary.facts["warmup"] = ready.model_dump(exclude={"health"})
             with run.stage("benchmark"):
@@ -226,7 +226,8 @@ def deploy_sdxl(
 
 
 def quiet(prober: Prober | None) -> AbstractContextManager[None]:
-    """The prober's app requests held back while the flow sends its own (timed) requests."""
+    """The prober's app requests held back while the flow sends its own: the warm-up's (the new service's
+    first generations, so a crash names the warm-up request) and the timed ones; /health probes go on."""
     return prober.quiet() if prober else nullcontext()
 
 
