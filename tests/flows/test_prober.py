@@ -158,7 +158,9 @@ def test_the_prober_measures_a_real_outage() -> None:
     assert 0.95 <= downtime.longest_outage_s <= 1.6, downtime
     assert downtime.failed_requests >= 10 and downtime.app_requests >= 4 and downtime.failed_app_requests >= 1
     failed = [p for p in prober.probes if not p.ok]
-    assert all(p.status is None and "Connect" in p.error for p in failed)
+    assert all(p.status is None for p in failed)  # no answer at all while down
+    # refused connections, but for a probe of each thread in flight when the server went away
+    assert sum("Connect" not in p.error for p in failed) <= 2, [p.error for p in failed]
 
 
 def test_app_requests_go_one_at_a_time_at_their_own_pace() -> None:
