@@ -63,7 +63,18 @@ class Prober:
         return self
 
     def stop(self) -> Downtime:
-        """Stop probing (waits at most about `STOP_WAIT_S` per thread) and return the downtime."""
+        """Stop probing and return the downtime. The record ends with a /health probe sent after this call
+        (waited for up to `health_timeout_s` + 1 s), so it says how the service stands at the end of the run,
+        not a moment before; then each thread is waited for at most about `STOP_WAIT_S`."""
+        asked = self._elapsed()
+        deadline = time.monotonic() + self.settings.health_timeout_s + 1.0
+        health = [t for t in self._threads if t.name == "prober-health"]
+        while (
+            time.monotonic() < deadline
+            and any(t.is_alive() for t in health)
+            and not self._probed_since(asked)
+        ):
+            time.sleep(0.05)
         self._stop.set()
         deadline = time.monotonic() + STOP_WAIT_S + self.settings.health_timeout_s
         for thread in self._threads:
@@ -81,6 +92,10 @@ class Prober:
             yield
         finally:
             self._quiet.clear()
+
+    def _probed_since(self, at_s: float) -> bool:
+        with self._lock:
+            return any(p.kind == "health" and p.at_s >= at_s for p in self._probes)
 
     @property
     def probes(self) -> list[Probe]:

@@ -163,6 +163,18 @@ def test_the_prober_measures_a_real_outage() -> None:
     assert sum("Connect" not in p.error for p in failed) <= 2, [p.error for p in failed]
 
 
+def test_the_record_ends_with_a_probe_sent_after_stop() -> None:
+    """A service back up the moment the flow ends is recorded as back, not as still down: stop() waits for
+    one /health probe sent after it was called."""
+    service = _Service(free_port())
+    prober = _prober(service.port, health_every_s=0.5).start()
+    time.sleep(1.2)  # down: connection refused
+    with running(service):
+        downtime = prober.stop()
+    assert not downtime.still_down and downtime.outages == 1, downtime
+    assert [p for p in prober.probes if p.kind == "health"][-1].ok
+
+
 def test_app_requests_go_one_at_a_time_at_their_own_pace() -> None:
     service = _Service(free_port(), generate_s=0.3)
     with running(service):
