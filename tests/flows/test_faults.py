@@ -52,23 +52,12 @@ from flows.target import NewService, Target
 from flows.tasks.backup import backup_current, list_backups, verify_backup
 from flows.tasks.rollback import current_answers, new_service_process
 from service.client import ServiceClient
-from tests.support.flows import is_legacy, legacy_target, ssh_connection, summary_of
+from tests.support.flows import fast, is_legacy, legacy_target, ssh_connection, summary_of
 from tests.support.sshd import SSHServer
 
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-def fast(target: Target, **new: object) -> Target:
-    """The target with the new service's fields changed, one benchmark run and no CLIP comparison."""
-    return target.model_copy(
-        update={
-            "new": target.new.model_copy(update=new),
-            "workload": target.workload.model_copy(update={"benchmark_runs": 1}),
-            "quality": target.quality.model_copy(update={"enabled": False}),
-        }
-    )
 
 
 def mode(path: str | Path) -> int:

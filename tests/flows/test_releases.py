@@ -30,18 +30,7 @@ from flows.tasks.backup import backup_current
 from flows.tasks.preflight import inspect_current
 from flows.tasks.rollback import current_answers, roll_back
 from sdxl_deploy.cli import app
-from tests.support.flows import is_legacy, legacy_target, summary_of
-
-
-def fast(target: Target, **new: object) -> Target:
-    """The target with the new service's fields changed, one benchmark run and no CLIP comparison."""
-    return target.model_copy(
-        update={
-            "new": target.new.model_copy(update=new),
-            "workload": target.workload.model_copy(update={"benchmark_runs": 1}),
-            "quality": target.quality.model_copy(update={"enabled": False}),
-        }
-    )
+from tests.support.flows import fast, is_legacy, legacy_target, summary_of
 
 
 def serving_model(host: LocalHost, target: Target) -> tuple[str, str]:

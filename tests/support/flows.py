@@ -118,3 +118,14 @@ def fault_counts(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[dic
     if out:
         previous = json.loads(Path(out).read_text()) if Path(out).is_file() else {}
         Path(out).write_text(json.dumps(previous | FAULT_COUNTS, indent=2) + "\n")
+
+
+def fast(target: Target, **new: object) -> Target:
+    """The target with the new service's fields changed, one benchmark run and no CLIP comparison."""
+    return target.model_copy(
+        update={
+            "new": target.new.model_copy(update=new),
+            "workload": target.workload.model_copy(update={"benchmark_runs": 1}),
+            "quality": target.quality.model_copy(update={"enabled": False}),
+        }
+    )
