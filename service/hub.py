@@ -102,7 +102,7 @@ def list_files(source: str) -> SourceFiles:
         raise ModelFilesMissing(
             f"{source!r} is neither an existing model folder nor a hub repo id ('org/name')"
         ) from None
-    if not constants.is_offline_mode():
+    if not _hub_offline(constants):
         endpoint = constants.ENDPOINT
         try:
             return SourceFiles(
@@ -218,3 +218,10 @@ def _named(source: str) -> str:
 
 def _path(component: str, name: str) -> str:
     return name if component == ROOT else f"{component}/{name}"
+
+
+def _hub_offline(constants: Any) -> bool:
+    """HF_HUB_OFFLINE as huggingface_hub reads it: `is_offline_mode()` (read at call time) where the release
+    has it, else the `HF_HUB_OFFLINE` constant of older releases (0.36, the seed box's)."""
+    is_offline_mode = getattr(constants, "is_offline_mode", None)
+    return bool(is_offline_mode() if is_offline_mode is not None else constants.HF_HUB_OFFLINE)
