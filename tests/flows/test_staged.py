@@ -170,3 +170,26 @@ def test_a_taken_staging_port_falls_back_or_refuses(tmp_path: Path) -> None:
         forced = target.model_copy(update={"new": target.new.model_copy(update={"start_mode": "staged"})})
         with pytest.raises(PreflightRefused, match="staging port"):
             decide_start_mode(host, forced, _facts(None))
+
+
+def test_a_second_staged_deploy_cuts_over_from_the_release_that_serves(
+    prefect_api: None, staged: tuple[LocalHost, Target], wheel: str, tmp_path: Path
+) -> None:
+    """The old service is this project's own earlier release, under the same supervisor files: the staged one
+    starts beside it, and the cut-over stops the old supervisor's whole group."""
+    from flows.releases import load_releases, serving_now
+
+    host, target = staged
+    runs = str(tmp_path / "runs")
+    first = deploy_sdxl(target=target, wheel=wheel, runs_dir=runs, return_state=True)
+    assert first.is_completed(), first.message
+    old = find_service(host, target.current.port)
+    second = deploy_sdxl(target=target, wheel=wheel, runs_dir=runs, return_state=True)
+    assert second.is_completed(), second.message
+    summary = summary_of(second)
+    assert summary["facts"]["start"]["mode"] == "staged"
+    assert summary["downtime"]["failed_requests"] == 0 and summary["downtime"]["longest_outage_s"] < 2
+    assert not is_running(host, old)
+    records = load_releases(host, target)
+    assert len(records) == 2 and not serving_now(host, records[0]) and serving_now(host, records[1])
+    assert current_answers(host, target.current)["listening"] == [target.current.port]
