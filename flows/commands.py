@@ -8,7 +8,11 @@ from typing import Annotated, Any
 
 import typer
 
-STAGE_NAMES = "preflight, backup, baseline, ship, stop_current, start_new, warmup, benchmark, tunnel, gate"
+# Every stage of either order: staged (start_staged ... cutover) and stop-first (stop_current, start_new).
+STAGE_NAMES = (
+    "preflight, backup, baseline, ship, stop_current, start_new, start_staged, warmup, benchmark, tunnel, gate, "
+    "cutover"
+)
 
 TargetOption = Annotated[Path, typer.Option("--target", "-t", help="Target file (YAML or JSON).")]
 RunsOption = Annotated[Path, typer.Option(help="Where run directories are written.")]
@@ -129,7 +133,8 @@ def demo(
     runs_dir: RunsOption = Path("runs"),
     keep_box: Annotated[bool, typer.Option(help="Keep the demo's temporary box directory.")] = False,
 ) -> None:
-    """Run deploy-sdxl here: tiny-sd15 today -> tiny-sdxl, gates, rollback on failure; leaves nothing running."""
+    """Run deploy-sdxl here: tiny-sd15 today -> tiny-sdxl staged beside it, gates, cut-over (a failure before
+    it leaves the old service untouched; one after it rolls back); leaves nothing running."""
     stage = _check_stage(simulate_failure)
     from rich.console import Console
 
@@ -144,8 +149,16 @@ def demo(
     summary = print_summary(result.summary_path, console)
     if result.old_answering_after is not None:
         console.print(
-            "old service answering /health after the rollback: "
+            "old service answering /health afterwards: "
             + ("[green]yes[/]" if result.old_answering_after else "[red]NO[/]")
+            + ("" if result.old_untouched is None else "; the same process as before (never restarted): ")
+            + (
+                ""
+                if result.old_untouched is None
+                else "[green]yes[/]"
+                if result.old_untouched
+                else "no (restarted)"
+            )
         )
     console.print(f"stopped: {'; '.join(result.stopped) or 'nothing was left running'}")
     expected = "failed" if stage else "completed"

@@ -127,12 +127,14 @@ class DemoResult:
     summary_path: Path
     old_answering_after: bool | None
     stopped: list[str]
+    old_untouched: bool | None = None  # after a failure: the old service is the very process it was before
 
 
 def run_demo(
     simulate_failure: str | None = None, runs_dir: str = "runs", keep_box: bool = False
 ) -> DemoResult:
-    """Start tiny-sd15, run deploy-sdxl to tiny-sdxl (optionally failing at a stage), stop everything."""
+    """Start tiny-sd15, run deploy-sdxl to tiny-sdxl (staged beside it: both fit on a CPU; optionally failing at
+    a stage), stop everything."""
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     from flows.runbook import deploy_sdxl
@@ -141,12 +143,17 @@ def run_demo(
     box = Path(tempfile.mkdtemp(prefix="sdxl-demo-box-"))
     target = demo_target(box, free_port())
     host = LocalHost()
+    old_untouched = None
     try:
         start_current(host, target)
+        before = find_service(host, target.current.port, target.current.pid_file)
         state = deploy_sdxl(target=target, fail_at=simulate_failure, runs_dir=runs_dir, return_state=True)
         outcome = state.result(raise_on_failure=False)
         run_dir = Path(outcome.run_dir) if hasattr(outcome, "run_dir") else None
         old_answering = current_answers(host, target.current) is not None if simulate_failure else None
+        if simulate_failure:
+            now = find_service(host, target.current.port, target.current.pid_file)
+            old_untouched = before is not None and now == before
     finally:
         stopped = stop_all(host, target)
         host.close()
@@ -155,5 +162,8 @@ def run_demo(
     if run_dir is None:
         raise RuntimeError(f"deploy-sdxl ended without a run directory: {outcome!r}")
     return DemoResult(
-        summary_path=run_dir / "summary.json", old_answering_after=old_answering, stopped=stopped
+        summary_path=run_dir / "summary.json",
+        old_answering_after=old_answering,
+        stopped=stopped,
+        old_untouched=old_untouched,
     )

@@ -28,6 +28,11 @@ class DeployState(BaseModel):
     old_process: ProcessInfo | None = None
     new_process: ProcessInfo | None = None
     new_log_offset: int = 0
+    # staged: the new service started beside the old one; until `cut_over` the old one was never touched,
+    # so an interrupted deploy only stops the staged service. stop-first (and a staged deploy after the
+    # new service was told to take the port) puts the old one back.
+    mode: Literal["staged", "stop-first"] = "stop-first"
+    cut_over: bool = False
     updated_at: str = ""
 
 

@@ -76,6 +76,10 @@ class ServiceDidNotStart(FlowError):
     """The new service exited, or was not ready in time; the message carries its last log lines."""
 
 
+class CutoverFailed(FlowError):
+    """The staged new service did not take the app's port over (the old one is put back)."""
+
+
 class GateFailed(FlowError):
     """An enforced success criterion failed."""
 

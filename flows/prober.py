@@ -93,6 +93,14 @@ class Prober:
         finally:
             self._quiet.clear()
 
+    def wait_for_next_health_probe(self) -> None:
+        """Return once a /health probe sent after this call is recorded (at most `health_timeout_s` + 1 s),
+        so that `downtime()` covers the present moment (the cut-over's outage has ended, or is still on)."""
+        asked = self._elapsed()
+        deadline = time.monotonic() + self.settings.health_timeout_s + 1.0
+        while time.monotonic() < deadline and not self._stop.is_set() and not self._probed_since(asked):
+            time.sleep(0.05)
+
     def _probed_since(self, at_s: float) -> bool:
         with self._lock:
             return any(p.kind == "health" and p.at_s >= at_s for p in self._probes)

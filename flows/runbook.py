@@ -2,7 +2,16 @@
 
 Each flow body reads as the runbook it automates; each stage is a `with run.stage(...)` block, and a
 failure names its stage in the flow run's message. `fail_at` (deploy) is a rehearsal feature: it injects
-a failure at the start of that stage, to watch the automatic rollback without breaking anything.
+a failure at the start of that stage (`cutover`: after the old service stopped), to watch the automatic
+recovery without breaking anything.
+
+A deploy runs in one of two orders, decided in preflight (`flows/capacity.py`):
+- staged (the box has room for both): the new service starts on its staging port beside the old one, is
+  warmed up, benchmarked, compared and gated while the old one serves; then the cut-over hands it the app's
+  port in about a second. A failure before the cut-over stops only the staged service; at or after it, the
+  old service is put back.
+- stop-first: the old service stops, the new one starts on the app's port; a failure from stopping on puts
+  the old service back.
 """
 
 from __future__ import annotations
@@ -14,8 +23,9 @@ from typing import Any, Literal
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact
 
+from flows.capacity import StartDecision, StartMode, decide_start_mode
 from flows.deploy_state import DeployState, interrupted_deploy, load_state, save_state
-from flows.errors import DeployFailed, RollbackFailed, VerifyFailed
+from flows.errors import CutoverFailed, DeployFailed, GateFailed, RollbackFailed, VerifyFailed
 from flows.hostfs import home_dir
 from flows.hosts import Host
 from flows.lock import host_lock, new_owner
@@ -24,10 +34,12 @@ from flows.procs import find_service
 from flows.releases import record_release, release_of
 from flows.rundir import RunRecord, RunSummary, StageFailed, report_markdown
 from flows.supervisor import Restarts, read_restarts
-from flows.target import Target, load_target
+from flows.target import Criterion, Target, load_target
 from flows.tasks.backup import backup_current
 from flows.tasks.benchmark import run_benchmark, scan_log
+from flows.tasks.cutover import cut_over, discard_staged
 from flows.tasks.deploy import (
+    Started,
     build_wheel,
     check_compile,
     serve_argv,
@@ -35,7 +47,14 @@ from flows.tasks.deploy import (
     start_new_service,
     stop_service,
 )
-from flows.tasks.gates import Evidence, evaluate_gates, require_passed
+from flows.tasks.gates import (
+    Evidence,
+    GateReport,
+    criteria_for_mode,
+    evaluate_gates,
+    judge,
+    require_passed,
+)
 from flows.tasks.preflight import inspect_current, inspect_host, require_ready
 from flows.tasks.quality import assess_quality, collect_baseline
 from flows.tasks.rollback import current_answers, roll_back
@@ -49,14 +68,48 @@ Stage = Literal[
     "ship",
     "stop_current",
     "start_new",
+    "start_staged",
     "warmup",
     "benchmark",
     "tunnel",
     "gate",
+    "cutover",
 ]
-STAGES: tuple[str, ...] = Stage.__args__
-# From this stage on the old service may be down: a failure rolls back.
-ROLLBACK_FROM = STAGES.index("stop_current")
+STAGES: tuple[str, ...] = Stage.__args__  # every stage of either order (what fail_at accepts)
+# The two orders. Slots for stages of other features: `prefetch` after ship, `approval` after gate.
+STOP_FIRST_STAGES: tuple[str, ...] = (
+    "preflight",
+    "backup",
+    "baseline",
+    "ship",
+    "stop_current",
+    "start_new",
+    "warmup",
+    "benchmark",
+    "tunnel",
+    "gate",
+)
+STAGED_STAGES: tuple[str, ...] = (
+    "preflight",
+    "backup",
+    "baseline",
+    "ship",
+    "start_staged",
+    "warmup",
+    "benchmark",
+    "tunnel",
+    "gate",
+    "cutover",
+)
+STAGES_OF: dict[str, tuple[str, ...]] = {"stop-first": STOP_FIRST_STAGES, "staged": STAGED_STAGES}
+# From this stage on the old service may be down: a failure puts it back.
+TOUCHES_OLD_FROM: dict[str, str] = {"stop-first": "stop_current", "staged": "cutover"}
+
+
+def touches_old_service(mode: StartMode, stage: str) -> bool:
+    """Whether a failure at `stage` of a deploy in `mode` may have left the old service down."""
+    order = STAGES_OF[mode]
+    return stage in order and order.index(stage) >= order.index(TOUCHES_OLD_FROM[mode])
 
 
 def choose_target(target: Target | None, target_file: str | None) -> Target:
@@ -88,13 +141,15 @@ def deploy_sdxl(
     runs_dir: str = "runs",
     force_unlock: bool = False,
 ) -> RunSummary:
-    """Upgrade the current service to SDXL; any failure after the old service stopped rolls back.
+    """Upgrade the current service to SDXL: staged beside it and cut over when the box has room, else
+    stop-first; a failure before the old service is touched stops only the new one, any later one rolls back.
 
     Args:
         target: The host, the current service and the new one (ignored when target_file is set).
         target_file: A YAML/JSON target file on the worker's machine.
         dry_run: Run the read-only preflight, print the plan, change nothing.
-        fail_at: Rehearsal only: inject a failure at the start of this stage.
+        fail_at: Rehearsal only: inject a failure at the start of this stage (cutover: after the old
+            service stopped); it must be a stage of the order preflight chooses.
         wheel: A prebuilt wheel of this project to ship (default: build one now).
         runs_dir: Where the run directory (summary.json, report.md) is written.
         force_unlock: Clear the host's deploy lock even when its owner cannot be checked from here
@@ -104,6 +159,7 @@ def deploy_sdxl(
     run = RunRecord("deploy-sdxl", target, runs_dir, fail_at)
     state: DeployState | None = None
     host: Host | None = None
+    decision: StartDecision | None = None
 
     def record_progress(stage: str) -> None:
         if state and host:
@@ -132,12 +188,24 @@ def deploy_sdxl(
                     "current": current.model_dump(),
                 }
                 require_ready(host_facts, current)
+                decision = decide_start_mode(host, target, host_facts)
+                run.summary.facts["start"] = decision.model_dump()
+                print(f"start mode: {decision.mode} ({decision.reason})")
+                if prober:
+                    prober.mode = decision.mode
+                if fail_at and fail_at not in STAGES_OF[decision.mode]:
+                    raise ValueError(
+                        f"fail_at {fail_at!r} is not a stage of a {decision.mode} deploy "
+                        f"({', '.join(STAGES_OF[decision.mode])}); set new.start_mode to rehearse it"
+                    )
             if dry_run:
-                plan = deploy_plan(target, current.process.describe() if current.process else "?")
+                plan = deploy_plan(target, current.process.describe() if current.process else "?", decision)
                 print(plan)
                 run.write_text("plan.md", plan)
                 return _finish(run, "dry-run", "dry run: preflight passed; nothing was changed")
 
+            staged = decision.mode == "staged"
+            criteria = criteria_for_mode(target.criteria, decision.mode)
             serving = release_of(host, target, current.process)
             state = save_state(
                 host,
@@ -147,6 +215,7 @@ def deploy_sdxl(
                     stage="backup",
                     old_process=current.process,
                     previous_release=serving.id if serving else None,
+                    mode=decision.mode,
                 ),
             )
             with run.stage("backup"):
@@ -169,26 +238,38 @@ def deploy_sdxl(
                     run.summary.facts["compile_check"] = compiled.model_dump()
                     if compiled.warning():
                         run.summary.warnings.append(compiled.warning())
-            with run.stage("stop_current"):
-                stop_service(host, current.process, target.current.port, target.current.stop_timeout_s)
-            with run.stage("start_new"):
-                started = start_new_service(host, target, release)
-                state.new_process, state.new_log_offset = started.process, started.log_offset
-                save_state(host, target, state)
+            # (slot: the `prefetch` stage goes here, before anything is started or stopped)
+            if staged:
+                with run.stage("start_staged"):  # beside the old service, on the staging port
+                    started = start_new_service(host, target, release, staged=True)
+                    note_started(host, target, state, started)
+            else:
+                with run.stage("stop_current"):
+                    stop_service(host, current.process, target.current.port, target.current.stop_timeout_s)
+                with run.stage("start_new"):
+                    started = start_new_service(host, target, release)
+                    note_started(host, target, state, started)
             with run.stage("warmup"), quiet(prober):  # the warm-up's requests are the new service's first
                 ready = warm_up(host, target, started)
                 run.summary.facts["warmup"] = ready.model_dump(exclude={"health"})
             with run.stage("benchmark"):
                 with quiet(prober):
-                    bench = run_benchmark(host, target)
+                    bench = run_benchmark(host, target, started.port)
                 log_scan = scan_log(host, started.log_file, started.log_offset)
                 run.write_json("benchmark.json", bench.model_dump())
             with run.stage("tunnel"):
-                app = check_app_path(host, target)
+                app = check_app_path(host, target, started.port)
+                if staged:  # the app's own way still reaches the old service, which serves until the cut-over
+                    old_app = check_app_path(host, target, target.current.port)
+                    run.summary.facts["app_path_before_cutover"] = old_app.model_dump()
+                    if not (old_app.health_ok and old_app.generate_ok):
+                        run.summary.warnings.append(
+                            f"before the cut-over the old service did not answer the app's way: {old_app.detail}"
+                        )
             with run.stage("gate"):
                 with quiet(prober):
                     quality = assess_quality(
-                        host, target, baseline, run.dir / "quality", quality_margin(target)
+                        host, target, baseline, run.dir / "quality", quality_margin(target), started.port
                     )
                 evidence = Evidence(
                     health=ready.health,
@@ -198,11 +279,21 @@ def deploy_sdxl(
                     quality=quality,
                     downtime=prober.downtime() if prober else None,
                 )
-                gates = evaluate_gates(target.criteria, evidence, artifact_key="sdxl-deploy-gates")
+                gates = evaluate_gates(criteria, evidence, artifact_key="sdxl-deploy-gates")
                 run.record_gates(gates)
                 require_passed(gates)
+            # (slot: the `approval` stage goes here: a person decides when gates.inconclusive)
+            if staged:
+                with run.stage("cutover", inject_at_start=False):
+                    state.cut_over = True  # from here on a failure (or an interruption) puts the old one back
+                    save_state(host, target, state)
+                    cut = cut_over(
+                        host, target, started.process, current.process, rehearse_failure=fail_at == "cutover"
+                    )
+                    run.summary.facts["cutover"] = cut.model_dump(exclude={"health"})
+                    check_after_cutover(run, host, target, prober, criteria, gates)
         except StageFailed as failure:
-            _after_failure(run, host, target, state, failure)
+            _after_failure(run, host, target, state, failure, decision.mode if decision else "stop-first")
             raise DeployFailed(f"deploy-sdxl {run.summary.message}", str(run.dir)) from None
 
         if started.launch is not None:
@@ -220,9 +311,46 @@ def deploy_sdxl(
         save_state(host, target, state)
         note_reconnects(run, host)
         run.summary.new_service_answering = True
+        how = f"cut over in {run.summary.facts['cutover']['seconds']:.2f} s; " if staged else ""
         return _finish(
-            run, "completed", f"deployed {target.new.model} on port {target.new.port}; all gates passed"
+            run,
+            "completed",
+            f"deployed {target.new.model} on port {target.new.port} ({decision.mode}); {how}all gates passed",
         )
+
+
+def note_started(host: Host, target: Target, state: DeployState, started: Started) -> None:
+    """Record the new service's process on the host at once (a recovery must find it)."""
+    state.new_process, state.new_log_offset = started.process, started.log_offset
+    save_state(host, target, state)
+
+
+def check_after_cutover(
+    run: RunRecord,
+    host: Host,
+    target: Target,
+    prober: Prober | None,
+    criteria: list[Criterion],
+    gates: GateReport,
+) -> None:
+    """After the cut-over: the new service answers the app's request the app's way on the app's port, and
+    the downtime, now including the cut-over's, is judged again (the gate saw only the time before it)."""
+    app = check_app_path(host, target, target.current.port)
+    run.summary.facts["app_path_after_cutover"] = app.model_dump()
+    if not (app.health_ok and app.generate_ok):
+        raise CutoverFailed(
+            f"after the cut-over the app's request failed on port {target.current.port}: {app.detail}"
+        )
+    if prober is None:
+        return
+    prober.wait_for_next_health_probe()
+    after = judge([c for c in criteria if c.name == "max_downtime_s"], Evidence(downtime=prober.downtime()))
+    if after.rows:
+        row = after.rows[0]
+        run.summary.facts["cutover"]["max_downtime_s"] = row.model_dump()
+        run.record_gates(GateReport(rows=[row if r.criterion == row.criterion else r for r in gates.rows]))
+        if row.verdict == "fail":
+            raise GateFailed(f"after the cut-over: max_downtime_s ({row.observed})")
 
 
 def quiet(prober: Prober | None) -> AbstractContextManager[None]:
@@ -238,13 +366,30 @@ def take_lock(stack: ExitStack, host: Host, target: Target, run: RunRecord, forc
 
 
 def recover(host: Host, target: Target, interrupted: DeployState) -> dict[str, Any]:
-    """Put the old service back after a deploy that died without finishing (control side killed, link lost)."""
+    """Clean up after a deploy that died without finishing (control side killed, link lost): a staged one
+    that never reached its cut-over only had its staged service started, which is stopped; any other puts
+    the old service back."""
     print(
         f"found an interrupted deploy: run {interrupted.run_id} stopped at stage {interrupted.stage} "
-        f"(last update {interrupted.updated_at}); restoring the old service first"
+        f"(last update {interrupted.updated_at}); "
+        + (
+            "stopping the service it staged (the old one was never touched)"
+            if interrupted.mode == "staged" and not interrupted.cut_over
+            else "restoring the old service first"
+        )
     )
+    facts: dict[str, Any] = {
+        "run_id": interrupted.run_id,
+        "stage": interrupted.stage,
+        "mode": interrupted.mode,
+    }
+    if interrupted.mode == "staged" and not interrupted.cut_over:
+        facts["stopped_staged"] = discard_staged(host, target, interrupted.new_process)
+        interrupted.status = "failed"
+        save_state(host, target, interrupted)
+        return facts
     result = roll_back(host, target)
-    return {"run_id": interrupted.run_id, "stage": interrupted.stage, **result.model_dump(exclude={"health"})}
+    return {**facts, **result.model_dump(exclude={"health"})}
 
 
 def note_reconnects(run: RunRecord, host: Host | None) -> None:
@@ -254,10 +399,16 @@ def note_reconnects(run: RunRecord, host: Host | None) -> None:
 
 
 def _after_failure(
-    run: RunRecord, host: Host | None, target: Target, state: DeployState | None, failure: StageFailed
+    run: RunRecord,
+    host: Host | None,
+    target: Target,
+    state: DeployState | None,
+    failure: StageFailed,
+    mode: StartMode,
 ) -> None:
-    """Roll back when the old service may have been touched; record whether it answers afterwards."""
-    touched = STAGES.index(failure.stage) >= ROLLBACK_FROM
+    """Put the old service back when it may have been touched; before that (a staged deploy before its
+    cut-over) stop only the staged new service. Record whether the old service answers afterwards."""
+    touched = touches_old_service(mode, failure.stage)
     outcome = ""
     port = target.current.port
     if host is not None and touched:
@@ -268,6 +419,13 @@ def _after_failure(
             port = result.port or port
         except Exception as exc:  # report both failures: the stage's and the rollback's
             outcome = f"; ROLLBACK FAILED: {type(exc).__name__}: {exc}"
+    elif host is not None and state is not None and state.new_process is not None:
+        try:
+            stopped = discard_staged(host, target, state.new_process)
+            run.summary.facts["discarded_staged"] = stopped
+            outcome = f"; the staged new service was stopped ({stopped}); the old service was not touched"
+        except Exception as exc:
+            outcome = f"; STOPPING THE STAGED SERVICE FAILED: {type(exc).__name__}: {exc}"
     run.summary.old_service_answering = _old_service_answers(host, target, port)
     if host is not None and state:
         state.status = "rolled_back" if run.summary.rolled_back else "failed"
@@ -301,10 +459,20 @@ def _finish(run: RunRecord, status: Literal["completed", "failed", "dry-run"], m
     return summary
 
 
-def deploy_plan(target: Target, current_process: str) -> str:
+def deploy_plan(target: Target, current_process: str, decision: StartDecision) -> str:
     """What a deploy would do, step by step (printed by a dry run)."""
     new, cur, check = target.new, target.current, target.quality
+    python = f"{new.install_dir}/releases/<release>/venv/bin/python"
+    staged = decision.mode == "staged"
+    stop = f"stop the current service {current_process} (TERM, wait {cur.stop_timeout_s:.0f} s, KILL)"
+    start = (
+        f"start `{' '.join(serve_argv(target, python, staged))}` detached"
+        + (f" beside the old service, on the staging port {new.staging_port}" if staged else "")
+        + f"; log {new.log_file}, pid file {new.pid_file}"
+    )
+    port = new.staging_port if staged else new.port
     steps = [
+        f"start mode: {decision.mode} ({decision.reason})",
         f"back up {', '.join(cur.files) or '(no files)'}, the start command, process info, {cur.log_file} and "
         f"pip freeze to {target.paths.backup_root}/{cur.name}-<timestamp>/ (keep {target.paths.keep_backups})",
         (
@@ -318,23 +486,35 @@ def deploy_plan(target: Target, current_process: str) -> str:
         "dependencies into it"
         + (f" from the wheelhouse {new.wheelhouse}" if new.wheelhouse else "")
         + "; on a GPU, check torch.compile with it",
-        f"stop the current service {current_process} (TERM, wait {cur.stop_timeout_s:.0f} s, KILL)",
-        f"start `{' '.join(serve_argv(target, f'{new.install_dir}/releases/<release>/venv/bin/python'))}` detached; log {new.log_file}, pid file {new.pid_file}",
-        f"stream the log and wait for /ready (up to {new.ready_timeout_s:.0f} s), "
+        *([start] if staged else [stop, start]),
+        f"stream the log and wait for /ready on port {port} (up to {new.ready_timeout_s:.0f} s), "
         f"{target.workload.warmup_requests} warm-up request(s)",
         f"benchmark {target.workload.benchmark_runs} generations at "
-        f"{target.workload.size[0]}x{target.workload.size[1]}, scan the log for CUDA errors",
-        "send /health and the app's request "
-        + ("through an SSH port forward" if target.connection.kind == "ssh" else "directly (local target)"),
+        f"{target.workload.size[0]}x{target.workload.size[1]} on port {port}, scan the log for CUDA errors",
+        f"send /health and the app's request to port {port} "
+        + ("through an SSH port forward" if target.connection.kind == "ssh" else "directly (local target)")
+        + (f"; and to the old service on the app's port {cur.port}" if staged else ""),
         "judge the success criteria: "
         + ", ".join(
             f"{c.name}{'' if c.threshold is None else f' {c.threshold:g}'}{'' if c.enforce else ' (warn)'}"
-            for c in target.criteria
+            for c in criteria_for_mode(target.criteria, decision.mode)
         ),
-        "on any failure from stopping on: stop the new service and start again what served before: the "
-        f"recorded release serving now (`sdxl-deploy releases`), else `{cur.start_command}` in {cur.workdir}; "
-        f"wait for {cur.health_path} on its port",
     ]
+    putting_back = (
+        "stop the new service and start again what served before: the "
+        f"recorded release serving now (`sdxl-deploy releases`), else `{cur.start_command}` in {cur.workdir}; "
+        f"wait for {cur.health_path} on its port"
+    )
+    if staged:
+        steps += [
+            f"cut over: tell the new service to take port {cur.port} (SIGUSR1), {stop[0].lower()}{stop[1:]}, "
+            f"wait (up to {new.cutover_timeout_s:.0f} s) for /health on port {cur.port} to be {new.model}; "
+            "send the app's request there and judge max_downtime_s again",
+            "on a failure before the cut-over: stop the staged new service only (the old one serves on, "
+            f"untouched); at or after it: {putting_back}",
+        ]
+    else:
+        steps.append(f"on any failure from stopping on: {putting_back}")
     return (
         "Deploy plan for "
         + target.connection.describe()

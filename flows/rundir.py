@@ -99,15 +99,16 @@ class RunRecord:
         self.save()
 
     @contextmanager
-    def stage(self, name: str) -> Iterator[None]:
-        """Run one stage: time it, record it, and raise `StageFailed(name, why)` on any error."""
+    def stage(self, name: str, inject_at_start: bool = True) -> Iterator[None]:
+        """Run one stage: time it, record it, and raise `StageFailed(name, why)` on any error.
+        `inject_at_start` False: the stage injects its `fail_at` rehearsal itself, at its worst moment."""
         log = run_logger()
         log.info("stage %s: start", name)
         started_at, t0 = _now().isoformat(timespec="seconds"), time.monotonic()
         try:
             if self.on_stage:
                 self.on_stage(name)
-            if name == self.fail_at:
+            if name == self.fail_at and inject_at_start:
                 raise RehearsedFailure(f"failure injected at stage {name!r} (fail_at rehearsal)")
             yield
         except Exception as exc:

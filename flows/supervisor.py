@@ -9,7 +9,8 @@ It restarts the service when it exits by itself (crash, OOM kill), with backoff 
 appends one line per restart to `<install_dir>/sdxl-api.restarts`, which the warm-up and `verify-sdxl`
 read. After `MAX_QUICK_CRASHES` exits in a row that each came less than 60 s after a start, it gives up
 (a crash loop is a broken deploy, not a blip) and exits with the service's code. TERM/INT/HUP stop it
-and the service. The service's environment comes from a private env file (0600), never the command
+and the service; USR1 is passed on to the running service (the staged deploy's cut-over: "take your port
+over", `service/server.py`). The service's environment comes from a private env file (0600), never the command
 line, so a secret such as `SDXL_API_KEY` does not show in `ps`.
 """
 
@@ -31,15 +32,17 @@ here=$(dirname -- "$0")
 restarts_file=$here/sdxl-api.restarts env_file=$here/sdxl-api.env max_quick=$1
 shift
 if [ -f "$env_file" ]; then . "$env_file"; fi
-child='' stopping=''
+child='' service='' stopping=''
 trap 'stopping=1; [ -n "$child" ] && kill -TERM "$child" 2>/dev/null' TERM INT HUP
+trap '[ -n "$service" ] && kill -USR1 "$service" 2>/dev/null' USR1
 count=0 quick=0 backoff=1
 while :; do
   started=$(date +%s)
   "$@" &
-  child=$!
+  child=$! service=$!
   wait "$child"; code=$?
   while kill -0 "$child" 2>/dev/null; do wait "$child"; code=$?; done
+  service=''
   [ -n "$stopping" ] && exit 0
   ran=$(( $(date +%s) - started ))
   count=$((count + 1))

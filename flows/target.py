@@ -68,8 +68,9 @@ DEFAULT_CRITERIA: tuple[Criterion, ...] = (
     Criterion(name="no_cuda_errors"),
     Criterion(name="peak_vram_gb", threshold=20),
     Criterion(name="quality", threshold=1.0),  # margin in CLIP points (non-inferiority)
-    # Longest outage the app saw (s). Report-only while the upgrade stops the old service first.
-    Criterion(name="max_downtime_s", threshold=1.0, enforce=False),
+    # Longest outage the app saw (s): enforced on a staged deploy (checked again after the cut-over);
+    # report-only on a stop-first one, whose outage is the new service's whole start.
+    Criterion(name="max_downtime_s", threshold=5.0),
 )
 
 
@@ -180,6 +181,27 @@ class NewService(_Model):
     )
     stop_timeout_s: float = Field(30.0, gt=0, description="Seconds between TERM and KILL when stopping it.")
 
+    # ----- staged start and cut-over (flows/capacity.py, flows/tasks/cutover.py) ---------------------------
+    start_mode: Literal["auto", "staged", "stop-first"] = Field(
+        "auto",
+        description="staged: start the new service on stage_port beside the old one, warm it up, benchmark "
+        "and gate it, then cut over in about a second; stop-first: stop the old service, then start the new "
+        "one (the app is down until it is ready); auto: staged when the box has room for both (free VRAM "
+        "against the model's measured need plus vram_margin_gb; free RAM on a box without a GPU).",
+    )
+    stage_port: int | None = Field(
+        None,
+        ge=1,
+        le=65535,
+        description="Where a staged new service listens until cut-over; default port + 1.",
+    )
+    vram_margin_gb: float = Field(
+        1.5, ge=0, description="Free VRAM kept on top of the model's measured need before auto stages (GiB)."
+    )
+    cutover_timeout_s: float = Field(
+        30.0, gt=0, description="How long the cut-over may take to see the new service on the app's port."
+    )
+
     @field_validator("env")
     @classmethod
     def _env_names(cls, env: dict[str, str]) -> dict[str, str]:
@@ -206,6 +228,11 @@ class NewService(_Model):
                     "(a reference, never the secret itself)"
                 )
         return secret_env
+
+    @property
+    def staging_port(self) -> int:
+        """The port a staged new service listens on until cut-over."""
+        return self.stage_port or self.port + 1
 
     @property
     def pid_file(self) -> str:

@@ -130,6 +130,14 @@ class HealthResponse(BaseModel):
     )
     error: str | None = Field(None, description="Why the model failed to load, when unhealthy.")
     startup: StartupFacts
+    listening: list[int] = Field(
+        default_factory=list, description="The ports it listens on (empty when not served by its own server)."
+    )
+    staged: bool = Field(
+        False,
+        description="Listening on its staging port (SDXL_STAGE_PORT) because its own port was held at start; "
+        "SIGUSR1 makes it take its own port over.",
+    )
 
 
 class ReadyResponse(BaseModel):

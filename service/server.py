@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
+import signal
+import socket
+import time
 from typing import Any
 
 import h11
@@ -12,6 +16,7 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from service.app import create_app
 from service.settings import ServiceSettings
+from service.state import ServiceState
 
 log = logging.getLogger(__name__)
 
@@ -97,10 +102,114 @@ def uvicorn_config(settings: ServiceSettings, app: Any = None, **overrides: Any)
     return uvicorn.Config(app if app is not None else create_app(settings), **options)
 
 
+TAKEOVER_POLL_S = 0.01  # how often a staged service tries to bind its own port once told to take it
+
+
+def listening_socket(host: str, port: int, backlog: int = 2048) -> socket.socket:
+    """A listening TCP socket on (host, port) with SO_REUSEADDR (a port whose old listener is gone but whose
+    connections linger binds at once); OSError EADDRINUSE while another process listens there."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    return socket.create_server((host, port), family=family, backlog=backlog)
+
+
+class PortTakeoverServer(uvicorn.Server):
+    """uvicorn that serves `settings.port`, or, when another process holds it at start and a `stage_port` is
+    set, serves `stage_port` until SIGUSR1 tells it to take `port` over (the deploy's cut-over).
+
+    Told, it tries to bind `port` every `TAKEOVER_POLL_S` on its own event loop; the moment the old service
+    lets the port go, it serves it with the same app and state (the same protocol factory uvicorn uses), then
+    closes the staging listener (connections already open there finish) so the next deploy can stage there.
+    The ports it listens on are in `/health`'s `listening`.
+    """
+
+    def __init__(self, config: uvicorn.Config, settings: ServiceSettings, state: ServiceState) -> None:
+        super().__init__(config)
+        self.settings, self.state = settings, state
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._staging: asyncio.AbstractServer | None = None
+        self._takeover_asked = False
+        self._takeover: asyncio.Task[None] | None = None
+
+    def bind(self) -> socket.socket:
+        """The listening socket: `port`, else `stage_port` when `port` is held and a stage port is set."""
+        host, port, stage_port = self.settings.host, self.settings.port, self.settings.stage_port
+        try:
+            sock = listening_socket(host, port, self.config.backlog)
+        except OSError as exc:
+            if exc.errno != errno.EADDRINUSE or stage_port is None:
+                raise
+            sock = listening_socket(host, stage_port, self.config.backlog)
+            log.info(
+                "port %d is held by another process: staged on port %d until told (SIGUSR1)", port, stage_port
+            )
+        self.state.listening = [sock.getsockname()[1]]
+        return sock
+
+    def request_takeover(self, *_: object) -> None:
+        """SIGUSR1: take the service's own port over (safe from a signal handler, before start-up too)."""
+        self._takeover_asked = True
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self._start_takeover)
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets)
+        self._loop = asyncio.get_running_loop()
+        self._staging = self.servers[0] if self.servers else None
+        if self._takeover_asked:
+            self._start_takeover()
+
+    def _protocol(self) -> asyncio.Protocol:
+        """What uvicorn's own listener builds per connection: the same app, server state and lifespan state."""
+        return self.config.http_protocol_class(  # type: ignore[call-arg]
+            config=self.config, server_state=self.server_state, app_state=self.lifespan.state
+        )
+
+    def _start_takeover(self) -> None:
+        if self._takeover is not None or self.settings.port in self.state.listening:
+            return  # already asked, or serving its own port (it was free at start)
+        self._takeover = asyncio.ensure_future(self._take_over())
+
+    async def _take_over(self) -> None:
+        port, started = self.settings.port, time.monotonic()
+        log.info("told to take port %d over: waiting for it to be free", port)
+        while not self.should_exit:
+            try:
+                sock = listening_socket(self.settings.host, port, self.config.backlog)
+            except OSError as exc:
+                if exc.errno != errno.EADDRINUSE:
+                    log.error("cannot bind port %d: %s", port, exc)
+                    return
+                await asyncio.sleep(TAKEOVER_POLL_S)
+                continue
+            loop = asyncio.get_running_loop()
+            self.servers.append(
+                await loop.create_server(self._protocol, sock=sock, backlog=self.config.backlog)
+            )
+            staged = [p for p in self.state.listening if p != port]
+            if self._staging is not None:
+                self._staging.close()  # no new connections there; open ones finish
+            self.state.listening = [port]
+            log.info(
+                "took port %d over %.3f s after being told; closed the staging port %s",
+                port,
+                time.monotonic() - started,
+                ", ".join(map(str, staged)) or "-",
+            )
+            return
+
+
 def serve(settings: ServiceSettings) -> None:
     """Start uvicorn in this process; returns when it stops (SIGTERM / Ctrl-C)."""
     configure_logging(settings.log_level)
-    logging.getLogger(__name__).info(
-        "Starting image service: model=%s on http://%s:%d", settings.model, settings.host, settings.port
+    state = ServiceState(settings)
+    server = PortTakeoverServer(uvicorn_config(settings, create_app(settings, state)), settings, state)
+    signal.signal(signal.SIGUSR1, server.request_takeover)  # before anything else: USR1 never kills it
+    sock = server.bind()
+    log.info(
+        "Starting image service: model=%s on http://%s:%d%s",
+        settings.model,
+        settings.host,
+        state.listening[0],
+        f" (staged; port {settings.port} on SIGUSR1)" if state.listening[0] != settings.port else "",
     )
-    uvicorn.Server(uvicorn_config(settings)).run()
+    server.run(sockets=[sock])

@@ -38,6 +38,13 @@ class ServiceSettings(BaseSettings):
     # Where to listen
     host: str = Field("127.0.0.1", description="Bind address. Anything but loopback needs allow_public_bind.")
     port: int = Field(7860, ge=0, le=65535)
+    stage_port: int | None = Field(
+        None,
+        ge=1,
+        le=65535,
+        description="When `port` is held by another process at start, listen here instead (staged beside the "
+        "old service) and take `port` over on SIGUSR1 (the deploy's cut-over). Unset: `port` only.",
+    )
     allow_public_bind: bool = Field(False, description="Allow binding a non-loopback address on purpose.")
     api_key: SecretStr | None = Field(
         None, description="If set, requests need `Authorization: Bearer <key>`."

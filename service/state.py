@@ -35,6 +35,7 @@ class ServiceState:
         self.metrics = ServiceMetrics(lambda: self.queue.depth, self._vram_used_gb)
         self.started_at = time.monotonic()
         self.load_error: str | None = None
+        self.listening: list[int] = []  # the ports its server listens on (service/server.py keeps it)
 
     # ----- loading -------------------------------------------------------------------------------
 
@@ -99,6 +100,8 @@ class ServiceState:
             prompt_cache=self.engine.embeddings.stats() if self.status == "ready" else None,
             error=self.load_error,
             startup=self.engine.startup.facts(),
+            listening=list(self.listening),
+            staged=bool(self.listening) and self.settings.port not in self.listening,
         )
 
     def _vram_used_gb(self) -> float:

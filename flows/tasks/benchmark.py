@@ -78,15 +78,16 @@ def check_image(b64: str, width: int, height: int, fmt: str = "PNG") -> ImageChe
 
 
 @task(cache_policy=NO_CACHE)
-def run_benchmark(host: Host, target: Target) -> BenchmarkResult:
-    """N generations with the app's payload: p50/p95, peak VRAM, and every image checked."""
+def run_benchmark(host: Host, target: Target, port: int | None = None) -> BenchmarkResult:
+    """N generations with the app's payload: p50/p95, peak VRAM, and every image checked (the new service
+    on `port`, default its own)."""
     log = run_logger()
     workload = target.workload
     width, height = workload.size
     fmt = str(workload.app_request.get("output_format", "png")).upper()
     wall, generation, vram, images, errors, model = [], [], [], [], [], None
     with (
-        service_url(host, target.new.port) as url,
+        service_url(host, port or target.new.port) as url,
         ServiceClient(url, api_key=api_key(target.new), timeout=workload.request_timeout_s) as client,
     ):
         for run in range(workload.benchmark_runs):

@@ -61,6 +61,7 @@ class CompileCheck(BaseModel):
 
 class Started(BaseModel):
     process: ProcessInfo
+    port: int | None = None  # where it answers now: its staging port until the cut-over; None: its own port
     log_file: str
     log_offset: int
     install_dir: str = ""  # where its supervisor records restarts
@@ -257,8 +258,9 @@ def stop_service(host: Host, process: ProcessInfo, port: int, timeout_s: float) 
     return outcome
 
 
-def serve_argv(target: Target, python: str | None = None) -> list[str]:
-    """The service's command line; `python` is the release's interpreter (default: the target's)."""
+def serve_argv(target: Target, python: str | None = None, staged: bool = False) -> list[str]:
+    """The service's command line; `python` is the release's interpreter (default: the target's); `staged`:
+    it listens on the staging port while its own port is held, and takes it over on SIGUSR1."""
     new = target.new
     return [
         python or new.python,
@@ -271,18 +273,20 @@ def serve_argv(target: Target, python: str | None = None) -> list[str]:
         "127.0.0.1",
         "--port",
         str(new.port),
+        *(["--stage-port", str(new.staging_port)] if staged else []),
         *new.serve_args,
     ]
 
 
 @task(cache_policy=NO_CACHE)
-def start_new_service(host: Host, target: Target, release: Release) -> Started:
+def start_new_service(host: Host, target: Target, release: Release, staged: bool = False) -> Started:
     """Start the new service from the release, detached under its restart-loop supervisor, with its pid
-    file and log file; its environment (secrets included) goes through a private env file."""
+    file and log file; its environment (secrets included) goes through a private env file. `staged`: beside
+    the old service, on the staging port until the cut-over (`flows/tasks/cutover.py`)."""
     new = target.new
     offset = file_size(host, new.log_file) or 0
     launch = Launch(
-        argv=serve_argv(target, release.python),
+        argv=serve_argv(target, release.python, staged),
         workdir=release.path,
         env={"PYTHONPATH": "", **new.env},  # the release's own environment only
         secret_env=new.secret_env,
@@ -291,7 +295,15 @@ def start_new_service(host: Host, target: Target, release: Release) -> Started:
         pid_file=new.pid_file,
     )
     process = start_supervised(host, launch)
-    run_logger().info("started %s under its supervisor, log %s", process.describe(), new.log_file)
+    port = new.staging_port if staged else new.port
+    run_logger().info(
+        "started %s under its supervisor on port %d, log %s", process.describe(), port, new.log_file
+    )
     return Started(
-        process=process, log_file=new.log_file, log_offset=offset, install_dir=new.install_dir, launch=launch
+        process=process,
+        port=port,
+        log_file=new.log_file,
+        log_offset=offset,
+        install_dir=new.install_dir,
+        launch=launch,
     )

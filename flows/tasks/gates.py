@@ -12,7 +12,7 @@ from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel
 
 from flows.common import run_logger
-from flows.downtime import Downtime
+from flows.downtime import Downtime, DowntimeMode
 from flows.errors import GateFailed
 from flows.target import Criterion
 from flows.tasks.benchmark import BenchmarkResult, LogScan
@@ -182,6 +182,14 @@ CHECKS: dict[str, Check] = {
     "quality": _quality,
     "max_downtime_s": _max_downtime,
 }
+
+
+def criteria_for_mode(criteria: list[Criterion], mode: DowntimeMode) -> list[Criterion]:
+    """The criteria as a deploy of this mode judges them: a stop-first deploy's outage is the new service's
+    whole start, so there `max_downtime_s` is report-only (a staged one enforces it as configured)."""
+    if mode == "staged":
+        return criteria
+    return [c.model_copy(update={"enforce": False}) if c.name == "max_downtime_s" else c for c in criteria]
 
 
 def judge(criteria: list[Criterion], evidence: Evidence) -> GateReport:

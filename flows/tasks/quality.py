@@ -66,9 +66,15 @@ def collect_baseline(host: Host, target: Target, run_dir: Path) -> Baseline | No
 
 @task(cache_policy=NO_CACHE)
 def assess_quality(
-    host: Host, target: Target, baseline: Baseline | None, run_dir: Path, margin: float
+    host: Host,
+    target: Target,
+    baseline: Baseline | None,
+    run_dir: Path,
+    margin: float,
+    port: int | None = None,
 ) -> QualityResult | None:
-    """Generate the same prompts on the new service, CLIP-score both sets and judge the difference."""
+    """Generate the same prompts on the new service (on `port`, default its own), CLIP-score both sets and
+    judge the difference."""
     if baseline is None:
         return None
     if baseline.error:
@@ -84,7 +90,7 @@ def assess_quality(
     check = target.quality
     try:
         prompts, seeds, settings = comparison_plan(target)
-        with service_url(host, target.new.port) as url:
+        with service_url(host, port or target.new.port) as url:
             info, generations = collect(
                 url,
                 "candidate",

@@ -26,17 +26,19 @@ class AppCheck(BaseModel):
 
 
 @task(cache_policy=NO_CACHE)
-def check_app_path(host: Host, target: Target) -> AppCheck:
-    """Send `/health` and the app's request the way the app does (through a port forward on SSH)."""
+def check_app_path(host: Host, target: Target, port: int | None = None) -> AppCheck:
+    """Send `/health` and the app's request the way the app does (through a port forward on SSH), to `port`
+    (default the new service's own: the app's)."""
     log = run_logger()
     new, payload = target.new, target.workload.app_request
+    port = port or new.port
     width, height = target.workload.size
     key = api_key(new)
     headers = {"Authorization": f"Bearer {key}"} if key else {}
     health_ok = generate_ok = False
     seconds = None
     try:
-        with host.forward(new.port) as local_port:
+        with host.forward(port) as local_port:
             url = f"http://127.0.0.1:{local_port}"
             health = httpx.get(f"{url}/health", timeout=30)
             health_ok = health.status_code == 200
@@ -55,7 +57,11 @@ def check_app_path(host: Host, target: Target) -> AppCheck:
             )
     except (httpx.HTTPError, ValueError, OSError) as exc:
         detail = f"{type(exc).__name__}: {exc}"
-    via = f"local port forward to {host.name}:{new.port}" if host.is_remote else "direct (local target)"
+    via = (
+        f"local port forward to {host.name}:{port}"
+        if host.is_remote
+        else f"direct to port {port} (local target)"
+    )
     log.info("app path via %s: %s", via, detail)
     return AppCheck(
         through_tunnel=host.is_remote,

@@ -58,7 +58,7 @@ def warm_up(host: Host, target: Target, started: Started) -> WarmupResult:
         while True:
             try:
                 watch.follow_log()
-                client = client or _open_client(stack, host, target)
+                client = client or _open_client(stack, host, target, started.port or target.new.port)
                 try:
                     if _is_ready(client):
                         break
@@ -169,8 +169,8 @@ class _Watch:
             raise ServiceDidNotStart(f"the new service exited {when}; last log lines:\n{self.recent_text()}")
 
 
-def _open_client(stack: ExitStack, host: Host, target: Target) -> ServiceClient:
-    url = stack.enter_context(service_url(host, target.new.port))
+def _open_client(stack: ExitStack, host: Host, target: Target, port: int) -> ServiceClient:
+    url = stack.enter_context(service_url(host, port))
     return stack.enter_context(
         ServiceClient(url, api_key=api_key(target.new), timeout=target.workload.request_timeout_s)
     )
@@ -194,10 +194,10 @@ def _check_loaded(client: ServiceClient) -> dict[str, Any] | None:
 
 
 @task(cache_policy=NO_CACHE, retries=2, retry_delay_seconds=5, retry_condition_fn=retry_transient)
-def new_service_health(host: Host, target: Target) -> dict[str, Any]:
-    """The new service's `/health` answer."""
+def new_service_health(host: Host, target: Target, port: int | None = None) -> dict[str, Any]:
+    """The new service's `/health` answer (on `port`, default its own)."""
     with (
-        service_url(host, target.new.port) as url,
+        service_url(host, port or target.new.port) as url,
         ServiceClient(url, api_key=api_key(target.new), timeout=30) as client,
     ):
         return client.health()

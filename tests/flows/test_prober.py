@@ -19,7 +19,7 @@ from flows.hosts import LocalHost
 from flows.prober import Prober
 from flows.runbook import deploy_sdxl, rollback_sdxl
 from flows.target import DEFAULT_CRITERIA, Criterion, ProbeSettings, Target
-from flows.tasks.gates import Evidence, judge
+from flows.tasks.gates import Evidence, criteria_for_mode, judge
 from tests.support.flows import summary_of
 from tests.support.legacy_api import Handler
 
@@ -75,7 +75,10 @@ def test_both_kinds_of_probe_form_one_time_line() -> None:
 def test_the_downtime_gate_reports_the_longest_outage_and_blocks_only_when_enforced() -> None:
     downtime = summarize(probes("++", "-" * 12, "+"), "stop-first")  # 3.25 s
     report_only = Criterion(name="max_downtime_s", threshold=1.0, enforce=False)
-    assert DEFAULT_CRITERIA[-1] == report_only  # stop-first: report-only by default
+    default = DEFAULT_CRITERIA[-1]
+    assert default == Criterion(name="max_downtime_s", threshold=5.0)  # enforced: a staged deploy's bound
+    assert criteria_for_mode([default], "stop-first")[0].enforce is False  # report-only for stop-first
+    assert criteria_for_mode([default], "staged")[0].enforce is True
     rows = judge([report_only], Evidence(downtime=downtime)).rows
     assert rows[0].verdict == "warn" and "longest outage 3.25 s" in rows[0].observed
     enforced = judge([report_only.model_copy(update={"enforce": True})], Evidence(downtime=downtime))

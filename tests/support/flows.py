@@ -28,10 +28,14 @@ FAULT_COUNTS: dict[str, dict[str, int]] = {}
 REQUEST_LINE = re.compile(rb'"(?:GET|POST) /')
 
 
-def legacy_target(box: Path, port: int, python: str = sys.executable) -> Target:
+def legacy_target(
+    box: Path, port: int, python: str = sys.executable, start_mode: str = "stop-first"
+) -> Target:
     """The demo's local target, with the user's foreign SD1.5 script (the stand-in) as the current service.
 
-    Its files live in a folder whose name has spaces and quotes, to prove every path is quoted.
+    Its files live in a folder whose name has spaces and quotes, to prove every path is quoted. Stop-first
+    unless asked: most deploy tests are about stopping the old service and putting it back (the staged
+    order has its own tests, tests/flows/test_staged.py).
     """
     app = box / "app dir with 'quotes' and spaces"
     app.mkdir(parents=True, exist_ok=True)
@@ -51,7 +55,8 @@ def legacy_target(box: Path, port: int, python: str = sys.executable) -> Target:
         health_timeout_s=30,
         stop_timeout_s=10,
     )
-    return target.model_copy(update={"current": current})
+    new = target.new.model_copy(update={"start_mode": start_mode})
+    return target.model_copy(update={"current": current, "new": new})
 
 
 def ssh_connection(server: SSHServer, known_hosts: str | None = None) -> Connection:

@@ -2,6 +2,11 @@
 
 Stdlib HTTP + PIL, starts in a fraction of a second: `GET /health` and `POST /generate` (a flat PNG of
 the requested size, as base64), the two endpoints the app uses. Run: `python legacy_api.py PORT`.
+
+SIGTERM is graceful, as it is for the real script, a FastAPI app under uvicorn: it stops listening at once,
+finishes the requests in flight, then exits. A staged deploy's cut-over relies on exactly that: the new
+service takes the port the moment the old one stops listening, and no request the old one accepted is cut.
+(`python -m http.server`'s default, dying mid-request on TERM, would make that look worse than it is.)
 """
 
 from __future__ import annotations
@@ -9,7 +14,9 @@ from __future__ import annotations
 import base64
 import io
 import json
+import signal
 import sys
+import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from PIL import Image
@@ -39,6 +46,22 @@ class Handler(BaseHTTPRequestHandler):
         self.wfile.write(data)
 
 
+def serve(port: int) -> None:
+    """Serve until SIGTERM / SIGINT; then stop listening, let the requests in flight finish, exit."""
+    server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
+    server.daemon_threads = False  # server_close() waits for the request threads
+    stopping = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stopping.set())
+    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True).start()
+    print(f"legacy SD1.5 API listening on 127.0.0.1:{port}", file=sys.stderr, flush=True)
+    while not stopping.wait(0.1):
+        pass
+    server.shutdown()  # no new connections are accepted from here
+    server.socket.close()  # the port is free now
+    server.server_close()  # waits for the requests in flight
+    print("legacy SD1.5 API stopped", file=sys.stderr, flush=True)
+
+
 if __name__ == "__main__":
-    print(f"legacy SD1.5 API listening on 127.0.0.1:{sys.argv[1]}", file=sys.stderr, flush=True)
-    ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), Handler).serve_forever()
+    serve(int(sys.argv[1]))

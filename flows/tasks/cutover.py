@@ -1,0 +1,126 @@
+"""Cut-over of a staged deploy: the warm new service takes the app's port the moment the old one lets it go.
+
+The new service (staged on `new.staging_port`, `service/server.py`) is told first (SIGUSR1 to its
+supervisor, which passes it on): from then on it tries to bind the app's port every 10 ms. Then the old
+service is stopped as always (TERM: uvicorn stops listening at once and finishes the requests in flight;
+wait; KILL). The port is free for a few milliseconds between the two. The cut-over ends when `/health` on
+the app's port is the new service (its model, listening on that port), within `new.cutover_timeout_s`; a
+cut-over that does not get there raises, and the runbook puts the old service back (`tasks/rollback.py`).
+
+Also here: `discard_staged`, what a staged deploy that fails before the cut-over does: stop the staged
+service (its supervisor), and nothing else: the old one was never touched.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor, wait
+from typing import Any
+
+import httpx
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+from pydantic import BaseModel
+
+from flows.common import get_health, run_logger, service_url
+from flows.errors import CutoverFailed, RehearsedFailure
+from flows.hosts import Host
+from flows.procs import ProcessInfo, is_running, stop_process
+from flows.target import Target
+
+
+class Cutover(BaseModel):
+    stopped_old: str
+    seconds: float  # from telling the new service to it answering on the app's port
+    health: dict[str, Any]
+
+
+def serves_port(health: dict[str, Any] | None, target: Target) -> bool:
+    """Whether a `/health` body is the new service serving the app's port."""
+    return (
+        health is not None
+        and health.get("model") == target.new.model
+        and target.current.port in (health.get("listening") or [])
+    )
+
+
+def tell_take_over(host: Host, process: ProcessInfo) -> None:
+    """SIGUSR1 to the new service's supervisor (only while that very process runs: PID and start time)."""
+    if not is_running(host, process):
+        raise CutoverFailed(f"the new service {process.describe()} is not running")
+    host.run(f"kill -s USR1 {int(process.pid)}")
+
+
+@task(cache_policy=NO_CACHE)
+def cut_over(
+    host: Host, target: Target, new: ProcessInfo, old: ProcessInfo | None, rehearse_failure: bool = False
+) -> Cutover:
+    """Tell the new service to take the app's port, stop the old one, wait for the new one to answer there.
+
+    The app's port is watched from a second thread meanwhile, so `seconds` is when the new service answered
+    there, not when the old process had finished exiting. `rehearse_failure` (fail_at="cutover"): fail after
+    the old service stopped, the worst moment."""
+    log = run_logger()
+    started = time.monotonic()
+    deadline = started + target.new.cutover_timeout_s
+    done = threading.Event()
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="cutover-watch") as pool:
+        try:
+            tell_take_over(host, new)
+            watch = pool.submit(_wait_serving, host, target, deadline, done)
+            stopped = (
+                stop_process(host, old, target.current.stop_timeout_s) if old else "no old process was found"
+            )
+            log.info("cut-over: %s", stopped)
+            if rehearse_failure:
+                raise RehearsedFailure(
+                    "failure injected at stage 'cutover' after the old service stopped (fail_at rehearsal)"
+                )
+            # commands run from this thread only; the watcher has its own way in (a port forward)
+            while not watch.done():
+                if not is_running(host, new):
+                    raise CutoverFailed(f"the new service {new.describe()} exited during the cut-over")
+                wait([watch], timeout=0.25)
+            health, seen_at = watch.result()
+        finally:
+            done.set()
+    seconds = round(seen_at - started, 3)
+    log.info(
+        "cut-over: %s answers on port %d, %.2f s after being told",
+        target.new.model,
+        target.current.port,
+        seconds,
+    )
+    return Cutover(stopped_old=stopped, seconds=seconds, health=health)
+
+
+def _wait_serving(
+    host: Host, target: Target, deadline: float, done: threading.Event
+) -> tuple[dict[str, Any], float]:
+    """Poll `/health` on the app's port until it is the new service; (its body, when it was first seen)."""
+    health: dict[str, Any] | None = None
+    with service_url(host, target.current.port) as url:
+        while not done.is_set():
+            try:
+                health = get_health(url, timeout=5)
+            except httpx.HTTPError:
+                health = None
+            if serves_port(health, target):
+                return health or {}, time.monotonic()
+            if time.monotonic() > deadline:
+                break
+            time.sleep(0.02)
+    seen = f"/health answered {health}" if health else "nothing answered"
+    raise CutoverFailed(
+        f"the new service did not take port {target.current.port} over within "
+        f"{target.new.cutover_timeout_s:.0f} s ({seen})"
+    )
+
+
+def discard_staged(host: Host, target: Target, process: ProcessInfo | None) -> str:
+    """Stop the staged new service (its supervisor and the service: one process group); the old one
+    serves on, untouched."""
+    if process is None:
+        return "no staged service was started"
+    return stop_process(host, process, target.new.stop_timeout_s)

@@ -1,0 +1,195 @@
+"""The staged deploy: the new service starts beside the old one, is gated while the old one serves, and takes
+the app's port over in a cut-over; a failure before it never touches the old service, one at it puts the old
+one back. Real processes on the local host (the legacy stand-in as the old service, a real tiny-sdxl `serve`
+under its supervisor), the real prober on the app's port with the app's request sent back to back."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from bench.launch import free_port
+from flows.capacity import decide_start_mode
+from flows.deploy_state import DeployState, load_state, save_state
+from flows.errors import PreflightRefused
+from flows.hosts import LocalHost
+from flows.procs import find_service, is_running, listener_pids, start_detached
+from flows.runbook import STAGED_STAGES, deploy_sdxl, recover
+from flows.target import Target
+from flows.tasks.preflight import GpuInfo, HostFacts
+from flows.tasks.rollback import current_answers, new_service_process
+from tests.support.flows import fast, is_legacy, legacy_target, summary_of
+
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("fault_counts")]
+
+
+@pytest.fixture
+def staged(tmp_path: Path):
+    """A box with the legacy stand-in serving; a staged target whose prober sends the app's request back
+    to back (so a cut-over that drops requests shows up); everything stopped afterwards."""
+    from flows.demo import start_current, stop_all
+
+    host = LocalHost()
+    target = legacy_target(tmp_path / "box", free_port(), start_mode="staged")
+    target = fast(target).model_copy(update={"probe": target.probe.model_copy(update={"app_pause_s": 0.05})})
+    start_current(host, target)
+    try:
+        yield host, target
+    finally:
+        stop_all(host, target)
+
+
+def test_a_staged_deploy_cuts_over_without_a_failed_request(
+    prefect_api: None, staged: tuple[LocalHost, Target], wheel: str, tmp_path: Path
+) -> None:
+    host, target = staged
+    old = find_service(host, target.current.port)
+    state = deploy_sdxl(target=target, wheel=wheel, runs_dir=str(tmp_path / "runs"), return_state=True)
+    assert state.is_completed(), state.message
+    summary = summary_of(state)
+    assert [s["name"] for s in summary["stages"]] == list(STAGED_STAGES)
+    downtime = summary["downtime"]
+    assert downtime["mode"] == "staged" and downtime["app_requests"] > 5, downtime
+    assert downtime["failed_requests"] == 0 and downtime["longest_outage_s"] < 2, downtime
+    assert summary["facts"]["cutover"]["seconds"] < target.new.cutover_timeout_s
+    assert summary["facts"]["cutover"]["max_downtime_s"]["verdict"] == "pass"
+    health = current_answers(host, target.current)
+    assert health["model"] == "tiny-sdxl" and health["listening"] == [target.current.port]
+    assert not is_running(host, old) and listener_pids(host, target.new.staging_port) == []
+    recorded = load_state(host, target)
+    assert (recorded.mode, recorded.cut_over, recorded.status) == ("staged", True, "deployed")
+
+
+@pytest.mark.parametrize("stage", ["warmup", "benchmark", "gate"])
+def test_a_staged_deploy_failing_before_the_cut_over_never_touches_the_old_service(
+    prefect_api: None, staged: tuple[LocalHost, Target], wheel: str, tmp_path: Path, stage: str
+) -> None:
+    host, target = staged
+    old = find_service(host, target.current.port)
+    state = deploy_sdxl(
+        target=target, wheel=wheel, fail_at=stage, runs_dir=str(tmp_path / "runs"), return_state=True
+    )
+    assert state.is_failed() and f"stage '{stage}' failed" in state.message
+    summary = summary_of(state)
+    assert not summary["rolled_back"] and summary["old_service_answering"] is True
+    assert "the old service was not touched" in summary["message"]
+    assert summary["downtime"]["failed_requests"] == 0 and summary["downtime"]["probes"] > 0
+    assert find_service(host, target.current.port) == old and is_running(host, old)  # never restarted
+    assert is_legacy(current_answers(host, target.current))
+    new = load_state(host, target).new_process
+    assert new is not None and not is_running(host, new)  # the staged service was stopped
+    assert listener_pids(host, target.new.staging_port) == []
+    assert load_state(host, target).status == "failed"
+
+
+def test_a_failed_cut_over_puts_the_old_service_back(
+    prefect_api: None, staged: tuple[LocalHost, Target], wheel: str, tmp_path: Path
+) -> None:
+    host, target = staged
+    old = find_service(host, target.current.port)
+    state = deploy_sdxl(
+        target=target, wheel=wheel, fail_at="cutover", runs_dir=str(tmp_path / "runs"), return_state=True
+    )
+    assert state.is_failed() and "after the old service stopped" in state.message
+    summary = summary_of(state)
+    assert summary["rolled_back"] and summary["old_service_answering"] is True
+    assert not is_running(host, old)  # it was stopped at the cut-over, and started again
+    assert is_legacy(current_answers(host, target.current))
+    new = new_service_process(host, target)
+    assert new is None or not is_running(host, new)
+    assert summary["downtime"]["still_down"] is False
+    assert load_state(host, target).status == "rolled_back"
+
+
+def test_an_interrupted_staged_deploy_stops_only_its_staged_service(
+    staged: tuple[LocalHost, Target], tmp_path: Path
+) -> None:
+    host, target = staged
+    old = find_service(host, target.current.port)
+    # What a control side that died during the warm-up leaves: a staged service, the state on the box.
+    staged_process = start_detached(
+        host,
+        ["sleep", "300"],
+        workdir=str(tmp_path),
+        log_file=str(tmp_path / "s.log"),
+        pid_file=str(tmp_path / "s.pid"),
+    )
+    save_state(
+        host, target, DeployState(run_id="r1", stage="warmup", mode="staged", new_process=staged_process)
+    )
+    facts = recover(host, target, load_state(host, target))
+    assert "stopped" in facts["stopped_staged"] and not is_running(host, staged_process)
+    assert find_service(host, target.current.port) == old and is_running(host, old)
+    assert load_state(host, target).status == "failed"
+
+
+def _facts(gpu_free_gb: float | None) -> HostFacts:
+    gpus = [] if gpu_free_gb is None else [GpuInfo(name="RTX 3090 Ti", total_gb=24.0, free_gb=gpu_free_gb)]
+    return HostFacts(
+        free_disk_gb=100,
+        needed_disk_gb=25,
+        gpus=gpus,
+        driver=None,
+        python="python3",
+        python_version="3.11",
+        packages={},
+        torch_cuda=None,
+        cuda_available=None,
+        problems=[],
+    )
+
+
+def test_auto_stages_when_the_measured_need_fits_and_says_why(tmp_path: Path) -> None:
+    host = LocalHost()
+    target = legacy_target(tmp_path / "box", free_port(), start_mode="auto")
+    sdxl = target.model_copy(update={"new": target.new.model_copy(update={"model": "sdxl"})})
+    # The old SD1.5 service holds 4 GiB of a 24 GiB card: 20 GiB free >= 17.1 + 1.5 measured need.
+    fits = decide_start_mode(host, sdxl, _facts(20.0))
+    assert fits.mode == "staged" and fits.stage_port == target.current.port + 1 and "18.6" in fits.reason
+    tight = decide_start_mode(host, sdxl, _facts(18.0))
+    assert tight.mode == "stop-first" and "does not fit in 18 GiB" in tight.reason
+    unknown = target.model_copy(update={"new": target.new.model_copy(update={"model": "/models/my-sdxl"})})
+    assert "no measured VRAM need" in decide_start_mode(host, unknown, _facts(80.0)).reason
+    # No GPU: the tiny models run beside each other when the RAM allows (this machine has well over 1 GiB).
+    assert decide_start_mode(host, target, _facts(None)).mode == "staged"
+    forced = target.model_copy(update={"new": target.new.model_copy(update={"start_mode": "stop-first"})})
+    assert decide_start_mode(host, forced, _facts(80.0)).mode == "stop-first"
+
+
+def test_a_taken_staging_port_falls_back_or_refuses(tmp_path: Path) -> None:
+    import socket
+
+    host = LocalHost()
+    target = legacy_target(tmp_path / "box", free_port(), start_mode="auto")
+    with socket.create_server(("127.0.0.1", target.new.staging_port)):
+        auto = decide_start_mode(host, target, _facts(None))
+        assert (
+            auto.mode == "stop-first" and f"staging port {target.new.staging_port} is in use" in auto.reason
+        )
+        forced = target.model_copy(update={"new": target.new.model_copy(update={"start_mode": "staged"})})
+        with pytest.raises(PreflightRefused, match="staging port"):
+            decide_start_mode(host, forced, _facts(None))
+
+
+def test_a_second_staged_deploy_cuts_over_from_the_release_that_serves(
+    prefect_api: None, staged: tuple[LocalHost, Target], wheel: str, tmp_path: Path
+) -> None:
+    """The old service is this project's own earlier release, under the same supervisor files: the staged one
+    starts beside it, and the cut-over stops the old supervisor's whole group."""
+    from flows.releases import load_releases, serving_now
+
+    host, target = staged
+    runs = str(tmp_path / "runs")
+    first = deploy_sdxl(target=target, wheel=wheel, runs_dir=runs, return_state=True)
+    assert first.is_completed(), first.message
+    old = find_service(host, target.current.port)
+    second = deploy_sdxl(target=target, wheel=wheel, runs_dir=runs, return_state=True)
+    assert second.is_completed(), second.message
+    summary = summary_of(second)
+    assert summary["facts"]["start"]["mode"] == "staged"
+    assert summary["downtime"]["failed_requests"] == 0 and summary["downtime"]["longest_outage_s"] < 2
+    assert not is_running(host, old)
+    records = load_releases(host, target)
+    assert len(records) == 2 and not serving_now(host, records[0]) and serving_now(host, records[1])
+    assert current_answers(host, target.current)["listening"] == [target.current.port]
