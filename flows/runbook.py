@@ -36,6 +36,7 @@ from flows.tasks.deploy import (
     stop_service,
 )
 from flows.tasks.gates import Evidence, evaluate_gates, require_passed
+from flows.tasks.prefetch import prefetch_weights
 from flows.tasks.preflight import inspect_current, inspect_host, require_ready
 from flows.tasks.quality import assess_quality, collect_baseline
 from flows.tasks.rollback import current_answers, roll_back
@@ -47,6 +48,7 @@ Stage = Literal[
     "backup",
     "baseline",
     "ship",
+    "prefetch",
     "stop_current",
     "start_new",
     "warmup",
@@ -169,10 +171,13 @@ def deploy_sdxl(
                     run.summary.facts["compile_check"] = compiled.model_dump()
                     if compiled.warning():
                         run.summary.warnings.append(compiled.warning())
+            with run.stage("prefetch"):  # the weights onto the box while the old service serves
+                fetched = prefetch_weights(host, target, release)
+                run.summary.facts["prefetch"] = fetched.model_dump()
             with run.stage("stop_current"):
                 stop_service(host, current.process, target.current.port, target.current.stop_timeout_s)
             with run.stage("start_new"):
-                started = start_new_service(host, target, release)
+                started = start_new_service(host, target, release, offline=fetched.offline_ready)
                 state.new_process, state.new_log_offset = started.process, started.log_offset
                 save_state(host, target, state)
             with run.stage("warmup"), quiet(prober):  # the warm-up's requests are the new service's first
@@ -318,6 +323,13 @@ def deploy_plan(target: Target, current_process: str) -> str:
         "dependencies into it"
         + (f" from the wheelhouse {new.wheelhouse}" if new.wheelhouse else "")
         + "; on a GPU, check torch.compile with it",
+        (
+            f"download the hub files {new.model} loads into the box's Hugging Face cache while the current "
+            f"service serves (free disk checked first, {new.prefetch.retries} retries that keep finished "
+            "files); the new service then starts with HF_HUB_OFFLINE=1"
+            if new.prefetch.enabled
+            else "no prefetch (new.prefetch.enabled is off): the new service downloads its weights itself"
+        ),
         f"stop the current service {current_process} (TERM, wait {cur.stop_timeout_s:.0f} s, KILL)",
         f"start `{' '.join(serve_argv(target, f'{new.install_dir}/releases/<release>/venv/bin/python'))}` detached; log {new.log_file}, pid file {new.pid_file}",
         f"stream the log and wait for /ready (up to {new.ready_timeout_s:.0f} s), "
