@@ -8,7 +8,9 @@ from typing import Annotated, Any
 
 import typer
 
-STAGE_NAMES = "preflight, backup, baseline, ship, stop_current, start_new, warmup, benchmark, tunnel, gate"
+STAGE_NAMES = (
+    "preflight, backup, baseline, ship, prefetch, stop_current, start_new, warmup, benchmark, tunnel, gate"
+)
 
 TargetOption = Annotated[Path, typer.Option("--target", "-t", help="Target file (YAML or JSON).")]
 RunsOption = Annotated[Path, typer.Option(help="Where run directories are written.")]

@@ -10,22 +10,23 @@ import os
 import re
 import subprocess
 import sys
+import uuid
 from pathlib import Path
 from urllib.parse import urlparse
 
 import pytest
+from pydantic import ValidationError
 
-from flows.hosts import LocalHost
+from flows.hosts import LocalHost, SSHHost
 from flows.procs import find_service
-from flows.runbook import deploy_sdxl
+from flows.runbook import deploy_plan, deploy_sdxl
 from flows.target import PrefetchSettings, Target
 from flows.tasks.deploy import Release
 from flows.tasks.prefetch import prefetch_weights
+from service.prefetch import Event
 from tests.support.flows import fast, summary_of
 from tests.support.hub_mirror import SDXL_BASE, SDXL_REFINER, SDXL_VAE, Mirror
 from tests.support.relay import relay
-
-pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[2]
 BF16 = {"SDXL_DTYPE": "bfloat16", "SDXL_DEVICE": "cpu"}
@@ -64,6 +65,41 @@ def cached_counts(caplog: pytest.LogCaptureFixture) -> list[int]:
     return [int(m) for m in re.findall(r"(\d+) files already cached", caplog.text)]
 
 
+# ----- fast: the contract's edges ----------------------------------------------------------------------
+
+
+def test_the_hub_token_is_a_reference_never_a_value() -> None:
+    assert Target.model_validate({"new": {"hub_token": "env:HF_TOKEN"}}).new.hub_token == "env:HF_TOKEN"
+    with pytest.raises(ValidationError, match=r"new.hub_token: 'hf_abc' must be 'env:VARIABLE'"):
+        Target.model_validate({"new": {"hub_token": "hf_abc"}})
+
+
+def test_a_command_reads_the_stdin_it_is_given() -> None:
+    assert LocalHost().run('read -r line && echo "got $line"', stdin="s3cret\n").stdout == "got s3cret\n"
+    assert LocalHost().run("cat").stdout == ""  # no stdin: empty, never the caller's
+
+
+def test_a_generated_model_has_nothing_to_fetch_and_the_plan_says_what_prefetch_does() -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "service.prefetch", "--model", "tiny-sdxl", "--json"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stderr
+    event = Event.model_validate_json(out.stdout.strip().splitlines()[-1])
+    assert event.event == "done" and event.files == 0 and event.offline_ready
+    assert "nothing to fetch" in event.message
+    plan = deploy_plan(Target(), "PID 1")
+    assert "download the hub files sdxl loads into the box's Hugging Face cache" in plan
+    assert "HF_HUB_OFFLINE=1" in plan
+
+
+# ----- the real hub mirror ------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
 def test_prefetch_fetches_exactly_the_services_files_then_it_loads_offline(
     hub_mirror: Mirror, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -103,6 +139,7 @@ def test_prefetch_fetches_exactly_the_services_files_then_it_loads_offline(
     assert again.bytes_downloaded == 0 and again.cached_files == again.files == result.files
 
 
+@pytest.mark.slow
 def test_a_link_cut_during_prefetch_is_retried_keeping_finished_files(
     hub_mirror: Mirror, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -126,24 +163,36 @@ def test_a_link_cut_during_prefetch_is_retried_keeping_finished_files(
     assert "unet/diffusion_pytorch_model.fp16.safetensors" in cached_files(home, SDXL_BASE)
 
 
-def test_a_stalled_link_is_killed_and_retried(
-    hub_mirror: Mirror, tmp_path: Path, caplog: pytest.LogCaptureFixture
+@pytest.mark.slow
+def test_a_stalled_link_is_killed_and_retried_over_ssh_with_the_token_on_stdin(
+    hub_mirror: Mirror,
+    ssh_host: SSHHost,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     caplog.set_level(logging.INFO)
+    token = f"hf_prefetch_test_{uuid.uuid4().hex}"
+    monkeypatch.setenv("PREFETCH_TEST_TOKEN", token)
     home = tmp_path / "hf-home"
     with relay(urlparse(hub_mirror.url).port or 0) as link:
         env = {**hub_mirror.env(home), **NO_REFINER, "HF_ENDPOINT": link.url}
+        target = prefetch_target(tmp_path, env, retries=2, stall_s=3)
+        target.new.hub_token = "env:PREFETCH_TEST_TOKEN"
         link.stall_after(2_000_000)  # the connection then hangs, open and silent
-        result = prefetch_weights.fn(
-            LocalHost(), prefetch_target(tmp_path, env, retries=2, stall_s=3), checkout_release()
-        )
+        result = prefetch_weights.fn(ssh_host, target, checkout_release())
 
     assert link.stalls == 1
     assert result.offline_ready and result.attempts == 2, result
     assert "prefetch stalled: no byte downloaded for 3 s" in caplog.text
     assert "unet/diffusion_pytorch_model.fp16.safetensors" in cached_files(home, SDXL_BASE)
+    # the hub was asked with the token, which went nowhere else: not the flow log, not the box's files
+    assert f"Bearer {token}".encode() in link.requests
+    assert token not in caplog.text
+    assert token not in (tmp_path / "logs" / "prefetch.jsonl").read_text()
 
 
+@pytest.mark.slow
 def test_a_disk_too_small_is_refused_before_anything_stops(
     prefect_api: None,
     legacy: tuple[LocalHost, Target],

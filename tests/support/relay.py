@@ -25,6 +25,7 @@ class Relay:
         self.port = self.listener.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
         self.relayed = 0  # bytes sent from the server to clients
+        self.requests = bytearray()  # what clients sent (request lines and headers: a token's way)
         self.cuts = self.stalls = 0
         self._lock = threading.Lock()
         self._open: set[socket.socket] = set()
@@ -73,6 +74,9 @@ class Relay:
                     break
                 if downstream and not self._pass(sink, len(data)):
                     return
+                if not downstream:
+                    with self._lock:
+                        self.requests += data[:4096]
                 sink.sendall(data)
         except OSError:
             pass
