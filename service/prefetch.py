@@ -67,6 +67,7 @@ class HubFile:
     path: str
     size: int
     cached: bool
+    blob: str | None = None  # its name in the cache's blobs/ (the LFS sha256, else the git blob id)
 
     @property
     def name(self) -> str:
@@ -124,10 +125,14 @@ def hub_files(sources: Collection[Source]) -> list[HubFile]:
             raise HubUnreachable(f"could not list {load.source} on the hub at {constants.ENDPOINT}")
         _, paths = files_to_load(listed, half=load.half, skip=load.skip)
         infos = [] if offline else HfApi().get_paths_info(load.source, paths, revision=HUB_REVISION)
-        sizes = {info.path: int(getattr(info, "size", 0) or 0) for info in infos}
+        known = {info.path: info for info in infos}
         for path in paths:
+            info = known.get(path)
+            lfs = getattr(info, "lfs", None)
+            blob = getattr(lfs, "sha256", None) or getattr(info, "blob_id", None)
+            size = int(getattr(info, "size", 0) or 0)
             cached = isinstance(try_to_load_from_cache(load.source, path, revision=HUB_REVISION), str)
-            out.append(HubFile(load.source, path, sizes.get(path, 0), cached))
+            out.append(HubFile(load.source, path, size, cached, blob))
     return out
 
 
@@ -184,7 +189,10 @@ class Meter:
         if current is None:
             return self.finished
         blobs = cache_dir() / f"models--{current.repo.replace('/', '--')}" / "blobs"
-        partial = sum(p.stat().st_size for p in blobs.glob("*.incomplete")) if blobs.is_dir() else 0
+        try:
+            partial = (blobs / f"{current.blob}.incomplete").stat().st_size if current.blob else 0
+        except OSError:  # not started yet, or just renamed into place
+            partial = 0
         return self.finished + min(partial, current.size or partial)
 
     def event(self, kind: EventKind, **extra: Any) -> Event:
