@@ -10,7 +10,7 @@ import typer
 
 # Every stage of either order: staged (start_staged ... cutover) and stop-first (stop_current, start_new).
 STAGE_NAMES = (
-    "preflight, backup, baseline, ship, stop_current, start_new, start_staged, warmup, benchmark, tunnel, gate, "
+    "preflight, backup, baseline, ship, prefetch, stop_current, start_new, start_staged, warmup, benchmark, tunnel, gate, "
     "cutover"
 )
 

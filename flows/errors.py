@@ -72,6 +72,17 @@ class DeployError(FlowError):
     """Shipping or starting the new service failed."""
 
 
+class PrefetchFailed(FlowError):
+    """The weights could not be downloaded onto the box (too little disk, a missing repo, no progress after
+    every retry); nothing was stopped."""
+
+
+class PrefetchInterrupted(PrefetchFailed):
+    """One prefetch attempt stalled or lost the hub; another resumes (finished files stay in the cache)."""
+
+    transient = True
+
+
 class ServiceDidNotStart(FlowError):
     """The new service exited, or was not ready in time; the message carries its last log lines."""
 

@@ -55,6 +55,7 @@ from flows.tasks.gates import (
     judge,
     require_passed,
 )
+from flows.tasks.prefetch import prefetch_weights
 from flows.tasks.preflight import inspect_current, inspect_host, require_ready
 from flows.tasks.quality import assess_quality, collect_baseline
 from flows.tasks.rollback import current_answers, roll_back
@@ -66,6 +67,7 @@ Stage = Literal[
     "backup",
     "baseline",
     "ship",
+    "prefetch",
     "stop_current",
     "start_new",
     "start_staged",
@@ -76,12 +78,13 @@ Stage = Literal[
     "cutover",
 ]
 STAGES: tuple[str, ...] = Stage.__args__  # every stage of either order (what fail_at accepts)
-# The two orders. Slots for stages of other features: `prefetch` after ship, `approval` after gate.
+# The two orders. Slot for a stage of another feature: `approval` after gate.
 STOP_FIRST_STAGES: tuple[str, ...] = (
     "preflight",
     "backup",
     "baseline",
     "ship",
+    "prefetch",
     "stop_current",
     "start_new",
     "warmup",
@@ -94,6 +97,7 @@ STAGED_STAGES: tuple[str, ...] = (
     "backup",
     "baseline",
     "ship",
+    "prefetch",
     "start_staged",
     "warmup",
     "benchmark",
@@ -238,16 +242,20 @@ def deploy_sdxl(
                     run.summary.facts["compile_check"] = compiled.model_dump()
                     if compiled.warning():
                         run.summary.warnings.append(compiled.warning())
-            # (slot: the `prefetch` stage goes here, before anything is started or stopped)
+            with run.stage("prefetch"):  # the weights onto the box while the old service serves
+                fetched = prefetch_weights(host, target, release)
+                run.summary.facts["prefetch"] = fetched.model_dump()
             if staged:
                 with run.stage("start_staged"):  # beside the old service, on the staging port
-                    started = start_new_service(host, target, release, staged=True)
+                    started = start_new_service(
+                        host, target, release, staged=True, offline=fetched.offline_ready
+                    )
                     note_started(host, target, state, started)
             else:
                 with run.stage("stop_current"):
                     stop_service(host, current.process, target.current.port, target.current.stop_timeout_s)
                 with run.stage("start_new"):
-                    started = start_new_service(host, target, release)
+                    started = start_new_service(host, target, release, offline=fetched.offline_ready)
                     note_started(host, target, state, started)
             with run.stage("warmup"), quiet(prober):  # the warm-up's requests are the new service's first
                 ready = warm_up(host, target, started)
@@ -486,6 +494,13 @@ def deploy_plan(target: Target, current_process: str, decision: StartDecision) -
         "dependencies into it"
         + (f" from the wheelhouse {new.wheelhouse}" if new.wheelhouse else "")
         + "; on a GPU, check torch.compile with it",
+        (
+            f"download the hub files {new.model} loads into the box's Hugging Face cache while the current "
+            f"service serves (free disk checked first, {new.prefetch.retries} retries that keep finished "
+            "files); the new service then starts with HF_HUB_OFFLINE=1"
+            if new.prefetch.enabled
+            else "no prefetch (new.prefetch.enabled is off): the new service downloads its weights itself"
+        ),
         *([start] if staged else [stop, start]),
         f"stream the log and wait for /ready on port {port} (up to {new.ready_timeout_s:.0f} s), "
         f"{target.workload.warmup_requests} warm-up request(s)",

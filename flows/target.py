@@ -143,6 +143,42 @@ class CurrentService(_Model):
     stop_timeout_s: float = Field(30.0, gt=0, description="Seconds between TERM and KILL when stopping it.")
 
 
+# ----- prefetch (flows/tasks/prefetch.py) -------------------------------------------------------------
+
+
+class PrefetchSettings(_Model):
+    """Stage `prefetch`: the weights the new service loads are downloaded into the box's hub cache while the
+    old service still serves; the new one then starts with the hub offline (HF_HUB_OFFLINE=1)."""
+
+    enabled: bool = Field(
+        True, description="Off: no prefetch; the new service downloads what it loads itself."
+    )
+    stall_s: float = Field(
+        120.0, gt=0, description="No byte downloaded for this long: the box process is killed and retried."
+    )
+    retries: int = Field(3, ge=0, le=20, description="Attempts after the first; finished files stay cached.")
+    retry_wait_s: float = Field(10.0, ge=0, description="Seconds between attempts.")
+    disk_margin_gb: float = Field(
+        2.0, ge=0, description="Free disk kept on the cache's filesystem beyond the bytes still to download."
+    )
+    log_every_s: float = Field(5.0, gt=0, description="Seconds between progress lines in the flow log.")
+    timeout_s: float = Field(
+        4 * 3600.0, gt=0, description="The whole prefetch, all attempts, at most this long."
+    )
+
+
+def _check_reference(field: str, source: str) -> None:
+    """A secret reference: 'env:VARIABLE' or 'secret:BLOCK_NAME', never the secret itself."""
+    kind, _, ref = source.partition(":")
+    if kind not in ("env", "secret") or not ref.strip():
+        raise ValueError(
+            f"{field}: {source!r} must be 'env:VARIABLE' or 'secret:BLOCK_NAME' (a reference, never the secret itself)"
+        )
+
+
+# ------------------------------------------------------------------------------------------------------
+
+
 class NewService(_Model):
     """The service to deploy: this project's `sdxl-deploy serve`, installed as an isolated release."""
 
@@ -180,6 +216,19 @@ class NewService(_Model):
         2400.0, gt=0, description="How long loading may take (a first download of SDXL takes ~30 min)."
     )
     stop_timeout_s: float = Field(30.0, gt=0, description="Seconds between TERM and KILL when stopping it.")
+    prefetch: PrefetchSettings = Field(default_factory=PrefetchSettings)
+    hub_token: str | None = Field(
+        None,
+        description="Hugging Face token for gated or private repos, by reference: 'env:HF_TOKEN' or "
+        "'secret:BLOCK'. Resolved at run time, sent to the box's prefetch on its stdin, never stored.",
+    )
+
+    @field_validator("hub_token")
+    @classmethod
+    def _hub_token_reference(cls, source: str | None) -> str | None:
+        if source is not None:
+            _check_reference("new.hub_token", source)
+        return source
 
     # ----- staged start and cut-over (flows/capacity.py, flows/tasks/cutover.py) ---------------------------
     start_mode: Literal["auto", "staged", "stop-first"] = Field(
@@ -221,12 +270,7 @@ class NewService(_Model):
         for name, source in secret_env.items():
             if not name.replace("_", "a").isalnum() or name[:1].isdigit():
                 raise ValueError(f"new.secret_env: {name!r} is not a valid environment variable name")
-            kind, _, ref = source.partition(":")
-            if kind not in ("env", "secret") or not ref.strip():
-                raise ValueError(
-                    f"new.secret_env.{name}: {source!r} must be 'env:VARIABLE' or 'secret:BLOCK_NAME' "
-                    "(a reference, never the secret itself)"
-                )
+            _check_reference(f"new.secret_env.{name}", source)
         return secret_env
 
     @property

@@ -28,6 +28,9 @@ _WEIGHT_STEMS = frozenset({"diffusion_pytorch_model", "model", "pytorch_model"})
 _WEIGHT_EXTENSIONS = (".safetensors", ".bin")
 # Pipeline components without weights (their folders hold configs and vocabularies only).
 _NO_WEIGHTS = ("Tokenizer", "Scheduler", "Processor", "FeatureExtractor")
+# The other files a load reads from a component folder: configs, tokenizer vocabularies and merges,
+# scheduler and feature-extractor settings (not the ONNX/OpenVINO/Flax exports some repos ship beside them).
+_SMALL_FILES = (".json", ".txt", ".model")
 ROOT = "."  # the component name of a single model (its files sit at the top of the repo)
 # Hub loads name the branch: the hub's default anyway, and mirrors that serve local git repos (olah, in the
 # tests) answer only the revision routes (`/api/models/<id>/revision/main`), not the bare `/api/models/<id>`.
@@ -47,6 +50,7 @@ class SourceFiles:
     files: frozenset[str]
     folder: Path | None = None  # the files on disk (a local folder or a cached snapshot), else on the hub
     on_hub: bool = True  # a hub repo (online or cached), not a local folder
+    from_cache: bool = False  # listed from the cached snapshot (offline, or the hub unreachable)
 
     def read_json(self, name: str) -> dict[str, Any]:
         """A JSON file of the source (downloaded into the hub cache when it is only on the hub)."""
@@ -102,7 +106,7 @@ def list_files(source: str) -> SourceFiles:
         raise ModelFilesMissing(
             f"{source!r} is neither an existing model folder nor a hub repo id ('org/name')"
         ) from None
-    if not _hub_offline(constants):
+    if not hub_offline(constants):
         endpoint = constants.ENDPOINT
         try:
             return SourceFiles(
@@ -129,7 +133,7 @@ def _cached_snapshot(source: str) -> SourceFiles:
         if isinstance(cached, str):
             folder = Path(cached).parent
             files = frozenset(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
-            return SourceFiles(source, f"hub cache {folder} (offline)", files, folder)
+            return SourceFiles(source, f"hub cache {folder} (offline)", files, folder, from_cache=True)
     raise ModelFilesMissing(
         f"hub repo {source!r} is not in the local hub cache ({constants.HF_HUB_CACHE}) and the hub "
         "cannot be asked (HF_HUB_OFFLINE=1 or unreachable): start once with the hub reachable to "
@@ -140,7 +144,41 @@ def _cached_snapshot(source: str) -> SourceFiles:
 def plan_load(source: str, *, half: bool, skip: Collection[str] = ()) -> LoadPlan:
     """Which weights to load from `source`: the fp16 variant when `half` and every component that is
     loaded (all but `skip`, the components passed in already) has it; plain weights otherwise."""
-    found = list_files(source)
+    return _plan(list_files(source), half, skip)
+
+
+def files_to_load(
+    found: SourceFiles, *, half: bool, skip: Collection[str] = ()
+) -> tuple[LoadPlan, list[str]]:
+    """The plan of a listed source, and every file of it that loading that plan reads: the plan's weights,
+    and the small files (configs, tokenizer vocabularies, scheduler settings) of each loaded component, with
+    `model_index.json` for a pipeline. What `service.prefetch` downloads before the service starts."""
+    plan = _plan(found, half, skip)
+    if "model_index.json" in found.files:
+        index = found.read_json("model_index.json")
+        folders = [
+            name
+            for name, entry in index.items()
+            if not name.startswith("_")
+            and name not in skip
+            and isinstance(entry, list)
+            and entry[-1] is not None
+        ]
+        wanted = {"model_index.json"}
+    else:
+        folders, wanted = [""], set()
+    for folder in folders:
+        for path in found.files:
+            directory, name = posixpath.split(path)
+            if directory == folder and name.endswith(_SMALL_FILES):
+                wanted.add(path)
+    for files in plan.files.values():
+        wanted.update(files)
+    return plan, sorted(wanted)
+
+
+def _plan(found: SourceFiles, half: bool, skip: Collection[str]) -> LoadPlan:
+    source = found.source
     components = _components(found, skip)
     weights = {name: _weights(found.files, name) for name in components}
     for name, library in components.items():
@@ -220,7 +258,7 @@ def _path(component: str, name: str) -> str:
     return name if component == ROOT else f"{component}/{name}"
 
 
-def _hub_offline(constants: Any) -> bool:
+def hub_offline(constants: Any) -> bool:
     """HF_HUB_OFFLINE as huggingface_hub reads it: `is_offline_mode()` (read at call time) where the release
     has it, else the `HF_HUB_OFFLINE` constant of older releases (0.36, the seed box's)."""
     is_offline_mode = getattr(constants, "is_offline_mode", None)

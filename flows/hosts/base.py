@@ -44,8 +44,11 @@ class Host(ABC):
     is_remote: bool
 
     @abstractmethod
-    def run(self, command: str, timeout: float = 60.0) -> CommandResult:
-        """Run a shell command (`bash -c`); a non-zero exit is returned, not raised (see `run_checked`)."""
+    def run(self, command: str, timeout: float = 60.0, stdin: str | None = None) -> CommandResult:
+        """Run a shell command (`bash -c`); a non-zero exit is returned, not raised (see `run_checked`).
+
+        `stdin`: text the command reads on its standard input (how a secret reaches a box process without
+        a command line or a file); empty otherwise."""
 
     @abstractmethod
     def put(self, local: Path, remote: str) -> None:

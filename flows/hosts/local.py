@@ -21,17 +21,17 @@ class LocalHost(Host):
         self.name = "local"
         self.is_remote = False
 
-    def run(self, command: str, timeout: float = 60.0) -> CommandResult:
+    def run(self, command: str, timeout: float = 60.0, stdin: str | None = None) -> CommandResult:
         # Its own session, so a timeout kills the whole process group, not just bash.
         proc = subprocess.Popen(
             ["bash", "-c", command],
-            stdin=subprocess.DEVNULL,
+            stdin=subprocess.DEVNULL if stdin is None else subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             start_new_session=True,
         )
         try:
-            out, err = proc.communicate(timeout=timeout)
+            out, err = proc.communicate(None if stdin is None else stdin.encode(), timeout=timeout)
         except subprocess.TimeoutExpired:
             with suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGKILL)

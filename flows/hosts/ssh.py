@@ -173,7 +173,7 @@ class SSHHost(Host):
 
     # -- commands
 
-    def run(self, command: str, timeout: float = 60.0) -> CommandResult:
+    def run(self, command: str, timeout: float = 60.0, stdin: str | None = None) -> CommandResult:
         transport = self._transport()
         try:
             channel = transport.open_session(timeout=self.connect_timeout)
@@ -184,7 +184,9 @@ class SSHHost(Host):
                 # The login shell (which has read the user's rc files) reports its PID, the command's
                 # process group, then becomes `bash -c command` without reading them again.
                 channel.exec_command(f"echo {_PID_MARK}$$ >&2; exec bash --norc -c {q(command)}")
-                channel.shutdown_write()  # stdin is empty: a command that reads it sees EOF
+                if stdin:
+                    channel.sendall(stdin.encode())
+                channel.shutdown_write()  # then EOF: a command that reads stdin sees its end
                 out, err, finished = _collect(channel, time.monotonic() + timeout)
             except (paramiko.SSHException, OSError, EOFError) as exc:
                 raise self._lost(exc, f"running {command[:200]!r}") from None

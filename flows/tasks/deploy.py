@@ -279,16 +279,20 @@ def serve_argv(target: Target, python: str | None = None, staged: bool = False) 
 
 
 @task(cache_policy=NO_CACHE)
-def start_new_service(host: Host, target: Target, release: Release, staged: bool = False) -> Started:
+def start_new_service(
+    host: Host, target: Target, release: Release, staged: bool = False, *, offline: bool = False
+) -> Started:
     """Start the new service from the release, detached under its restart-loop supervisor, with its pid
     file and log file; its environment (secrets included) goes through a private env file. `staged`: beside
-    the old service, on the staging port until the cut-over (`flows/tasks/cutover.py`)."""
+    the old service, on the staging port until the cut-over (`flows/tasks/cutover.py`). `offline`: its weights
+    are in the box's hub cache (stage `prefetch`), so it starts with HF_HUB_OFFLINE=1."""
     new = target.new
     offset = file_size(host, new.log_file) or 0
+    hub = {"HF_HUB_OFFLINE": "1"} if offline else {}
     launch = Launch(
         argv=serve_argv(target, release.python, staged),
         workdir=release.path,
-        env={"PYTHONPATH": "", **new.env},  # the release's own environment only
+        env={"PYTHONPATH": "", **new.env, **hub},  # the release's own environment only
         secret_env=new.secret_env,
         install_dir=new.install_dir,
         log_file=new.log_file,

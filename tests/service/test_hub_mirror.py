@@ -264,7 +264,12 @@ def test_deploy_flow_serves_sdxl_from_the_mirror(
     assert gates["model_loaded"] == gates["app_request"] == gates["resolution"] == "pass", gates
     health = current_answers(host, target.current)
     assert health["model"] == "sdxl" and health["refiner_loaded"] is True
+    # stage `prefetch` downloaded the weights while the old service served; the new one loaded them from
+    # the cache with the hub offline
+    prefetch = summary["facts"]["prefetch"]
+    assert prefetch["offline_ready"] and prefetch["bytes_downloaded"] > 1_000_000, prefetch
     lines = loading_lines(Path(target.new.log_file))
-    assert any(f"from {SDXL_VAE}: plain weights from hub {hub_mirror.url}" in line for line in lines), lines
-    assert any(f"from {SDXL_BASE}: fp16 variant from hub {hub_mirror.url}" in line for line in lines), lines
+    offline = f"{home / 'hub'}"
+    assert any(f"from {SDXL_VAE}: plain weights from hub cache {offline}" in line for line in lines), lines
+    assert any(f"from {SDXL_BASE}: fp16 variant from hub cache {offline}" in line for line in lines), lines
     assert "unet/diffusion_pytorch_model.fp16.safetensors" in cached_files(home, SDXL_REFINER)
