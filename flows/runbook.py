@@ -14,6 +14,7 @@ from typing import Any, Literal
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact
 
+from flows.approval import decide, require_promoted
 from flows.deploy_state import DeployState, interrupted_deploy, load_state, save_state
 from flows.errors import DeployFailed, RollbackFailed, VerifyFailed
 from flows.hostfs import home_dir
@@ -53,6 +54,7 @@ Stage = Literal[
     "benchmark",
     "tunnel",
     "gate",
+    "approval",
 ]
 STAGES: tuple[str, ...] = Stage.__args__
 # From this stage on the old service may be down: a failure rolls back.
@@ -154,6 +156,7 @@ def deploy_sdxl(
                 state.backup_dir = run.summary.backup_dir = backup.path
             with run.stage("baseline"):
                 baseline = collect_baseline(host, target, run.dir / "quality")
+                run.summary.facts["quality_sizing"] = baseline.sizing if baseline else None
             with run.stage("ship"):
                 release = ship_release(
                     host,
@@ -201,6 +204,10 @@ def deploy_sdxl(
                 gates = evaluate_gates(target.criteria, evidence, artifact_key="sdxl-deploy-gates")
                 run.record_gates(gates)
                 require_passed(gates)
+            with run.stage("approval"):  # an enforced INCONCLUSIVE row: a person (or the target) decides
+                approval = decide(gates, quality, target.quality)
+                run.summary.facts["approval"] = approval.model_dump() if approval else None
+                require_promoted(approval)
         except StageFailed as failure:
             _after_failure(run, host, target, state, failure)
             raise DeployFailed(f"deploy-sdxl {run.summary.message}", str(run.dir)) from None

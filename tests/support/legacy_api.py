@@ -1,7 +1,9 @@
 """A stand-in for the user's `working-sd-api.py`: the foreign SD1.5 script the runbook upgrades.
 
 Stdlib HTTP + PIL, starts in a fraction of a second: `GET /health` and `POST /generate` (a flat PNG of
-the requested size, as base64), the two endpoints the app uses. Run: `python legacy_api.py PORT`.
+the requested size, as base64), the two endpoints the app uses. Run: `python legacy_api.py PORT`;
+with `--noise` each image is seeded noise of its prompt and seed, so CLIP scores vary per prompt as a real
+model's do (a flat image scores the same low way on every prompt).
 """
 
 from __future__ import annotations
@@ -9,7 +11,9 @@ from __future__ import annotations
 import base64
 import io
 import json
+import random
 import sys
+import zlib
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from PIL import Image
@@ -26,7 +30,11 @@ class Handler(BaseHTTPRequestHandler):
         body = json.loads(self.rfile.read(int(self.headers.get("content-length", 0))) or b"{}")
         width, height = int(body.get("width") or 512), int(body.get("height") or 512)
         buffer = io.BytesIO()
-        Image.new("RGB", (width, height), (90, 120, 200)).save(buffer, format="PNG")
+        picture = Image.new("RGB", (width, height), (90, 120, 200))
+        if NOISE:
+            rng = random.Random(zlib.crc32(f"{body.get('prompt')}|{body.get('seed')}".encode()))
+            picture = Image.frombytes("RGB", (width, height), rng.randbytes(width * height * 3))
+        picture.save(buffer, format="PNG")
         image = base64.b64encode(buffer.getvalue()).decode()
         self._send(200, {"success": True, "image": image, "final_resolution": f"{width}x{height}"})
 
@@ -38,6 +46,8 @@ class Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(data)
 
+
+NOISE = "--noise" in sys.argv
 
 if __name__ == "__main__":
     print(f"legacy SD1.5 API listening on 127.0.0.1:{sys.argv[1]}", file=sys.stderr, flush=True)
