@@ -88,13 +88,12 @@ def request_decision(gates: GateReport, quality: QualityResult | None, timeout_s
     criteria = [row.criterion for row in needs_decision(gates)]
     model = _decision_model().with_initial_data(description=describe(gates, quality, timeout_s))
     context = FlowRunContext.get()
-    where = (
-        f" (flow run {context.flow_run.name}, {context.flow_run.id})" if context and context.flow_run else ""
-    )
+    run_id = str(context.flow_run.id) if context and context.flow_run else "<flow run id>"
     log.warning(
-        "quality INCONCLUSIVE: waiting up to %.0f s for a person to promote or abort in the Prefect UI%s",
+        "quality INCONCLUSIVE: waiting up to %.0f s for a person: Resume this flow run in the Prefect UI "
+        "(promote or abort), or run `sdxl-deploy approve %s --promote` (or --abort)",
         timeout_s,
-        where,
+        run_id,
     )
     started = time.monotonic()
     try:
@@ -173,3 +172,19 @@ def require_promoted(approval: Approval | None) -> None:
             f"inconclusive {', '.join(approval.criteria)} aborted by {approval.decided_by}{note} "
             f"after {approval.waited_s:.0f} s"
         )
+
+
+def answer(flow_run_id: str, decision: Choice, note: str = "") -> None:
+    """Resume a deploy paused in stage `approval` with a decision (the Prefect API in PREFECT_API_URL);
+    what the UI's Resume form does, for a terminal (`sdxl-deploy approve`)."""
+    from uuid import UUID
+
+    from prefect.flow_runs import resume_flow_run
+
+    try:
+        run_id = UUID(flow_run_id)
+    except ValueError:
+        raise ValueError(
+            f"flow run id {flow_run_id!r} is not a UUID (the paused run's log names it)"
+        ) from None
+    resume_flow_run(run_id, run_input={"decision": decision, "note": note})

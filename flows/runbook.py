@@ -315,8 +315,8 @@ def deploy_plan(target: Target, current_process: str) -> str:
         f"back up {', '.join(cur.files) or '(no files)'}, the start command, process info, {cur.log_file} and "
         f"pip freeze to {target.paths.backup_root}/{cur.name}-<timestamp>/ (keep {target.paths.keep_backups})",
         (
-            f"send {check.prompt_limit or 'all'} prompts x {check.seeds} seed(s) to the current service "
-            f"for the CLIP comparison ({check.scorer})"
+            f"send {check.prompt_limit or f'{check.sizing_batch}-{check.max_prompts} (sized by their spread)'} "
+            f"prompts x {check.seeds} seed(s) to the current service for the CLIP comparison ({check.scorer})"
             if check.enabled
             else "no quality comparison (quality.enabled is off)"
         ),

@@ -241,5 +241,6 @@ def sizing_hint(baseline_scores: Any, margin: float, seeds: int, probability: fl
     needed = comparison_size(spread, margin, probability)
     return (
         f"with the baseline's per-prompt SD of {spread:.2f} CLIP points, two equal services pass "
-        f"{probability:.0%} of the time at {needed} prompts x {seeds} seed(s) (quality.prompt_limit)"
+        f"{probability:.0%} of the time at {needed} prompts x {seeds} seed(s) (quality.prompt_limit; when "
+        "sized, quality.max_prompts)"
     )

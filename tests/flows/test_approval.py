@@ -23,8 +23,10 @@ from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterState, Fl
 from prefect.client.schemas.objects import StateType
 from prefect.flow_runs import resume_flow_run
 from prefect.input.run_input import keyset_from_paused_state
+from typer.testing import CliRunner
 
 from bench.launch import free_port
+from evaluation.stats import comparison_size
 from flows.approval import Approval, ask_person, decide, needs_decision, require_promoted
 from flows.demo import start_current, stop_all
 from flows.errors import NotPromoted
@@ -34,6 +36,7 @@ from flows.runbook import deploy_sdxl
 from flows.target import Criterion, QualityCheck, Target
 from flows.tasks.gates import Evidence, QualityResult, judge
 from flows.tasks.rollback import current_answers
+from sdxl_deploy.cli import app
 from tests.support.flows import fast, is_legacy, legacy_target, summary_of
 
 MARGIN = 0.05  # CLIP points
@@ -58,10 +61,19 @@ def noisy_legacy(tmp_path: Path) -> Iterator[tuple[LocalHost, Target]]:
 class Person(threading.Thread):
     """Waits for a paused flow run, reads what the UI would show, and resumes it with `answer`."""
 
-    def __init__(self, answer: dict[str, str]) -> None:
+    def __init__(self, answer: dict[str, str], cli: bool = False) -> None:
         super().__init__(daemon=True)
-        self.answer, self.description, self.error = answer, "", None
+        self.answer, self.cli, self.description, self.error = answer, cli, "", None
         self.start()
+
+    def resume(self, run_id: Any) -> None:
+        if not self.cli:
+            resume_flow_run(run_id, run_input=self.answer)
+            return
+        args = ["approve", str(run_id), f"--{self.answer['decision']}", "--note", self.answer["note"]]
+        done = CliRunner().invoke(app, args)
+        if done.exit_code:
+            self.error = f"sdxl-deploy approve exited {done.exit_code}: {done.output}"
 
     def run(self) -> None:
         try:
@@ -74,7 +86,7 @@ class Person(threading.Thread):
                     if runs:
                         keys = keyset_from_paused_state(runs[0].state)
                         self.description = client.read_flow_run_input(runs[0].id, keys["description"])
-                        resume_flow_run(runs[0].id, run_input=self.answer)
+                        self.resume(runs[0].id)
                         return
                     time.sleep(0.25)
             self.error = "no paused flow run within 300 s"
@@ -127,6 +139,7 @@ def test_an_inconclusive_deploy_pauses_until_a_person_promotes_it(
     sizing = summary["facts"]["quality_sizing"]
     assert sizing["mode"] == "sized" and sizing["first_batch"] == 2 and sizing["prompts"] == 3, sizing
     assert sizing["needed"] > 3 and sizing["capped"] and sizing["baseline_sd"] > 0
+    assert sizing["needed"] == pytest.approx(comparison_size(sizing["baseline_sd"], MARGIN), rel=1e-3)
     assert "3 prompts x 1 seeds" in row["observed"]
     # The new service serves the app's port.
     health = current_answers(host, target.current)
@@ -177,14 +190,14 @@ def _inconclusive_gates(enforce: bool = True) -> tuple[Any, QualityResult]:
     return gates, quality
 
 
-def test_a_person_can_abort_from_the_prefect_api(prefect_api: None) -> None:
+def test_a_person_can_abort_from_the_terminal(prefect_api: None) -> None:
     gates, quality = _inconclusive_gates()
 
     @flow
     def waits_for_a_person() -> str:
         return ask_person(gates, quality, timeout_s=60)
 
-    person = Person({"decision": "abort", "note": "too risky"})
+    person = Person({"decision": "abort", "note": "too risky"}, cli=True)  # sdxl-deploy approve
     assert waits_for_a_person() == "abort"
     person.join(timeout=5)
     assert person.error is None, person.error
