@@ -99,10 +99,12 @@ def collect(
     api_key: str | None = None,
     timeout: float = 600.0,
     on_image: Callable[[], None] | None = None,
+    first_id: int = 0,
 ) -> tuple[ServiceInfo, pd.DataFrame]:
     """Generate every prompt x seed on one service; save the images; one row per request.
 
-    A failed request is a row with `error` set, so one bad answer does not end the run.
+    A failed request is a row with `error` set, so one bad answer does not end the run. Prompt ids count
+    from `first_id` (a second batch of the same run continues the first one's ids).
     """
     import pandas as pd
 
@@ -112,7 +114,7 @@ def collect(
     image_dir.mkdir(parents=True, exist_ok=True)
     rows = []
     with _http(url, api_key, timeout) as http:
-        for prompt_id, prompt in enumerate(prompts):
+        for prompt_id, prompt in enumerate(prompts, start=first_id):
             for seed in seed_list(seeds):
                 row: dict[str, Any] = dict.fromkeys(GENERATION_COLUMNS)
                 row.update(

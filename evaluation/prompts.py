@@ -114,8 +114,12 @@ def spread(prompts: Sequence[Prompt], limit: int | None) -> list[Prompt]:
         return list(prompts)
     if limit < 1:
         raise ValueError(f"limit must be at least 1, got {limit}")
+    return in_turn(prompts)[:limit]
+
+
+def in_turn(prompts: Sequence[Prompt]) -> list[Prompt]:
+    """Every prompt, taken in turn from each category: any prefix represents the categories evenly."""
     groups: dict[str, list[Prompt]] = {}
     for prompt in prompts:
         groups.setdefault(prompt.category, []).append(prompt)
-    in_turn = [p for row in zip_longest(*groups.values()) for p in row if p is not None]
-    return in_turn[:limit]
+    return [p for row in zip_longest(*groups.values()) for p in row if p is not None]

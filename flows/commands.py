@@ -11,7 +11,7 @@ import typer
 # Every stage of either order: staged (start_staged ... cutover) and stop-first (stop_current, start_new).
 STAGE_NAMES = (
     "preflight, backup, baseline, ship, prefetch, stop_current, start_new, start_staged, warmup, benchmark, tunnel, gate, "
-    "cutover"
+    "approval, cutover"
 )
 
 TargetOption = Annotated[Path, typer.Option("--target", "-t", help="Target file (YAML or JSON).")]
@@ -101,6 +101,24 @@ def rollback(
         runs_dir=str(runs_dir),
         force_unlock=force_unlock,
     )
+
+
+def approve(
+    flow_run: Annotated[str, typer.Argument(help="The paused deploy's flow run id (its log names it).")],
+    promote: Annotated[
+        bool, typer.Option("--promote/--abort", help="Go on with the new service, or fail the deploy.")
+    ],
+    note: Annotated[str, typer.Option(help="Who decides and why (kept in summary.json).")] = "",
+) -> None:
+    """Answer a deploy paused on an INCONCLUSIVE quality verdict (the Prefect API in PREFECT_API_URL)."""
+    from flows.approval import answer
+
+    decision = "promote" if promote else "abort"
+    try:
+        answer(flow_run, decision, note)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="FLOW_RUN") from None
+    print(f"flow run {flow_run}: {decision} sent; the deploy goes on from stage approval")
 
 
 def releases(target_file: TargetOption) -> None:

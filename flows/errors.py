@@ -95,6 +95,10 @@ class GateFailed(FlowError):
     """An enforced success criterion failed."""
 
 
+class NotPromoted(FlowError):
+    """An inconclusive quality verdict was aborted: by a person, by the timeout, or by the target's rule."""
+
+
 class RollbackError(FlowError):
     """The old service could not be put back; the message says where it stopped."""
 

@@ -23,6 +23,7 @@ from typing import Any, Literal
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact
 
+from flows.approval import decide, require_promoted
 from flows.capacity import StartDecision, StartMode, decide_start_mode
 from flows.deploy_state import DeployState, interrupted_deploy, load_state, save_state
 from flows.errors import CutoverFailed, DeployFailed, GateFailed, RollbackFailed, VerifyFailed
@@ -57,7 +58,7 @@ from flows.tasks.gates import (
 )
 from flows.tasks.prefetch import prefetch_weights
 from flows.tasks.preflight import inspect_current, inspect_host, require_ready
-from flows.tasks.quality import assess_quality, collect_baseline
+from flows.tasks.quality import assess_quality, collect_baseline, comparison_margin
 from flows.tasks.rollback import current_answers, roll_back
 from flows.tasks.tunnel import check_app_path
 from flows.tasks.warmup import new_service_health, warm_up
@@ -75,10 +76,11 @@ Stage = Literal[
     "benchmark",
     "tunnel",
     "gate",
+    "approval",
     "cutover",
 ]
 STAGES: tuple[str, ...] = Stage.__args__  # every stage of either order (what fail_at accepts)
-# The two orders. Slot for a stage of another feature: `approval` after gate.
+# The two orders.
 STOP_FIRST_STAGES: tuple[str, ...] = (
     "preflight",
     "backup",
@@ -91,6 +93,7 @@ STOP_FIRST_STAGES: tuple[str, ...] = (
     "benchmark",
     "tunnel",
     "gate",
+    "approval",
 )
 STAGED_STAGES: tuple[str, ...] = (
     "preflight",
@@ -103,6 +106,7 @@ STAGED_STAGES: tuple[str, ...] = (
     "benchmark",
     "tunnel",
     "gate",
+    "approval",
     "cutover",
 )
 STAGES_OF: dict[str, tuple[str, ...]] = {"stop-first": STOP_FIRST_STAGES, "staged": STAGED_STAGES}
@@ -121,12 +125,6 @@ def choose_target(target: Target | None, target_file: str | None) -> Target:
     if target_file:
         return load_target(target_file)
     return target or Target()
-
-
-def quality_margin(target: Target) -> float:
-    """The `quality` criterion's threshold: how many CLIP points worse still counts as not worse."""
-    threshold = next((c.threshold for c in target.criteria if c.name == "quality"), None)
-    return 1.0 if threshold is None else threshold
 
 
 def connect(stack: ExitStack, target: Target) -> tuple[Host, Target]:
@@ -227,6 +225,7 @@ def deploy_sdxl(
                 state.backup_dir = run.summary.backup_dir = backup.path
             with run.stage("baseline"):
                 baseline = collect_baseline(host, target, run.dir / "quality")
+                run.summary.facts["quality_sizing"] = baseline.sizing if baseline else None
             with run.stage("ship"):
                 release = ship_release(
                     host,
@@ -277,7 +276,7 @@ def deploy_sdxl(
             with run.stage("gate"):
                 with quiet(prober):
                     quality = assess_quality(
-                        host, target, baseline, run.dir / "quality", quality_margin(target), started.port
+                        host, target, baseline, run.dir / "quality", comparison_margin(target), started.port
                     )
                 evidence = Evidence(
                     health=ready.health,
@@ -290,7 +289,10 @@ def deploy_sdxl(
                 gates = evaluate_gates(criteria, evidence, artifact_key="sdxl-deploy-gates")
                 run.record_gates(gates)
                 require_passed(gates)
-            # (slot: the `approval` stage goes here: a person decides when gates.inconclusive)
+            with run.stage("approval"):  # an enforced INCONCLUSIVE row: a person (or the target) decides
+                approval = decide(gates, quality, target.quality)
+                run.summary.facts["approval"] = approval.model_dump() if approval else None
+                require_promoted(approval)
             if staged:
                 with run.stage("cutover", inject_at_start=False):
                     state.cut_over = True  # from here on a failure (or an interruption) puts the old one back
@@ -484,8 +486,8 @@ def deploy_plan(target: Target, current_process: str, decision: StartDecision) -
         f"back up {', '.join(cur.files) or '(no files)'}, the start command, process info, {cur.log_file} and "
         f"pip freeze to {target.paths.backup_root}/{cur.name}-<timestamp>/ (keep {target.paths.keep_backups})",
         (
-            f"send {check.prompt_limit or 'all'} prompts x {check.seeds} seed(s) to the current service "
-            f"for the CLIP comparison ({check.scorer})"
+            f"send {check.prompt_limit or f'{check.sizing_batch}-{check.max_prompts} (sized by their spread)'} "
+            f"prompts x {check.seeds} seed(s) to the current service for the CLIP comparison ({check.scorer})"
             if check.enabled
             else "no quality comparison (quality.enabled is off)"
         ),

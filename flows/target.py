@@ -335,11 +335,41 @@ class QualityCheck(_Model):
         None, description="Prompt file (.txt/.csv/.jsonl); default: built-in set."
     )
     prompt_limit: int | None = Field(
-        12, ge=1, description="At most this many prompts, spread over categories."
+        None,
+        ge=1,
+        description="Prompts to compare, spread over categories; None: sized from the spread the baseline "
+        "shows (sizing_batch prompts first, then as many as two equal services need to pass 95% of the "
+        "time, at most max_prompts).",
     )
     seeds: int = Field(1, ge=1, le=10, description="Seeds per prompt.")
     scorer: str = Field("ViT-L-14", description="open_clip model (tiny-random-clip for rehearsals).")
     scorer_weights: str | None = Field("openai", description="open_clip weights tag or checkpoint file.")
+    # --- sized comparison and the person's decision on an inconclusive verdict (helper quality)
+    sizing_batch: int = Field(
+        12, ge=2, description="Sized comparison: prompts of the first baseline batch whose spread sizes it."
+    )
+    max_prompts: int = Field(
+        48,
+        ge=2,
+        description="Sized comparison: at most this many prompts (each is one generation on each service).",
+    )
+    on_inconclusive: Literal["ask", "abort", "promote"] = Field(
+        "ask",
+        description="An inconclusive quality verdict (enforced): ask a person (the flow run pauses for "
+        "input in the Prefect UI), or decide unattended: abort or promote.",
+    )
+    approval_timeout_s: float = Field(
+        3600, gt=0, le=7 * 86400, description="Seconds to wait for the person's decision; then abort."
+    )
+
+    @model_validator(mode="after")
+    def _sizing_bounds(self) -> QualityCheck:
+        if self.max_prompts < self.sizing_batch:
+            raise ValueError(
+                f"quality.max_prompts ({self.max_prompts}) must not be below quality.sizing_batch "
+                f"({self.sizing_batch})"
+            )
+        return self
 
 
 class ProbeSettings(_Model):

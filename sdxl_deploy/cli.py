@@ -58,7 +58,7 @@ for _name in BENCH_COMMANDS:
             },
         )(checkout_only(_name))
 app.add_typer(service_commands.models_app, name="models")
-for _name in ("deploy", "verify", "rollback", "releases", "demo"):
+for _name in ("deploy", "verify", "rollback", "approve", "releases", "demo"):
     app.command(_name)(getattr(flow_commands, _name))
 app.command("evaluate")(evaluation_commands.evaluate)
 app.command("report")(evaluation_commands.report)

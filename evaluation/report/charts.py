@@ -7,9 +7,12 @@ import base64
 import io
 from typing import TYPE_CHECKING, Any
 
+from pydantic import BaseModel
+
 from evaluation.metrics import TimingSummary
 from evaluation.report.parts import COLORS, TONES, VERDICT_TONE
 from evaluation.results import EvaluationResult
+from evaluation.stats import Outcome, outcome, verdict
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -22,10 +25,11 @@ def chart(title: str, figure: Figure, caption: str) -> dict[str, str]:
 
 def figure_uri(figure: Figure) -> str:
     """An SVG data URI of a matplotlib figure (closed afterwards)."""
-    buffer = io.StringIO()
-    figure.savefig(buffer, format="svg", bbox_inches="tight")
-    figure.clear()
-    return "data:image/svg+xml;base64," + base64.b64encode(buffer.getvalue().encode()).decode()
+    return svg_uri(figure_svg(figure))
+
+
+def svg_uri(svg: str) -> str:
+    return "data:image/svg+xml;base64," + base64.b64encode(svg.encode()).decode()
 
 
 def _figure(width: float = 6.4, height: float = 3.2) -> tuple[Figure, Any]:
@@ -183,3 +187,86 @@ def trend_chart(history: pd.DataFrame) -> Figure:
 def trend_caption(history: pd.DataFrame) -> str:
     regressed = int((history.get("status") == "regressed").sum()) if "status" in history else 0
     return f"{len(history)} runs of this series; red: runs that regressed ({regressed})"
+
+
+class VerdictZones(BaseModel):
+    """Where the mean difference would fall, for a CI as wide as this one, to pass, fail or be
+    inconclusive (`evaluation.stats.verdict` read along one axis): the numbers behind `verdict_chart`."""
+
+    mean_diff: float
+    ci_low: float
+    ci_high: float
+    margin: float
+    fail_below: float  # a mean below this, with this CI's width, is "worse"
+    pass_above: float  # a mean above this, with this CI's width, passes
+    outcome: Outcome
+
+    def zone_of(self, mean: float) -> Outcome:
+        return "fail" if mean < self.fail_below else "pass" if mean > self.pass_above else "inconclusive"
+
+
+def verdict_zones(mean_diff: float, ci_low: float, ci_high: float, margin: float) -> VerdictZones:
+    """The three zones for the mean difference, keeping this CI's offsets from it.
+
+    With `a` = mean - ci_low and `b` = ci_high - mean: a pass needs ci_low > -margin, so mean > a - margin;
+    a fail needs ci_high < 0 and the CI's centre below -margin, so mean < min(-b, -margin - (b - a) / 2).
+    """
+    below, above = mean_diff - ci_low, ci_high - mean_diff
+    return VerdictZones(
+        mean_diff=mean_diff,
+        ci_low=ci_low,
+        ci_high=ci_high,
+        margin=margin,
+        fail_below=min(-above, -margin - (above - below) / 2),
+        pass_above=below - margin,
+        outcome=outcome(verdict(ci_low, ci_high, margin)),
+    )
+
+
+ZONE_TONE: dict[Outcome, str] = {"pass": "good", "inconclusive": "muted", "fail": "bad"}
+
+
+def verdict_chart(zones: VerdictZones) -> Figure:
+    """The CI of the mean difference against the margin: the interval, the -margin line and, shaded, where
+    the mean would have to be (for a CI this wide) to pass, be inconclusive or fail."""
+    figure, axes = _figure(6.4, 2.2)
+    z = zones
+    span = max(z.ci_high, 0.0) - min(z.ci_low, -z.margin, z.fail_below)
+    pad = 0.25 * max(span, z.margin, 0.5)
+    left, right = min(z.ci_low, -z.margin, z.fail_below) - pad, max(z.ci_high, 0.0, z.pass_above) + pad
+    for start, end, name in (
+        (left, z.fail_below, "fail"),
+        (z.fail_below, z.pass_above, "inconclusive"),
+        (z.pass_above, right, "pass"),
+    ):
+        if end > start:
+            axes.axvspan(start, end, color=TONES[ZONE_TONE[name]], alpha=0.13, linewidth=0)
+            axes.text((start + end) / 2, 1.32, name, ha="center", va="center", fontsize=9,
+                      color=TONES[ZONE_TONE[name]], fontweight="bold")  # fmt: skip
+    axes.axvline(0, color="#0f172a", linewidth=1)
+    axes.axvline(-z.margin, color=TONES["bad"], linewidth=1.2, linestyle="--")
+    axes.text(-z.margin, 0.55, f" -margin ({-z.margin:g})", color=TONES["bad"], fontsize=8, va="center")
+    axes.errorbar(
+        [z.mean_diff], [1.0],
+        xerr=[[z.mean_diff - z.ci_low], [z.ci_high - z.mean_diff]],
+        fmt="o", color=TONES[ZONE_TONE[z.outcome]], ecolor=TONES[ZONE_TONE[z.outcome]],
+        elinewidth=3, capsize=6, markersize=8,
+    )  # fmt: skip
+    axes.set_xlim(left, right)
+    axes.set_ylim(0.4, 1.5)
+    axes.set_yticks([])
+    axes.spines[["left"]].set_visible(False)
+    axes.set_xlabel(
+        f"mean CLIP difference (candidate - baseline) and its 95% CI: {z.outcome.upper()}",
+        fontsize=9,
+        color="#334155",
+    )
+    return figure
+
+
+def figure_svg(figure: Figure) -> str:
+    """The SVG text of a matplotlib figure (cleared afterwards)."""
+    buffer = io.StringIO()
+    figure.savefig(buffer, format="svg", bbox_inches="tight")
+    figure.clear()
+    return buffer.getvalue()

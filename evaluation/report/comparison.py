@@ -11,10 +11,14 @@ from evaluation.prompts import builtin_categories
 from evaluation.report.charts import (
     category_chart,
     chart,
+    figure_svg,
     latency_chart,
     score_chart,
+    svg_uri,
     trend_caption,
     trend_chart,
+    verdict_chart,
+    verdict_zones,
     vram_chart,
 )
 from evaluation.report.parts import (
@@ -30,6 +34,8 @@ from evaluation.report.parts import (
     when,
 )
 from evaluation.results import RESULT_FILE, TABLES, ServiceInfo, load_result, load_table
+
+VERDICT_CHART = "verdict.svg"  # the CI against the margin, also embedded in report.html
 
 
 def comparison_context(run_dir: Path, history_file: str | Path | None) -> dict[str, Any]:
@@ -75,7 +81,21 @@ def comparison_context(run_dir: Path, history_file: str | Path | None) -> dict[s
         charts.append(
             chart("History: CLIP score and p95 latency", trend_chart(history), trend_caption(history))
         )
+    zones = verdict_zones(o.mean_diff, o.ci_low, o.ci_high, result.margin)
+    svg = figure_svg(verdict_chart(zones))
+    (run_dir / VERDICT_CHART).write_text(svg, encoding="utf-8")
+    verdict_picture = {
+        "title": "The verdict: the CI against the margin",
+        "uri": svg_uri(svg),
+        "file": VERDICT_CHART,
+        "caption": (
+            f"mean difference {o.mean_diff:+.2f} with its 95% CI [{o.ci_low:+.2f}, {o.ci_high:+.2f}]; dashed: "
+            f"-margin ({-result.margin:g}); shaded: where the mean would have to fall, for a CI this wide, "
+            f"to fail (below {zones.fail_below:+.2f}), be inconclusive, or pass (above {zones.pass_above:+.2f})"
+        ),
+    }
     return {
+        "verdict_chart": verdict_picture,
         "title": f"{cand.model} vs {base.model}",
         "kind": "Quality comparison",
         "created_at": when(result.created_at),

@@ -45,6 +45,11 @@ class QualityResult(BaseModel):
     passed: bool  # the evidence does not say worse (a pass, or an inconclusive comparison)
     detail: str
     inconclusive: bool = False  # too little evidence to call it either way
+    mean_diff: float | None = None  # new minus current, CLIP points
+    ci_low: float | None = None  # 95% CI of mean_diff
+    ci_high: float | None = None
+    margin: float | None = None  # how much worse still counts as not worse
+    report: str | None = None  # the comparison's HTML report (CI against the margin in one picture)
 
 
 class Evidence(BaseModel):

@@ -191,7 +191,8 @@ def test_the_report_shows_images_and_charts_in_chromium(evaluation: EvaluationRe
     generated = [i for i in images if i["cls"] == "gen-img"]
     charts = [i for i in images if i["cls"] == "chart-img"]
     assert len(generated) == 12 and all(i["ok"] and (i["w"], i["h"]) == (64, 64) for i in generated)
-    assert len(charts) == 4 and all(i["ok"] and i["w"] > 200 and i["h"] > 50 for i in charts)
+    assert len(charts) == 5 and all(i["ok"] and i["w"] > 200 and i["h"] > 50 for i in charts)
+    assert (report.parent / "verdict.svg").is_file() and 'href="verdict.svg"' in html  # the CI vs the margin
     assert "Random-weight stand-ins" in dom.stdout and evaluation.verdict in dom.stdout
 
     shot = tmp_path / "report.png"

@@ -3,11 +3,18 @@ the rule on simulated equal and worse pairs (fixed seeds), and how the gate show
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
+import pandas as pd
 import pytest
+from PIL import Image
 
 from evaluation.compare import EvaluationResult, GenerationSettings, ServiceInfo
+from evaluation.evaluate import write_evaluation
 from evaluation.metrics import TimingSummary
+from evaluation.report.charts import svg_uri, verdict_zones
+from evaluation.report.comparison import VERDICT_CHART
 from evaluation.stats import comparison_size, outcome, paired_stats, verdict
 from flows.rundir import RunSummary, report_markdown
 from flows.target import Criterion
@@ -90,27 +97,27 @@ def simulate(n: int, score_sd: float, true_diff: float, seed: int) -> dict[str, 
 
 def test_equal_services_at_the_default_twelve_prompts_are_rarely_failed() -> None:
     rates = simulate(12, score_sd=1.0, true_diff=0.0, seed=1)
-    print(f"equal pairs, 12 prompts, SD 1: {rates}")
-    assert rates["fail"] < 0.05  # measured 0.004 (the old rule: 0.254)
-    assert rates["old_fail"] > 0.2  # the old rule failed about a quarter of equal candidates
-    assert rates["inconclusive"] == pytest.approx(rates["old_fail"], abs=0.02)  # now they are inconclusive
+    msg = f"equal pairs, 12 prompts, SD 1: {rates}"
+    assert rates["fail"] < 0.05, msg  # measured 0.004 (the old rule: 0.254)
+    assert rates["old_fail"] > 0.2, msg  # the old rule failed about a quarter of equal candidates
+    assert rates["inconclusive"] == pytest.approx(rates["old_fail"], abs=0.02), msg  # now inconclusive
 
 
 def test_at_the_sized_number_of_prompts_equal_services_pass() -> None:
     n = comparison_size(1.0, MARGIN, 0.95)
     rates = simulate(n, score_sd=1.0, true_diff=0.0, seed=2)
-    print(f"equal pairs, {n} prompts, SD 1: {rates}")
-    assert rates["pass"] >= 0.93 and rates["fail"] < 0.05  # measured 0.943 and 0.0
+    msg = f"equal pairs, {n} prompts, SD 1: {rates}"
+    assert rates["pass"] >= 0.93 and rates["fail"] < 0.05, msg  # measured 0.943 and 0.0
 
 
 def test_worse_services_are_detected() -> None:
     n = comparison_size(1.0, MARGIN, 0.95)
     twice = simulate(12, score_sd=1.0, true_diff=-2 * MARGIN, seed=3)
     near = simulate(n, score_sd=1.0, true_diff=-1.5 * MARGIN, seed=4)
-    print(f"worse by 2x margin, 12 prompts: {twice}\nworse by 1.5x margin, {n} prompts: {near}")
-    assert twice["fail"] >= 0.9 and twice["pass"] == 0
-    assert near["fail"] >= 0.85 and near["pass"] == 0
-    assert near["textbook_fail"] < 0.6 < near["fail"]  # why the rule also fails a significant big drop
+    msg = f"worse by 2x margin, 12 prompts: {twice}; worse by 1.5x margin, {n} prompts: {near}"
+    assert twice["fail"] >= 0.9 and twice["pass"] == 0, msg
+    assert near["fail"] >= 0.85 and near["pass"] == 0, msg
+    assert near["textbook_fail"] < 0.6 < near["fail"], msg  # why the rule also fails a significant big drop
 
 
 # ---------------------------------------------------------------- the gate
@@ -189,3 +196,62 @@ def test_the_sizing_hint_reads_the_baselines_spread() -> None:
     sd = float(np.std(scores, ddof=1))
     assert f"{comparison_size(sd, MARGIN)} prompts x 2 seed(s)" in sizing_hint(scores, MARGIN, seeds=2)
     assert "too few prompts" in sizing_hint([30.0], MARGIN, seeds=1)
+
+
+# ---------------------------------------------------------------- the picture: the CI against the margin
+
+
+def test_the_pictures_zones_agree_with_the_rule() -> None:
+    """For any CI, moving the mean with the CI's offsets kept: the zone the chart shades is the verdict."""
+    rng = np.random.default_rng(11)
+    for _ in range(300):
+        mean, below, above, margin = (
+            rng.normal(0, 2),
+            rng.uniform(0, 2),
+            rng.uniform(0, 2),
+            rng.uniform(0.1, 2),
+        )
+        zones = verdict_zones(mean, mean - below, mean + above, margin)
+        assert zones.fail_below <= zones.pass_above
+        assert zones.zone_of(mean) == zones.outcome == outcome(verdict(mean - below, mean + above, margin))
+        for moved in np.linspace(zones.fail_below - 3, zones.pass_above + 3, 41):
+            if min(abs(moved - zones.fail_below), abs(moved - zones.pass_above)) < 1e-9:
+                continue
+            expected = outcome(verdict(moved - below, moved + above, margin))
+            assert zones.zone_of(moved) == expected, (mean, below, above, margin, moved)
+
+
+def test_the_report_embeds_the_verdict_picture_and_writes_it_next_to_it(tmp_path: Path) -> None:
+    base, cand = [30.0, 28.0, 31.0, 27.0], [32.0, 25.0, 32.0, 24.5]  # +2, -3, +1, -2.5: inconclusive
+    (tmp_path / "images").mkdir()
+    rows = []
+    for role, scores in (("baseline", base), ("candidate", cand)):
+        for prompt_id, score in enumerate(scores):
+            image = f"images/{role}-{prompt_id}.png"
+            Image.new("RGB", (8, 8), (prompt_id * 40, 90, 120)).save(tmp_path / image)
+            rows.append({
+                "role": role, "model": "sd15" if role == "baseline" else "sdxl", "prompt_id": prompt_id,
+                "prompt": f"prompt {prompt_id}", "category": "objects", "seed": 0, "steps": 2,
+                "image": image, "resolution": "8x8", "latency_s": 1.0, "generation_s": 1.0,
+                "peak_vram_gb": None, "error": None, "score": score,
+            })  # fmt: skip
+    services = {
+        "baseline": ServiceInfo(role="baseline", url="http://a", model="sd15"),
+        "candidate": ServiceInfo(role="candidate", url="http://b", model="sdxl"),
+    }
+    result = write_evaluation(
+        pd.DataFrame(rows), services, tmp_path, scorer="test", random_weights=False, seeds=[0],
+        settings=GenerationSettings(), margin=MARGIN,
+    )  # fmt: skip
+
+    o = result.overall
+    zones = verdict_zones(o.mean_diff, o.ci_low, o.ci_high, MARGIN)
+    assert result.verdict == "inconclusive" and zones.outcome == zones.zone_of(o.mean_diff) == "inconclusive"
+    assert zones.fail_below < o.mean_diff < zones.pass_above
+    svg = (tmp_path / VERDICT_CHART).read_text()
+    assert svg.startswith("<?xml") and "<svg" in svg
+    html = Path(result.report).read_text()
+    assert html.index('id="gate"') < html.index('id="verdict-chart"') < html.index('id="timing"')
+    assert svg_uri(svg) in html and f'href="{VERDICT_CHART}"' in html
+    assert f"95% CI [{o.ci_low:+.2f}, {o.ci_high:+.2f}]" in html and f"-margin ({-MARGIN:g})" in html
+    assert f"below {zones.fail_below:+.2f}" in html and f"above {zones.pass_above:+.2f}" in html

@@ -1,7 +1,9 @@
 """A stand-in for the user's `working-sd-api.py`: the foreign SD1.5 script the runbook upgrades.
 
 Stdlib HTTP + PIL, starts in a fraction of a second: `GET /health` and `POST /generate` (a flat PNG of
-the requested size, as base64), the two endpoints the app uses. Run: `python legacy_api.py PORT`.
+the requested size, as base64), the two endpoints the app uses. Run: `python legacy_api.py PORT`; with
+`--noise` each image is seeded noise of its prompt and seed, so CLIP scores vary per prompt as a real
+model's do (a flat image scores the same low way on every prompt).
 
 SIGTERM is graceful, as it is for the real script, a FastAPI app under uvicorn: it stops listening at once,
 finishes the requests in flight, then exits. A staged deploy's cut-over relies on exactly that: the new
@@ -14,9 +16,11 @@ from __future__ import annotations
 import base64
 import io
 import json
+import random
 import signal
 import sys
 import threading
+import zlib
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from PIL import Image
@@ -33,7 +37,11 @@ class Handler(BaseHTTPRequestHandler):
         body = json.loads(self.rfile.read(int(self.headers.get("content-length", 0))) or b"{}")
         width, height = int(body.get("width") or 512), int(body.get("height") or 512)
         buffer = io.BytesIO()
-        Image.new("RGB", (width, height), (90, 120, 200)).save(buffer, format="PNG")
+        picture = Image.new("RGB", (width, height), (90, 120, 200))
+        if NOISE:
+            rng = random.Random(zlib.crc32(f"{body.get('prompt')}|{body.get('seed')}".encode()))
+            picture = Image.frombytes("RGB", (width, height), rng.randbytes(width * height * 3))
+        picture.save(buffer, format="PNG")
         image = base64.b64encode(buffer.getvalue()).decode()
         self._send(200, {"success": True, "image": image, "final_resolution": f"{width}x{height}"})
 
@@ -44,6 +52,9 @@ class Handler(BaseHTTPRequestHandler):
         self.send_header("content-length", str(len(data)))
         self.end_headers()
         self.wfile.write(data)
+
+
+NOISE = "--noise" in sys.argv
 
 
 def serve(port: int) -> None:
