@@ -17,6 +17,7 @@ from urllib.parse import urlparse
 import pytest
 from pydantic import ValidationError
 
+from flows.capacity import StartDecision
 from flows.hosts import LocalHost, SSHHost
 from flows.procs import find_service
 from flows.runbook import deploy_plan, deploy_sdxl
@@ -91,7 +92,8 @@ def test_a_generated_model_has_nothing_to_fetch_and_the_plan_says_what_prefetch_
     event = Event.model_validate_json(out.stdout.strip().splitlines()[-1])
     assert event.event == "done" and event.files == 0 and event.offline_ready
     assert "nothing to fetch" in event.message
-    plan = deploy_plan(Target(), "PID 1")
+    stop_first = StartDecision(mode="stop-first", requested="stop-first", reason="new.start_mode is stop-first")
+    plan = deploy_plan(Target(), "PID 1", stop_first)
     assert "download the hub files sdxl loads into the box's Hugging Face cache" in plan
     assert "HF_HUB_OFFLINE=1" in plan
 
