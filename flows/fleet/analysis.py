@@ -40,7 +40,7 @@ class AnalysisResult(BaseModel):
     def describe(self) -> str:
         new, old = self.new, self.old
         text = (
-            f"wave {self.wave}: {self.verdict.upper()} after {self.seconds:.1f} s: upgraded "
+            f"{self.verdict.upper()} after {self.seconds:.1f} s: upgraded "
             f"{new.requests} req, {new.error_rate:.1%} 5xx, {_ms(new.avg_ms)}; old release "
             f"{old.requests} req, {old.error_rate:.1%} 5xx, {_ms(old.avg_ms)}"
         )

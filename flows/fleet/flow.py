@@ -31,6 +31,7 @@ from typing import Any, Literal
 
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact
+from prefect.context import FlowRunContext
 from pydantic import BaseModel, Field
 
 from flows.errors import FleetFailed, FleetFileError
@@ -42,7 +43,7 @@ from flows.hostfs import home_dir
 from flows.procs import find_service
 from flows.releases import release_of
 from flows.runbook import deploy_sdxl, rollback_sdxl
-from flows.rundir import StageRecord, make_run_dir
+from flows.rundir import RunSummary, StageRecord, make_run_dir
 from flows.target import Target
 from flows.tasks.deploy import build_wheel, sha256_file
 
@@ -217,8 +218,26 @@ class Rollout:
             return True
         record.outcome = "deploy failed"
         self.event(f"{host.name}: deploy FAILED", record.message)
+        if self._left_unrestored(record):  # cut by the deadline: its deploy never reached its own rollback
+            if state.name == "TimedOut":
+                record.message = (
+                    f"past its progress deadline ({self.fleet.rollout.progress_deadline_s:.0f} s)"
+                )
+            self.roll_back(host)
+            return False
         self._try_back_in(host, record)
         return False
+
+    @staticmethod
+    def _left_unrestored(record: HostRecord) -> bool:
+        """Whether the host's deploy ended without saying the old service answers (a timeout cuts the
+        deploy with a BaseException, past its stages' own rollback); rollback-sdxl is safe to run anyway."""
+        summary_file = Path(record.deploy_run_dir or "", "summary.json")
+        if not record.deploy_run_dir or not summary_file.is_file():
+            return True
+
+        summary = RunSummary.model_validate_json(summary_file.read_text(encoding="utf-8"))
+        return summary.status != "failed" or summary.old_service_answering is not True
 
     def _try_back_in(self, host: FleetHost, record: HostRecord) -> None:
         """After a failure on the host: back in the balancer when its (old) service answers the check."""
@@ -237,8 +256,6 @@ class Rollout:
         record.deploy_run_dir = run_dir
         summary_file = Path(run_dir) / "summary.json" if run_dir else None
         if summary_file and summary_file.is_file():
-            from flows.rundir import RunSummary
-
             summary = RunSummary.model_validate_json(summary_file.read_text(encoding="utf-8"))
             record.stages, record.gates_passed = summary.stages, summary.gates_passed
             record.downtime = summary.downtime.describe() if summary.downtime else None
@@ -262,7 +279,8 @@ class Rollout:
             record.outcome = "rolled back"
             self.summary.rolled_back.append(host.name)
         except Exception as exc:
-            record.outcome, record.message = "rollback failed", f"rollback: {exc}"
+            record.outcome = "rollback failed"
+            record.message = f"{record.message}; rollback: {exc}" if record.message else f"rollback: {exc}"
             self.event(f"{host.name}: ROLLBACK FAILED", str(exc))
             self._try_back_in(host, record)
 
@@ -348,7 +366,21 @@ def _result(future: Any) -> bool:
         return False
 
 
-@flow(name="deploy-fleet", log_prints=True)
+# The rollouts running in this process, by flow run id: what a Prefect cancel must roll back.
+_RUNNING: dict[str, Rollout] = {}
+
+
+def _on_cancel(flow: Any, flow_run: Any, state: Any) -> None:
+    """Prefect cancel (the engine's `on_cancellation` hook, in the run's own process, after the hosts of
+    the wave in progress finished): roll back every host this rollout upgraded, as an abort does."""
+    rollout = _RUNNING.pop(str(flow_run.id), None)
+    if rollout is None:
+        return
+    rollout.roll_back_all("cancelled in Prefect")
+    rollout.finish("failed", f"cancelled in Prefect; rolled back: {rollout.summary.rolled_back or 'none'}")
+
+
+@flow(name="deploy-fleet", log_prints=True, on_cancellation=[_on_cancel])
 def deploy_fleet(
     fleet: Fleet | None = None,
     fleet_file: str | None = None,
@@ -380,6 +412,9 @@ def deploy_fleet(
     run_dir = make_run_dir(runs_dir, "deploy-fleet")
     wheel_path = Path(wheel) if wheel else build_wheel(run_dir / "wheel")
     rollout = Rollout(fleet, wheel_path, run_dir, dict(fail_at or {}))
+    context = FlowRunContext.get()
+    flow_run_id = str(context.flow_run.id) if context and context.flow_run else ""
+    _RUNNING[flow_run_id] = rollout
     try:
         rollout.preflight()
         waves = fleet.waves()
@@ -405,8 +440,9 @@ def deploy_fleet(
         rollout.event("error", f"{type(exc).__name__}: {exc}")
         if rollout.summary.aborted is None:
             rollout.roll_back_all(f"{type(exc).__name__}: {exc}")
-    finally:
-        rollout.close()
+    # not reached when a Prefect cancel (TerminationSignal) ends the run: _on_cancel rolls back then
+    _RUNNING.pop(flow_run_id, None)
+    rollout.close()
     if rollout.summary.aborted:
         rolled = rollout.summary.rolled_back
         summary = rollout.finish("failed", f"{rollout.summary.aborted}; rolled back: {rolled or 'none'}")

@@ -155,7 +155,8 @@ def test_failed_canary_is_rolled_back_alone(
     # The other hosts never left the old release: the very same processes serve, nothing was installed.
     for name in ("h1", "h3"):
         assert bed.serving(name) == bed.before[name]
-        assert not Path(bed.targets[name].new.install_dir).exists()
+        install = Path(bed.targets[name].new.install_dir)
+        assert not (install / "releases").exists() and not (install / "deploy-state.json").exists()
     assert all(s.status == "UP" for s in bed.api.stats().values())
     assert "sd15" in next(h for h in summary.hosts if h.name == "h2").release_after
     assert "**aborted**: canary failed on ['h2']" in report
@@ -164,8 +165,8 @@ def test_failed_canary_is_rolled_back_alone(
 def test_second_wave_failure_rolls_back_every_upgraded_host(
     prefect_api: None, bed: FleetBed, wheel: str, tmp_path: Path
 ) -> None:
-    fleet = bed.fleet(canary=1, wave_size=2, max_unavailable=1)
-    state, summary, report, _load = run_under_load(bed, tmp_path, wheel, fleet, fail_at={"h3": "benchmark"})
+    fleet = bed.fleet(canary=1, wave_size=2, max_unavailable=2)
+    state, summary, report, _load = run_under_load(bed, tmp_path, wheel, fleet, fail_at={"h3": "warmup"})
 
     assert state.is_failed() and "wave 1 failed on ['h3']" in summary.message
     outcomes = {h.name: h.outcome for h in summary.hosts}
@@ -217,3 +218,20 @@ def test_fleet_file_errors_name_the_field(tmp_path: Path) -> None:
     loaded = load_fleet(fleet)
     assert loaded.hosts[0].target is not None and loaded.hosts[0].target.connection.kind == "local"
     assert [[h.name for h in wave] for wave in loaded.waves()] == [["h1"]]
+
+
+def test_a_host_past_its_deadline_is_rolled_back(
+    prefect_api: None, bed: FleetBed, wheel: str, tmp_path: Path
+) -> None:
+    # The canary's deploy is cut by its progress deadline (a few seconds: mid-deploy, before its gates).
+    fleet = bed.fleet(canary=1).model_copy()
+    fleet.rollout.progress_deadline_s = 8
+    state, summary, report, _load = run_under_load(bed, tmp_path, wheel, fleet)
+
+    assert state.is_failed() and "canary failed on ['h1']" in summary.message
+    canary = next(h for h in summary.hosts if h.name == "h1")
+    assert canary.outcome == "rolled back" and "past its progress deadline (8 s)" in canary.message
+    assert canary.rollback_run_dir and Path(canary.rollback_run_dir, "summary.json").is_file()
+    assert [h.outcome for h in summary.hosts[1:]] == ["not reached", "not reached"]
+    assert all(answers_legacy(bed, name) for name in NAMES)
+    assert all(s.status == "UP" for s in bed.api.stats().values())
