@@ -93,6 +93,7 @@ class LocalHAProxy:
             raise RuntimeError(
                 f"{HAPROXY} is missing: run `make setup` (it installs the Debian package haproxy)"
             )
+        self.root.mkdir(parents=True, exist_ok=True)
         for _attempt in range(3):  # another process may take the free port before HAProxy binds it
             self.port = _free_port()
             config = self.root / "haproxy.cfg"
