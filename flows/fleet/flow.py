@@ -32,72 +32,20 @@ from typing import Any, Literal
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact
 from prefect.context import FlowRunContext
-from pydantic import BaseModel, Field
 
 from flows.errors import FleetFailed, FleetFileError
-from flows.fleet.analysis import AnalysisResult, analyse
+from flows.fleet.analysis import analyse
 from flows.fleet.haproxy import HAProxyAPI
 from flows.fleet.report import fleet_markdown
+from flows.fleet.summary import Event, FleetSummary, HostRecord
 from flows.fleet.target import Fleet, FleetHost, load_fleet
 from flows.hostfs import home_dir
 from flows.procs import find_service
 from flows.releases import release_of
 from flows.runbook import deploy_sdxl, rollback_sdxl
-from flows.rundir import RunSummary, StageRecord, make_run_dir
+from flows.rundir import RunSummary, make_run_dir
 from flows.target import Target
 from flows.tasks.deploy import build_wheel, sha256_file
-
-Outcome = Literal[
-    "not reached",
-    "already upgraded",
-    "upgraded",
-    "deploy failed",
-    "rolled back",
-    "rollback failed",
-]
-
-
-class HostRecord(BaseModel):
-    """One host's part in the rollout."""
-
-    name: str
-    server: str
-    target: str
-    wave: int | None = None
-    outcome: Outcome = "not reached"
-    release_before: str = ""
-    release_after: str = ""
-    deploy_run_dir: str | None = None
-    rollback_run_dir: str | None = None
-    stages: list[StageRecord] = Field(default_factory=list)
-    gates_passed: bool | None = None
-    downtime: str | None = None  # the host's own downtime, as its deploy's prober saw it
-    drain_s: float | None = None
-    up_s: float | None = None
-    message: str = ""
-
-
-class Event(BaseModel):
-    at: str
-    event: str
-    detail: str = ""
-
-
-class FleetSummary(BaseModel):
-    flow: str = "deploy-fleet"
-    run_dir: str
-    status: Literal["running", "completed", "failed"] = "running"
-    message: str = ""
-    release_id: str = ""
-    started_at: str
-    finished_at: str | None = None
-    seconds: float | None = None
-    waves: list[list[str]] = Field(default_factory=list)
-    hosts: list[HostRecord] = Field(default_factory=list)
-    analyses: list[AnalysisResult] = Field(default_factory=list)
-    timeline: list[Event] = Field(default_factory=list)
-    aborted: str | None = None  # why the rollout stopped early, if it did
-    rolled_back: list[str] = Field(default_factory=list)
 
 
 def _now() -> str:

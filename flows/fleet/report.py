@@ -3,10 +3,7 @@ outcome, release before and after, stages, gates and downtime, and the rollout's
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from flows.fleet.flow import FleetSummary
+from flows.fleet.summary import FleetSummary
 
 
 def _cell(text: object) -> str:

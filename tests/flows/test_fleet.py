@@ -13,7 +13,8 @@ import pytest
 from bench.launch import free_port
 from flows.demo import TINY_REQUEST, start_current, stop_all
 from flows.fleet.analysis import GroupTraffic, judge
-from flows.fleet.flow import FleetSummary, deploy_fleet
+from flows.fleet.flow import deploy_fleet
+from flows.fleet.summary import FleetSummary
 from flows.fleet.haproxy import HAProxyAPI
 from flows.fleet.load import SteadyLoad
 from flows.fleet.target import Analysis, Fleet, FleetHost, LoadBalancer, Rollout
