@@ -14,9 +14,9 @@ from bench.launch import free_port
 from flows.demo import TINY_REQUEST, start_current, stop_all
 from flows.fleet.analysis import GroupTraffic, judge
 from flows.fleet.flow import deploy_fleet
-from flows.fleet.summary import FleetSummary
 from flows.fleet.haproxy import HAProxyAPI
 from flows.fleet.load import SteadyLoad
+from flows.fleet.summary import FleetSummary
 from flows.fleet.target import Analysis, Fleet, FleetHost, LoadBalancer, Rollout
 from flows.hosts import LocalHost
 from flows.procs import ProcessInfo, find_service
