@@ -236,3 +236,15 @@ def test_a_host_past_its_deadline_is_rolled_back(
     assert [h.outcome for h in summary.hosts[1:]] == ["not reached", "not reached"]
     assert all(answers_legacy(bed, name) for name in NAMES)
     assert all(s.status == "UP" for s in bed.api.stats().values())
+
+
+def test_deploy_fleet_command_names_the_bad_field(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from sdxl_deploy.cli import app
+
+    fleet = tmp_path / "fleet.yaml"
+    fleet.write_text("hosts: []\nload_balancer: {socket: /run/haproxy.sock}\n")
+    result = CliRunner().invoke(app, ["deploy-fleet", str(fleet)], env={"COLUMNS": "400"})
+    assert result.exit_code == 2
+    assert "hosts: List should have at least 1 item" in " ".join(result.output.split())
