@@ -50,7 +50,7 @@ def demo_fleet(targets: dict[str, Target], socket_path: str) -> Fleet:
             wave_size=max(count - 1, 1),
             max_unavailable=max(count - 1, 1),
             # random-weight tiny models: latency is reported, not judged
-            analysis=Analysis(duration_s=60, requests=2, min_requests=1, max_latency_ratio=None),
+            analysis=Analysis(duration_s=60, requests=1, min_requests=1, max_latency_ratio=None),
             progress_deadline_s=600,
         ),
     )
@@ -85,7 +85,7 @@ def run_fleet_demo(
         with LocalHAProxy(servers=servers, root=box / "haproxy") as proxy:
             fleet = demo_fleet(targets, proxy.socket_path)
             fail_at = {"host1": simulate_failure} if simulate_failure else None
-            with SteadyLoad(proxy.url, TINY_REQUEST, clients=2) as load:
+            with SteadyLoad(proxy.url, TINY_REQUEST, pause_s=0.25) as load:
                 state = deploy_fleet(fleet=fleet, fail_at=fail_at, runs_dir=runs_dir, return_state=True)
             outcome = state.result(raise_on_failure=False)
     finally:
