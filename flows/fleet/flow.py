@@ -393,6 +393,8 @@ def deploy_fleet(
     rollout.close()
     if rollout.summary.aborted:
         rolled = rollout.summary.rolled_back
-        summary = rollout.finish("failed", f"{rollout.summary.aborted}; rolled back: {rolled or 'none'}")
+        summary = rollout.finish(
+            "failed", f"{rollout.summary.aborted}; upgraded hosts rolled back: {rolled or 'none'}"
+        )
         raise FleetFailed(f"deploy-fleet failed: {summary.message}", str(run_dir))
     return rollout.finish("completed", f"{len(fleet.hosts)} host(s) on release {rollout.summary.release_id}")
