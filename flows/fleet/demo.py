@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from flows.demo import TINY_REQUEST, demo_target, free_port, stop_all
+from flows.fleet.haproxy import HAProxyAPI
 from flows.fleet.load import SteadyLoad
 from flows.fleet.local_lb import LocalHAProxy
 from flows.fleet.target import Analysis, Fleet, FleetHost, LoadBalancer, Rollout
@@ -84,6 +85,9 @@ def run_fleet_demo(
         servers = {name: target.current.port for name, target in targets.items()}
         with LocalHAProxy(servers=servers, root=box / "haproxy") as proxy:
             fleet = demo_fleet(targets, proxy.socket_path)
+            api = HAProxyAPI(fleet.load_balancer)
+            for name in targets:  # /ready answers once each old service is warm
+                api.wait_up(name, fleet.load_balancer.up_timeout_s)
             fail_at = {"host1": simulate_failure} if simulate_failure else None
             with SteadyLoad(proxy.url, TINY_REQUEST, pause_s=0.25) as load:
                 state = deploy_fleet(fleet=fleet, fail_at=fail_at, runs_dir=runs_dir, return_state=True)

@@ -33,7 +33,7 @@ from prefect import flow
 from prefect.artifacts import create_markdown_artifact
 from prefect.context import FlowRunContext
 
-from flows.errors import FleetFailed, FleetFileError
+from flows.errors import BalancerError, FleetFailed, FleetFileError
 from flows.fleet.analysis import analyse
 from flows.fleet.haproxy import HAProxyAPI
 from flows.fleet.report import fleet_markdown
@@ -250,9 +250,12 @@ class Rollout:
                 if stats[host.server_name].status != "UP":
                     self._back_in(host)
                 self.event(f"{host.name}: already on release {release_id}", "skipped (a rerun resumes)")
-        down = [h.name for h in self.fleet.hosts if not stats[h.server_name].up]
-        if down:
-            self.event("warning", f"HAProxy sees {down} down before the rollout")
+        for host in self.fleet.hosts:  # a host still starting: give HAProxy's check the time to see it up
+            if not stats[host.server_name].up:
+                try:
+                    self.api.wait_up(host.server_name, self.balancer.up_timeout_s)
+                except BalancerError as exc:
+                    self.event("warning", f"{host.name} is down before the rollout: {exc}")
         self.event("preflight", f"release {self.summary.release_id}; waves {self.summary.waves}")
 
     def run_wave(self, number: int, wave: list[FleetHost]) -> list[str]:
