@@ -39,10 +39,10 @@ $(SEED_STAMP): pyproject.toml constraints-seed.txt service/requirements.txt
 	$(SEED_PY) -m pip install -q -c constraints-seed.txt -c service/requirements.txt -e '.[test]'
 	touch $(SEED_STAMP)
 
-# Debian packages the tests use: a real OpenSSH server and a real Chromium.
+# Debian packages the tests use: a real OpenSSH server, a real Chromium and a real HAProxy (fleet tests, demo --fleet).
 system-deps:
-	@if ! test -x /usr/sbin/sshd || ! command -v chromium >/dev/null; then \
-		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openssh-server chromium >/dev/null; \
+	@if ! test -x /usr/sbin/sshd || ! command -v chromium >/dev/null || ! test -x /usr/sbin/haproxy; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openssh-server chromium haproxy >/dev/null; \
 	fi
 
 demo: setup

@@ -150,10 +150,17 @@ def demo(
     ] = None,
     runs_dir: RunsOption = Path("runs"),
     keep_box: Annotated[bool, typer.Option(help="Keep the demo's temporary box directory.")] = False,
+    fleet: Annotated[
+        int, typer.Option(help="Run deploy-fleet instead: this many local hosts behind a real HAProxy.")
+    ] = 0,
 ) -> None:
     """Run deploy-sdxl here: tiny-sd15 today -> tiny-sdxl staged beside it, gates, cut-over (a failure before
     it leaves the old service untouched; one after it rolls back); leaves nothing running."""
     stage = _check_stage(simulate_failure)
+    if fleet:  # the fleet demo (flows/fleet/demo.py); with a failure, the canary fails at that stage
+        from flows.fleet.commands import fleet_demo
+
+        return fleet_demo(fleet, stage, runs_dir, keep_box)
     from rich.console import Console
 
     from flows.demo import run_demo

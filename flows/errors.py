@@ -143,3 +143,18 @@ class RollbackFailed(RunFailed):
 
 class ReleaseError(FlowError):
     """A recorded release could not be found or started again; the message says why."""
+
+
+# ----------------------------------------------------------------------------------------------- fleet
+
+
+class FleetFileError(FlowError, ValueError):
+    """The fleet file is missing, unreadable or invalid; the message names the file and the field."""
+
+
+class BalancerError(FlowError):
+    """The load balancer's runtime API refused a command, or a server never reached the awaited state."""
+
+
+class FleetFailed(RunFailed):
+    """deploy-fleet failed (a canary or wave, a deadline, an abort); upgraded hosts were rolled back."""

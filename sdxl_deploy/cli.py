@@ -1,4 +1,4 @@
-"""The `sdxl-deploy` command line: serve, models, deploy/verify/rollback, demo, evaluate, report; and, from a
+"""The `sdxl-deploy` command line: serve, models, deploy/verify/rollback, deploy-fleet, demo, evaluate, report; and, from a
 checkout of the repository, the benchmarks bench-gpu and bench-unet."""
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ import typer
 
 from evaluation import commands as evaluation_commands
 from flows import commands as flow_commands
+from flows.fleet import commands as fleet_commands
 from service import commands as service_commands
 
 BENCH_COMMANDS = ("bench-gpu", "bench-unet")
@@ -60,6 +61,7 @@ for _name in BENCH_COMMANDS:
 app.add_typer(service_commands.models_app, name="models")
 for _name in ("deploy", "verify", "rollback", "approve", "releases", "demo"):
     app.command(_name)(getattr(flow_commands, _name))
+app.command("deploy-fleet")(fleet_commands.deploy_fleet)
 app.command("evaluate")(evaluation_commands.evaluate)
 app.command("report")(evaluation_commands.report)
 

@@ -28,7 +28,7 @@ from PIL import Image
 
 class Handler(BaseHTTPRequestHandler):
     def do_GET(self) -> None:  # noqa: N802 - http.server's naming
-        if self.path == "/health":
+        if self.path in ("/health", "/ready"):  # /ready: HAProxy's check in the fleet tests
             self._send(200, {"status": "healthy", "model_loaded": True, "cuda_available": False})
         else:
             self._send(404, {"success": False, "error": "not found"})

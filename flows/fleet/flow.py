@@ -1,0 +1,403 @@
+"""The `deploy-fleet` flow: upgrade every host of a fleet behind HAProxy, canary first, then in waves.
+
+Per host of a wave (hosts of one wave in parallel, at most `min(wave_size, max_unavailable)` at once):
+drain it in HAProxy, wait until its current sessions reach 0, run the single-host `deploy-sdxl` flow on it
+as a subflow (its own run, artifacts, lock, backup, automatic rollback), wait until HAProxy's own health
+check sees it up, set it `ready`. Then the analysis (the wave's hosts against the hosts still on the old
+release, over the live traffic), then the next wave.
+
+A failed canary or wave, a host past its progress deadline, a failed analysis or an abort
+(`abort_after_canary`) rolls back every host this rollout upgraded, each with `rollback-sdxl` from its own
+record, drained first and put back `ready` after. Hosts not reached are untouched.
+
+Resume: before the first wave each host is asked what serves on it now. A host whose serving process is
+the recorded release (`releases.json`, matched by PID and start time) with this rollout's release id (the
+wheel's `<version>-<sha256 prefix>`, as `ship_release` names it) is already upgraded: it is skipped (put
+back `ready` if a dead run left it drained) and counts as upgraded for a rollback. A host with an
+interrupted deploy (`deploy-state.json` in_progress) is upgraded again; its deploy restores the old
+service first. So a rerun after the control side died must ship the same wheel: pass `wheel`, e.g. the
+one the first run built (`<fleet run>/wheel/*.whl`).
+"""
+
+from __future__ import annotations
+
+import contextvars
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Literal
+
+from prefect import flow
+from prefect.artifacts import create_markdown_artifact
+from prefect.context import FlowRunContext
+
+from flows.errors import BalancerError, FleetFailed, FleetFileError
+from flows.fleet.analysis import analyse
+from flows.fleet.haproxy import HAProxyAPI
+from flows.fleet.report import fleet_markdown
+from flows.fleet.summary import Event, FleetSummary, HostRecord
+from flows.fleet.target import Fleet, FleetHost, load_fleet
+from flows.hostfs import home_dir
+from flows.procs import find_service
+from flows.releases import release_of
+from flows.runbook import deploy_sdxl, rollback_sdxl
+from flows.rundir import RunSummary, make_run_dir
+from flows.target import Target
+from flows.tasks.deploy import build_wheel, sha256_file
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def release_id_of(wheel: Path) -> str:
+    """The release id `ship_release` gives this wheel on every host: `<version>-<sha256 prefix>`."""
+    return f"{wheel.name.split('-')[1]}-{sha256_file(wheel)[:12]}"
+
+
+def serving_release(target: Target) -> tuple[str, str | None]:
+    """(what serves on the host now, in words; its recorded release id or None for the current service)."""
+    with target.connection.open() as host:
+        target = target.on_host(home_dir(host))
+        process = find_service(host, target.new.port, target.new.pid_file) or find_service(
+            host, target.current.port, target.current.pid_file
+        )
+        if process is None:
+            return "nothing answering", None
+        record = release_of(host, target, process)
+    if record is None:
+        return f"{target.current.name} (the service before any recorded release)", None
+    return f"release #{record.id}: {record.model} {record.release_id}", record.release_id
+
+
+class Rollout:
+    """One deploy-fleet run: the balancer, the hosts' records, the timeline, the run directory."""
+
+    def __init__(self, fleet: Fleet, wheel: Path, run_dir: Path, fail_at: dict[str, str]) -> None:
+        self.fleet, self.wheel, self.run_dir, self.fail_at = fleet, wheel, run_dir, fail_at
+        self.balancer = fleet.load_balancer
+        self._lb_host = fleet.load_balancer.via.open() if fleet.load_balancer.via else None
+        self.api = HAProxyAPI(self.balancer, self._lb_host)
+        self._lock = threading.Lock()
+        self.summary = FleetSummary(
+            run_dir=str(run_dir),
+            release_id=release_id_of(wheel),
+            started_at=_now(),
+            waves=[[h.name for h in wave] for wave in fleet.waves()],
+            hosts=[
+                HostRecord(name=h.name, server=h.server_name, target=self.target(h).connection.describe())
+                for h in fleet.hosts
+            ],
+        )
+        self.started = time.monotonic()
+        self.save()
+
+    def target(self, host: FleetHost) -> Target:
+        return self.fleet.host_target(host)
+
+    def record(self, host: FleetHost) -> HostRecord:
+        return next(r for r in self.summary.hosts if r.name == host.name)
+
+    def event(self, event: str, detail: str = "") -> None:
+        with self._lock:
+            self.summary.timeline.append(Event(at=_now(), event=event, detail=detail))
+            print(f"fleet: {event}{': ' + detail if detail else ''}")
+            self.save()
+
+    def save(self) -> None:
+        (self.run_dir / "summary.json").write_text(
+            self.summary.model_dump_json(indent=2) + "\n", encoding="utf-8"
+        )
+
+    def close(self) -> None:
+        if self._lb_host is not None:
+            self._lb_host.close()
+
+    # --- one host ------------------------------------------------------------------------------------
+
+    def _drain(self, host: FleetHost, deadline: float) -> float:
+        self.api.set_state(host.server_name, "drain")
+        self.event(f"{host.name}: drain", f"{self.balancer.backend}/{host.server_name}")
+        return self.api.wait_drained(host.server_name, min(self.balancer.drain_timeout_s, _left(deadline)))
+
+    def _back_in(self, host: FleetHost, deadline: float | None = None) -> float:
+        """Wait for HAProxy's check to see the host up, then set it ready; the seconds the wait took."""
+        timeout = (
+            self.balancer.up_timeout_s
+            if deadline is None
+            else min(self.balancer.up_timeout_s, _left(deadline))
+        )
+        up = self.api.wait_up(host.server_name, timeout)
+        self.api.set_state(host.server_name, "ready")
+        self.event(f"{host.name}: ready", f"HAProxy's check saw it up after {up:.1f} s")
+        return up
+
+    def upgrade(self, host: FleetHost, wave: int) -> bool:
+        """Drain, deploy-sdxl, wait for the check, ready. True when the host runs the new release."""
+        record = self.record(host)
+        record.wave = wave
+        deadline = time.monotonic() + self.fleet.rollout.progress_deadline_s
+        try:
+            record.drain_s = round(self._drain(host, deadline), 2)
+        except Exception as exc:
+            record.outcome, record.message = "deploy failed", f"drain: {exc}"
+            self._try_back_in(host, record)
+            return False
+        state = deploy_sdxl.with_options(
+            flow_run_name=f"deploy-sdxl-{host.name}", timeout_seconds=max(_left(deadline), 1.0)
+        )(
+            target=self.target(host),
+            wheel=str(self.wheel),
+            runs_dir=str(self.run_dir / host.name),
+            fail_at=self.fail_at.get(host.name),
+            return_state=True,
+        )
+        self._note_run(record, state)
+        if state.is_completed():
+            try:
+                record.up_s = round(self._back_in(host, deadline), 2)
+            except Exception as exc:
+                record.outcome, record.message = "deploy failed", f"after the deploy: {exc}"
+                self.event(f"{host.name}: FAILED", record.message)
+                return False
+            record.outcome = "upgraded"
+            return True
+        record.outcome = "deploy failed"
+        self.event(f"{host.name}: deploy FAILED", record.message)
+        if self._left_unrestored(record):  # cut by the deadline: its deploy never reached its own rollback
+            if state.name == "TimedOut":
+                record.message = (
+                    f"past its progress deadline ({self.fleet.rollout.progress_deadline_s:.0f} s)"
+                )
+            self.roll_back(host)
+            return False
+        self._try_back_in(host, record)
+        return False
+
+    @staticmethod
+    def _left_unrestored(record: HostRecord) -> bool:
+        """Whether the host's deploy ended without saying the old service answers (a timeout cuts the
+        deploy with a BaseException, past its stages' own rollback); rollback-sdxl is safe to run anyway."""
+        summary_file = Path(record.deploy_run_dir or "", "summary.json")
+        if not record.deploy_run_dir or not summary_file.is_file():
+            return True
+
+        summary = RunSummary.model_validate_json(summary_file.read_text(encoding="utf-8"))
+        return summary.status != "failed" or summary.old_service_answering is not True
+
+    def _try_back_in(self, host: FleetHost, record: HostRecord) -> None:
+        """After a failure on the host: back in the balancer when its (old) service answers the check."""
+        try:
+            record.up_s = round(self._back_in(host), 2)
+        except Exception as exc:
+            record.message += f"; left drained: {exc}"
+            self.event(f"{host.name}: left drained", str(exc))
+
+    def _note_run(self, record: HostRecord, state: Any) -> None:
+        outcome = state.result(raise_on_failure=False)
+        run_dir = getattr(outcome, "run_dir", None)
+        if run_dir is None:  # e.g. the progress deadline cut the run: its newest run directory
+            runs = sorted((self.run_dir / record.name).glob("*-deploy-sdxl*"))
+            run_dir = str(runs[-1]) if runs else None
+        record.deploy_run_dir = run_dir
+        summary_file = Path(run_dir) / "summary.json" if run_dir else None
+        if summary_file and summary_file.is_file():
+            summary = RunSummary.model_validate_json(summary_file.read_text(encoding="utf-8"))
+            record.stages, record.gates_passed = summary.stages, summary.gates_passed
+            record.downtime = summary.downtime.describe() if summary.downtime else None
+            record.message = summary.message
+        if not state.is_completed() and not record.message:
+            record.message = state.message or str(outcome)
+
+    def roll_back(self, host: FleetHost) -> None:
+        """Drain, rollback-sdxl (from the host's own record), wait for the check, ready."""
+        record = self.record(host)
+        try:
+            self._drain(host, time.monotonic() + self.balancer.drain_timeout_s)
+            state = rollback_sdxl.with_options(flow_run_name=f"rollback-sdxl-{host.name}")(
+                target=self.target(host), runs_dir=str(self.run_dir / host.name), return_state=True
+            )
+            outcome = state.result(raise_on_failure=False)
+            record.rollback_run_dir = getattr(outcome, "run_dir", None)
+            if not state.is_completed():
+                raise RuntimeError(state.message)
+            self._back_in(host)
+            record.outcome = "rolled back"
+            self.summary.rolled_back.append(host.name)
+        except Exception as exc:
+            record.outcome = "rollback failed"
+            record.message = f"{record.message}; rollback: {exc}" if record.message else f"rollback: {exc}"
+            self.event(f"{host.name}: ROLLBACK FAILED", str(exc))
+            self._try_back_in(host, record)
+
+    # --- the rollout ---------------------------------------------------------------------------------
+
+    def preflight(self) -> None:
+        """Every server is in the backend; what each host serves now; hosts already upgraded are skipped."""
+        stats = self.api.stats()
+        for host in self.fleet.hosts:
+            record = self.record(host)
+            if host.server_name not in stats:
+                raise FleetFileError(
+                    f"host {host.name!r}: HAProxy backend {self.balancer.backend!r} has no server "
+                    f"{host.server_name!r} (servers: {sorted(stats)})"
+                )
+            record.release_before, release_id = serving_release(self.target(host))
+            if release_id == self.summary.release_id:
+                record.outcome = "already upgraded"
+                if stats[host.server_name].status != "UP":
+                    self._back_in(host)
+                self.event(f"{host.name}: already on release {release_id}", "skipped (a rerun resumes)")
+        for host in self.fleet.hosts:  # a host still starting: give HAProxy's check the time to see it up
+            if not stats[host.server_name].up:
+                try:
+                    self.api.wait_up(host.server_name, self.balancer.up_timeout_s)
+                except BalancerError as exc:
+                    self.event("warning", f"{host.name} is down before the rollout: {exc}")
+        self.event("preflight", f"release {self.summary.release_id}; waves {self.summary.waves}")
+
+    def run_wave(self, number: int, wave: list[FleetHost]) -> list[str]:
+        """Upgrade the wave's hosts (in parallel up to the limit); the names of those that failed."""
+        todo = [h for h in wave if self.record(h).outcome != "already upgraded"]
+        self.event(
+            f"wave {number}", f"hosts {[h.name for h in wave]}" + ("" if todo else " (all already upgraded)")
+        )
+        with ThreadPoolExecutor(
+            max_workers=self.fleet.rollout.parallelism, thread_name_prefix="fleet"
+        ) as pool:
+            # each host's subflow runs in a copy of this flow's context, so it is a child run of deploy-fleet
+            futures = {
+                h.name: pool.submit(contextvars.copy_context().run, self.upgrade, h, number) for h in todo
+            }
+            return [name for name, future in futures.items() if not _result(future)]
+
+    def upgraded(self) -> list[FleetHost]:
+        return [h for h in self.fleet.hosts if self.record(h).outcome in ("upgraded", "already upgraded")]
+
+    def roll_back_all(self, why: str) -> None:
+        """Roll back every host this rollout upgraded (a host at a time per allowed unavailable host)."""
+        self.summary.aborted = why
+        hosts = self.upgraded()
+        self.event("abort", f"{why}; rolling back {[h.name for h in hosts] or 'no host'}")
+        with ThreadPoolExecutor(
+            max_workers=self.fleet.rollout.max_unavailable, thread_name_prefix="fleet"
+        ) as pool:
+            for future in [pool.submit(contextvars.copy_context().run, self.roll_back, h) for h in hosts]:
+                future.result()
+
+    def finish(self, status: Literal["completed", "failed"], message: str) -> FleetSummary:
+        for host in self.fleet.hosts:
+            record = self.record(host)
+            try:
+                record.release_after, _ = serving_release(self.target(host))
+            except Exception as exc:
+                record.release_after = f"unknown ({type(exc).__name__}: {exc})"
+        self.summary.status, self.summary.message = status, message
+        self.summary.finished_at = _now()
+        self.summary.seconds = round(time.monotonic() - self.started, 1)
+        self.save()
+        report = fleet_markdown(self.summary)
+        (self.run_dir / "report.md").write_text(report, encoding="utf-8")
+        create_markdown_artifact(key="deploy-fleet-summary", markdown=report, description=message[:200])
+        print(f"deploy-fleet {status}: {message}\nrun directory: {self.run_dir}")
+        return self.summary
+
+
+def _left(deadline: float) -> float:
+    return max(deadline - time.monotonic(), 0.0)
+
+
+def _result(future: Any) -> bool:
+    try:
+        return bool(future.result())
+    except Exception as exc:  # a bug or a lost balancer: the host counts as failed
+        print(f"fleet: host upgrade raised {type(exc).__name__}: {exc}")
+        return False
+
+
+# The rollouts running in this process, by flow run id: what a Prefect cancel must roll back.
+_RUNNING: dict[str, Rollout] = {}
+
+
+def _on_cancel(flow: Any, flow_run: Any, state: Any) -> None:
+    """Prefect cancel (the engine's `on_cancellation` hook, in the run's own process, after the hosts of
+    the wave in progress finished): roll back every host this rollout upgraded, as an abort does."""
+    rollout = _RUNNING.pop(str(flow_run.id), None)
+    if rollout is None:
+        return
+    rollout.roll_back_all("cancelled in Prefect")
+    rollout.finish("failed", f"cancelled in Prefect; rolled back: {rollout.summary.rolled_back or 'none'}")
+
+
+@flow(name="deploy-fleet", log_prints=True, on_cancellation=[_on_cancel])
+def deploy_fleet(
+    fleet: Fleet | None = None,
+    fleet_file: str | None = None,
+    wheel: str | None = None,
+    runs_dir: str = "runs",
+    fail_at: dict[str, str] | None = None,
+    abort_after_canary: bool = False,
+) -> FleetSummary:
+    """Upgrade every host of the fleet behind HAProxy: canary, analysis, waves; any failure rolls back
+    every host this rollout upgraded.
+
+    Args:
+        fleet: The hosts, the load balancer and the rollout (ignored when fleet_file is set).
+        fleet_file: A YAML/JSON fleet file on the worker's machine.
+        wheel: A prebuilt wheel of this project to ship to every host (default: build one now). A rerun
+            that should resume must ship the same wheel.
+        runs_dir: Where the fleet's run directory (summary.json, report.md, each host's runs) is written.
+        fail_at: Rehearsal only: host name -> the deploy stage to fail on that host.
+        abort_after_canary: Stop after the canary's analysis and roll the canary back (a rehearsal of a
+            person's abort, or a canary to look at only).
+    """
+    if fleet_file:
+        fleet = load_fleet(fleet_file)
+    if fleet is None:
+        raise FleetFileError("deploy-fleet needs a fleet or a fleet_file")
+    unknown = sorted(set(fail_at or {}) - {h.name for h in fleet.hosts})
+    if unknown:
+        raise FleetFileError(f"fail_at: {unknown} are not hosts of this fleet")
+    run_dir = make_run_dir(runs_dir, "deploy-fleet")
+    wheel_path = Path(wheel) if wheel else build_wheel(run_dir / "wheel")
+    rollout = Rollout(fleet, wheel_path, run_dir, dict(fail_at or {}))
+    context = FlowRunContext.get()
+    flow_run_id = str(context.flow_run.id) if context and context.flow_run else ""
+    _RUNNING[flow_run_id] = rollout
+    try:
+        rollout.preflight()
+        waves = fleet.waves()
+        has_canary = bool(fleet.rollout.canary)
+        for number, wave in enumerate(waves):
+            failed = rollout.run_wave(number, wave)
+            name = "canary" if number == 0 and has_canary else f"wave {number}"
+            if failed:
+                rollout.roll_back_all(f"{name} failed on {failed}")
+                break
+            upgraded = [h.server_name for h in rollout.upgraded()]
+            old = [h.server_name for h in fleet.hosts if h.server_name not in upgraded]
+            result = analyse(rollout.api, number, upgraded, old, fleet.rollout.analysis)
+            rollout.summary.analyses.append(result)
+            rollout.event(f"analysis of {name}", result.describe())
+            if result.verdict == "fail":
+                rollout.roll_back_all(f"the analysis of {name} failed")
+                break
+            if number == 0 and abort_after_canary:
+                rollout.roll_back_all("abort_after_canary")
+                break
+    except Exception as exc:  # the balancer or a host became unreachable: return what was upgraded
+        rollout.event("error", f"{type(exc).__name__}: {exc}")
+        if rollout.summary.aborted is None:
+            rollout.roll_back_all(f"{type(exc).__name__}: {exc}")
+    # not reached when a Prefect cancel (TerminationSignal) ends the run: _on_cancel rolls back then
+    _RUNNING.pop(flow_run_id, None)
+    rollout.close()
+    if rollout.summary.aborted:
+        rolled = rollout.summary.rolled_back
+        summary = rollout.finish(
+            "failed", f"{rollout.summary.aborted}; upgraded hosts rolled back: {rolled or 'none'}"
+        )
+        raise FleetFailed(f"deploy-fleet failed: {summary.message}", str(run_dir))
+    return rollout.finish("completed", f"{len(fleet.hosts)} host(s) on release {rollout.summary.release_id}")
