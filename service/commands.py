@@ -14,6 +14,10 @@ def serve(
     model: Annotated[str | None, typer.Option(help="Registry name or path (default: SDXL_MODEL).")] = None,
     host: Annotated[str | None, typer.Option(help="Bind address (default 127.0.0.1).")] = None,
     port: Annotated[int | None, typer.Option(help="Port (default 7860).")] = None,
+    ready_sizes: Annotated[
+        str | None,
+        typer.Option(help="Sizes compiled before /ready besides the default, e.g. 512x512,832x1216."),
+    ] = None,
 ) -> None:
     """Serve a model over HTTP (GET /health, GET /ready, POST /generate, GET /metrics)."""
     from pydantic import ValidationError
@@ -21,7 +25,8 @@ def serve(
     from service.server import serve as run_server
     from service.settings import ServiceSettings
 
-    overrides = {k: v for k, v in {"model": model, "host": host, "port": port}.items() if v is not None}
+    given = {"model": model, "host": host, "port": port, "ready_sizes": ready_sizes}
+    overrides = {k: v for k, v in given.items() if v is not None}
     try:
         settings = ServiceSettings(**overrides)
     except ValidationError as exc:

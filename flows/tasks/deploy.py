@@ -271,6 +271,7 @@ def serve_argv(target: Target, python: str | None = None) -> list[str]:
         "127.0.0.1",
         "--port",
         str(new.port),
+        *(["--ready-sizes", ",".join(target.ready_sizes)] if target.ready_sizes else []),  # issue 18
         *new.serve_args,
     ]
 
