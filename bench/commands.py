@@ -41,6 +41,9 @@ def bench_gpu(
     ablation: Annotated[
         bool, typer.Option(help="Time the eager techniques one by one (classic attention -> SDPA -> ...).")
     ] = True,
+    mixed: Annotated[
+        bool, typer.Option(help="Mixed sizes after a cold start, against each size's uncompiled time.")
+    ] = False,
     budget_s: Annotated[float, typer.Option(help="Skip optional stages past this many seconds.")] = 570.0,
     tiny: Annotated[bool, typer.Option(help="Tiny models at 128 px: a quick dry run (CPU is fine).")] = False,
 ) -> None:
@@ -64,6 +67,7 @@ def bench_gpu(
         ablation=ablation,
         budget_s=budget_s,
         tiny=tiny,
+        mixed=mixed,
     )
     results = run_bench(config)
     if results.errors:

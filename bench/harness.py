@@ -43,6 +43,7 @@ class BenchConfig:
     budget_s: float = 570.0  # stop starting optional stages past this (device commands end at 600 s)
     pytest_gpu: bool = False
     ablation: bool = True  # the eager technique-by-technique chain (stage 3)
+    mixed: bool = False  # the mixed-size stage (bench/mixed.py)
 
 
 @dataclass
@@ -58,6 +59,7 @@ class Results:
     ablation: dict[str, Any] = field(default_factory=dict)
     encode: dict[str, Any] = field(default_factory=dict)
     pytest: dict[str, Any] = field(default_factory=dict)
+    mixed: dict[str, Any] = field(default_factory=dict)
     errors: list[str] = field(default_factory=list)
 
 

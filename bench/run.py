@@ -12,7 +12,9 @@
    HTTP (request -> JSON with base64 PNG, decoded by the client) and the same-seed comparison with step 3;
 5. a restart with the warm compile cache (restart-to-ready), a few requests after it, then N concurrent
    clients on the restarted service;
-6. optional: service variants (`SERVICE_VARIANTS`, e.g. CUDA graphs off, the opt-ins), each started and
+6. optional (`--mixed`): mixed sizes right after a cold start, against each size's uncompiled time
+   (`bench.mixed`);
+7. optional: service variants (`SERVICE_VARIANTS`, e.g. CUDA graphs off, the opt-ins), each started and
    restarted like the default (no concurrent clients); the PNG encoders on 1024x1024 (`bench.encode`).
 
 Scenarios are data (`bench.scenarios`). Each stage runs in its own `Bench.stage`: a failure is recorded and the
@@ -28,7 +30,7 @@ import sys
 import time
 from dataclasses import asdict
 
-from bench import baseline, eager, encode, served
+from bench import baseline, eager, encode, mixed, served
 from bench.harness import Bench, BenchConfig, Results
 from bench.launch import REPO
 from bench.measure import environment
@@ -59,6 +61,9 @@ def run_stages(bench: Bench) -> Results:
         if "service" not in bench.c.skip:
             with bench.stage(f"{family}: service"):
                 served.run_service(bench, family, model_dir)
+        if bench.c.mixed:
+            with bench.stage(f"{family}: mixed sizes"):
+                mixed.run_mixed(bench, family, model_dir)
         for variant in bench.c.variants:
             with bench.stage(f"{family}: service {variant}", optional=True, needs_s=90) as ok:
                 if ok:

@@ -6,6 +6,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from bench.mixed import mixed_lines
 from bench.scenarios import SCENARIOS
 
 if TYPE_CHECKING:
@@ -97,6 +98,8 @@ def table(results: Results) -> str:
             f"{key}: restart to ready, warm cache {fmt(warm.get('ready_s'))} (target 60 s); "
             f"warm-up {fmt(warm.get('warmup_compile_s'))}"
         )
+    for family, m in r.mixed.items():
+        lines.extend(mixed_lines(family, m))
     enc = r.encode
     for name in ("noise", "smooth_plus_noise"):
         if name in enc:

@@ -39,6 +39,9 @@ class Variant:
     attention: str = "default"  # "default" (PyTorch's own choice) or "cudnn"
     coordinate_descent: bool = False  # Inductor's coordinate-descent tuning of its Triton kernels
     fp8: bool = False  # torchao float8 linears (dynamic per-row activation and weight scales): changes output
+    regional: bool = (
+        False  # diffusers' compile_repeated_blocks: each transformer block compiled, not the UNet
+    )
 
 
 VARIANTS: tuple[Variant, ...] = (
@@ -52,7 +55,9 @@ VARIANTS: tuple[Variant, ...] = (
     Variant("compiled+cudnn-attention", compiled=True, images=1, attention="cudnn"),
     Variant("compiled+coordinate-descent", compiled=True, images=1, coordinate_descent=True),
     Variant("compiled+fp8 linears (torchao)", compiled=True, images=1, fp8=True),
+    Variant("compiled, regional (repeated blocks)", compiled=True, images=1, regional=True),
 )
+NEW_SIZE = {1024: 512, 512: 768, 128: 64}  # the size each compiled variant compiles next (compile time only)
 
 
 @contextmanager
@@ -174,6 +179,7 @@ class Measured:
     tflops: float
     calls: int
     rel_err: float | None  # ||out - eager out|| / ||eager out|| for one call at t=500 (images=1 only)
+    new_size_compile_s: float | None = None  # first calls at NEW_SIZE (compile + CUDA graph), compiled only
 
 
 def run(
@@ -265,7 +271,11 @@ def _measure(
         if v.compiled:
             torch._dynamo.reset()
             inductor_config.coordinate_descent_tuning = v.coordinate_descent
-            runner = torch.compile(unet, mode="reduce-overhead", fullgraph=False, dynamic=False)
+            if v.regional:  # in place: undone below
+                unet.compile_repeated_blocks(mode="reduce-overhead", fullgraph=True, dynamic=False)
+                runner = unet
+            else:
+                runner = torch.compile(unet, mode="reduce-overhead", fullgraph=False, dynamic=False)
             t0 = time.perf_counter()
             time_calls(runner, inputs, 3, compiled=True)  # compile, then record the CUDA graph
             compile_s = round(time.perf_counter() - t0, 1)
@@ -278,7 +288,17 @@ def _measure(
             if v.compiled:
                 torch.compiler.cudagraph_mark_step_begin()
             rel_err = float((one_output(runner, inputs) - reference).norm() / reference.norm())
+        new_size_s = None
+        if v.compiled and v.images == 1:
+            other = unet_inputs(unet, 1, NEW_SIZE.get(size, size // 2), dtype, device)
+            t0 = time.perf_counter()
+            time_calls(runner, other, 3, compiled=True)
+            new_size_s = round(time.perf_counter() - t0, 1)
     inductor_config.coordinate_descent_tuning = False
+    if v.regional:
+        for module in unet.modules():
+            if module.__class__.__name__ in unet._repeated_blocks:
+                module._compiled_call_impl = None
     per_call = statistics.median(seconds)
     return Measured(
         variant=v,
@@ -288,6 +308,7 @@ def _measure(
         tflops=round(flops * v.images / per_call / 1e12, 1),
         calls=calls,
         rel_err=None if rel_err is None else round(rel_err, 5),
+        new_size_compile_s=new_size_s,
     )
 
 
@@ -320,7 +341,7 @@ def table(
     rows = [
         f"{family} UNet at {size}x{size}, CFG on, {dtype}: {flops / 1e12:.2f} TFLOP per image per call",
         f"{'variant':32} {'img':>3} {'ms/call':>8} {'ms/img':>7} {'TFLOP/s':>8} {'vs x1':>6} {'compile':>8} "
-        f"{'rel.err':>8}",
+        f"{'rel.err':>8} {'new size':>8}",
     ]
     single = {r.variant.name: r.ms_per_image for r in results if r.variant.images == 1}
     for r in results:
@@ -330,7 +351,8 @@ def table(
         rows.append(
             f"{r.variant.name:32} {r.variant.images:>3} {r.ms_per_call:>8.2f} {r.ms_per_image:>7.2f} "
             f"{r.tflops:>8.1f} {speedup:>6} {compile_s:>8} "
-            f"{'-' if r.rel_err is None else format(r.rel_err, '.1e'):>8}"
+            f"{'-' if r.rel_err is None else format(r.rel_err, '.1e'):>8} "
+            f"{'-' if r.new_size_compile_s is None else format(r.new_size_compile_s, '.0f') + ' s':>8}"
         )
     if skipped:
         rows.append(f"skipped (budget): {', '.join(skipped)}")

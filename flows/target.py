@@ -251,6 +251,22 @@ class NewService(_Model):
         30.0, gt=0, description="How long the cut-over may take to see the new service on the app's port."
     )
 
+    # ----- compiled before /ready (issue 18) -----
+    ready_sizes: list[str] | None = Field(
+        None,
+        description="Sizes (WIDTHxHEIGHT) the service compiles before /ready besides its model's default; "
+        "default: the size of workload.app_request. Other sizes are served uncompiled while they compile.",
+    )
+
+    @field_validator("ready_sizes")
+    @classmethod
+    def _sizes(cls, sizes: list[str] | None) -> list[str] | None:
+        for size in sizes or []:
+            width, _, height = size.lower().partition("x")
+            if not (width.isdigit() and height.isdigit() and int(width) % 8 == 0 and int(height) % 8 == 0):
+                raise ValueError(f"new.ready_sizes: {size!r} is not WIDTHxHEIGHT with multiples of 8")
+        return sizes
+
     @field_validator("env")
     @classmethod
     def _env_names(cls, env: dict[str, str]) -> dict[str, str]:
@@ -410,6 +426,17 @@ class Target(_Model):
         default_factory=lambda: [c.model_copy() for c in DEFAULT_CRITERIA],
         description="Success criteria: name, threshold, enforce (or warn only).",
     )
+
+    @property
+    def ready_sizes(self) -> list[str]:
+        """What `serve --ready-sizes` gets: `new.ready_sizes`, else the size `workload.app_request` names."""
+        if self.new.ready_sizes is not None:
+            return list(self.new.ready_sizes)
+        request = self.workload.app_request
+        if request.get("width") or request.get("height"):
+            width, height = self.workload.size
+            return [f"{width}x{height}"]
+        return []
 
     @field_validator("criteria")
     @classmethod

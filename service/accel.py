@@ -18,8 +18,10 @@ by the benchmark (`sdxl-deploy bench-gpu`, docs/BENCHMARKS.md), not assumed here
   compiled shape; `service/embeddings.py` keeps the embeddings of recent texts).
 - cuda_graphs: compile mode `reduce-overhead`: each UNet call is replayed as one CUDA graph, removing the
   CPU launch overhead (what limits SD1.5 at 512 px).
-- warmup_on_load: short generations at the default size before `/ready` (`service/warmup.py`), so the first
-  compile happens then and not in a client's request.
+- warmup_on_load: short generations at the default size and the `ready_sizes` before `/ready`
+  (`service/warmup.py`), so those compiles happen then and not in a client's request. Once ready, a size
+  with no compiled function runs uncompiled at once and compiles on a compile thread (with save_compiled:
+  `saved_compile.BackgroundCompiler`); later requests at that size use the compiled function.
 - coalesce: compatible requests waiting in the queue run as one batched call (`service/worker.py`), in
   batches of 2, 4, ... images up to `coalesce_max_images`; with compile on, each of those sizes is warmed up
   too (static shapes: each batch size is its own compiled graph).
@@ -41,6 +43,7 @@ import torch
 
 from service import saved_compile
 from service.compile_check import compile_problem
+from service.schema import CompileStatus
 from service.settings import ServiceSettings, Toggle
 
 log = logging.getLogger(__name__)
@@ -176,15 +179,23 @@ def use_compile_cache(cache_dir: str | Path) -> Path:
 
 def _modules(pipes: Iterable[Any], names: tuple[str, ...]) -> Iterator[tuple[str, torch.nn.Module]]:
     """(name, module) of each pipeline's modules of those names, each shared module once."""
+    for name, module, _ in _indexed_modules(pipes, names):
+        yield name, module
+
+
+def _indexed_modules(
+    pipes: Iterable[Any], names: tuple[str, ...]
+) -> Iterator[tuple[str, torch.nn.Module, int]]:
+    """`_modules` with the index of the pipeline each module was first found in."""
     seen: set[int] = set()
-    for pipe in pipes:
+    for index, pipe in enumerate(pipes):
         if pipe is None:
             continue
         for name in names:
             module = getattr(pipe, name, None)
             if module is not None and id(module) not in seen:
                 seen.add(id(module))
-                yield name, module
+                yield name, module, index
 
 
 def apply_speed(plan: SpeedPlan, pipes: Iterable[Any]) -> list[str]:
@@ -198,7 +209,7 @@ def apply_speed(plan: SpeedPlan, pipes: Iterable[Any]) -> list[str]:
     if plan.compile and plan.cache_dir:
         done.append(f"compile_cache={use_compile_cache(plan.cache_dir)}")
     pipes = list(pipes)
-    for name, module in _modules(pipes, ("unet", "vae")):
+    for name, module, index in _indexed_modules(pipes, ("unet", "vae")):
         if hasattr(module, "set_attn_processor"):  # the tiny VAE (AutoencoderTiny) has no attention
             if not plan.sdpa and not plan.fuse_qkv:
                 module.set_attn_processor(AttnProcessor())
@@ -212,8 +223,8 @@ def apply_speed(plan: SpeedPlan, pipes: Iterable[Any]) -> list[str]:
         # dynamic=False: base and refiner UNets share forward's code object, so with automatic dynamic
         # shapes the refiner's first call turned into a slow symbolic-shape recompile (> 6 min on SDXL);
         # static shapes compile each (model, size) once, cached on disk.
-        if plan.compile and name == "unet":
-            _compile(plan, module, name)
+        if plan.compile and name == "unet":  # the engine passes (base, refiner, img2img)
+            _compile(plan, module, name, "refiner unet" if index == 1 else "unet")
         elif plan.compile_vae and name == "vae":
             _compile(plan, module.decoder, "vae-decoder")
         done.append(f"{name}:{'sdpa' if plan.sdpa else 'classic-attn'}{'+fused' if plan.fuse_qkv else ''}")
@@ -227,11 +238,11 @@ def apply_speed(plan: SpeedPlan, pipes: Iterable[Any]) -> list[str]:
     return done
 
 
-def _compile(plan: SpeedPlan, module: torch.nn.Module, label: str) -> None:
+def _compile(plan: SpeedPlan, module: torch.nn.Module, label: str, name: str | None = None) -> None:
     """Compile `module`'s calls: saved whole on disk with `save_compiled`, else plain torch.compile."""
     if plan.save_compiled and plan.cache_dir:
         saved_compile.saved_compile(
-            module, Path(plan.cache_dir) / saved_compile.FOLDER, label, plan.compile_mode
+            module, Path(plan.cache_dir) / saved_compile.FOLDER, label, plan.compile_mode, name
         )
     else:
         module.compile(mode=plan.compile_mode, fullgraph=False, dynamic=False)
@@ -247,3 +258,17 @@ def saved_compiles(pipes: Iterable[Any]) -> list[saved_compile.SavedCompile]:
 def is_compiled(module: torch.nn.Module) -> bool:
     """Whether `module.compile()` wrapped this module's call."""
     return getattr(module, "_compiled_call_impl", None) is not None
+
+
+def compile_status(pipes: Iterable[Any]) -> CompileStatus | None:
+    """Which shapes of the saved-compile calls are compiled, compiling (or queued) and failed; None without."""
+    calls = saved_compiles(pipes)
+    if not calls:
+        return None
+    shapes = [(shape, state) for call in calls for shape, state in list(call.shapes.items())]
+    return CompileStatus(
+        compiled=[shape for shape, state in shapes if state == "compiled"],
+        compiling=[shape for shape, state in shapes if state in ("queued", "compiling")],
+        failed=[shape for shape, state in shapes if state == "failed"],
+        uncompiled_calls=sum(call.uncompiled_calls for call in calls),
+    )

@@ -18,6 +18,10 @@ def serve(
         int | None,
         typer.Option(help="When --port is held at start, serve here and take --port over on SIGUSR1."),
     ] = None,
+    ready_sizes: Annotated[
+        str | None,
+        typer.Option(help="Sizes compiled before /ready besides the default, e.g. 512x512,832x1216."),
+    ] = None,
 ) -> None:
     """Serve a model over HTTP (GET /health, GET /ready, POST /generate, GET /metrics)."""
     from pydantic import ValidationError
@@ -25,11 +29,8 @@ def serve(
     from service.server import serve as run_server
     from service.settings import ServiceSettings
 
-    overrides = {
-        k: v
-        for k, v in {"model": model, "host": host, "port": port, "stage_port": stage_port}.items()
-        if v is not None
-    }
+    given = {"model": model, "host": host, "port": port, "stage_port": stage_port, "ready_sizes": ready_sizes}
+    overrides = {k: v for k, v in given.items() if v is not None}
     try:
         settings = ServiceSettings(**overrides)
     except ValidationError as exc:

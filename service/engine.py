@@ -6,7 +6,7 @@ import gc
 import logging
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,6 +23,7 @@ from service.models import ModelSpec, resolve_model
 from service.params import GenerationParams, final_size, resolve_params
 from service.restorers import FaceRestorer, load_restorer
 from service.samplers import SchedulerCache
+from service.saved_compile import BackgroundCompiler
 from service.schema import GenerateRequest
 from service.settings import ServiceSettings
 from service.startup import StartupRecord
@@ -106,6 +107,7 @@ class Engine:
         self.schedulers = SchedulerCache()
         self.quality_options: list[str] = []  # opt-in settings in force that change the images
         self.embeddings = TextEmbeddings(settings.prompt_cache_size)  # prompts encoded once, kept
+        self.compiler: BackgroundCompiler | None = None  # once ready: compiles new shapes aside (warmup.py)
 
     # ----- loading -------------------------------------------------------------------------------
 
@@ -279,12 +281,14 @@ class Engine:
             raise GenerationFailed("model is not loaded")
         timings: dict[str, float] = {}
         self._reset_peak()
+        beside = self.compiler.request_running() if self.compiler is not None else nullcontext()
         try:
             self.faults.maybe_raise()
-            if len(requests) == 1:
-                images = self._run_stages(*requests[0], timings)
-            else:
-                images = self._run_coalesced(requests, timings)
+            with beside:  # a compile running aside shares the GIL in short turns
+                if len(requests) == 1:
+                    images = self._run_stages(*requests[0], timings)
+                else:
+                    images = self._run_coalesced(requests, timings)
         except torch.OutOfMemoryError as exc:
             self.free_memory()
             w, h = final_size(requests[0][0])

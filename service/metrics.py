@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from service.schema import CompileStatus
 
 LATENCY_BUCKETS = (0.1, 0.25, 0.5, 1, 2, 3, 5, 8, 13, 20, 30, 60, 120, 300)
 
@@ -12,8 +16,14 @@ LATENCY_BUCKETS = (0.1, 0.25, 0.5, 1, 2, 3, 5, 8, 13, 20, 30, 60, 120, 300)
 class ServiceMetrics:
     """Requests, latency, queue depth, errors and VRAM, exposed at `GET /metrics`."""
 
-    def __init__(self, queue_depth: Callable[[], float], vram_used_gb: Callable[[], float]) -> None:
+    def __init__(
+        self,
+        queue_depth: Callable[[], float],
+        vram_used_gb: Callable[[], float],
+        compiles: Callable[[], CompileStatus | None] = lambda: None,
+    ) -> None:
         self.registry = CollectorRegistry()
+        self.registry.register(_CompileCollector(compiles))
         self.requests = Counter(
             "sdxl_requests", "HTTP requests by route and status.", ["route", "status"], registry=self.registry
         )
@@ -42,3 +52,28 @@ class ServiceMetrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class _CompileCollector(Collector):
+    """`sdxl_compile_shape{shape, state}` = 1 per shape (compiled, compiling, failed) and the count of module
+    calls run uncompiled because their shape was not compiled yet, read from the engine at each scrape."""
+
+    def __init__(self, compiles: Callable[[], CompileStatus | None]) -> None:
+        self.compiles = compiles
+
+    def collect(self) -> Iterator[Metric]:
+        status = self.compiles() or CompileStatus()
+        shapes = GaugeMetricFamily(
+            "sdxl_compile_shape",
+            "Shapes of the compiled modules by state: compiled, compiling (off the request path) or failed.",
+            labels=["shape", "state"],
+        )
+        for state in ("compiled", "compiling", "failed"):
+            for shape in getattr(status, state):
+                shapes.add_metric([shape, state], 1)
+        yield shapes
+        yield CounterMetricFamily(
+            "sdxl_uncompiled_calls",
+            "Module calls run uncompiled because their shape was compiling off the request path (or failed).",
+            value=status.uncompiled_calls,
+        )

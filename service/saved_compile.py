@@ -16,6 +16,22 @@ functions, classes and modules, and globals) are dropped: the file's name alread
 (the module's code, layers and attention processors, and the torch / diffusers versions). A signature that
 cannot be compiled whole or saved runs under plain `torch.compile` of the module, with a warning (torch
 2.11 cannot save a UNet call that returns diffusers' output dataclass; the pipelines ask for tuples).
+
+Off the request path (`BackgroundCompiler`, attached once the service is ready): a call whose signature has
+no function yet runs the module uncompiled at once (the same images up to rounding), and its signature is
+compiled and saved on a compile thread of the same process; the calls after it use the new function. Why a
+thread: torch's ahead-of-time compile traces with fake tensors (it runs nothing on the GPU) and Dynamo's
+frame hook is per thread, so the GPU worker thread keeps running requests (uncompiled, or other sizes'
+compiled functions) while the compile thread traces and Inductor builds kernels; the new function is first
+called - and its CUDA graphs recorded - on the GPU worker thread, the only thread whose graph tree the
+service uses. Nothing is loaded twice (a compile process would hold a second copy of the model on the card).
+The GIL: every torch op releases and takes back the GIL, so a worker thread that shares it with a busy
+compile thread waits up to a switch interval (5 ms by default) at each of a UNet's ~2000 ops: measured on an
+H200, an uncompiled SDXL request at 512 px took 89 s instead of 3.3 s beside a compile. So while a request
+runs beside a compile (`BackgroundCompiler.request_running`, used by the engine) the interval is 20 us: the
+worker waits microseconds per op and the compile goes on at a share of the GIL.
+(Parking the compile thread with a profile hook kept requests at uncompiled speed but slowed the compile
+itself several-fold: measured, docs/BENCHMARKS.md.)
 """
 
 from __future__ import annotations
@@ -23,8 +39,12 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import queue
+import sys
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -116,14 +136,28 @@ def _wrapped_functions(module: torch.nn.Module) -> dict[str, Any]:
     return found
 
 
+def describe(label: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
+    """A signature as /health names it: the label and the first tensor's shape, e.g. "unet 2x4x128x128"."""
+    for leaf in pytree.tree_leaves((args, kwargs)):
+        if isinstance(leaf, torch.Tensor):
+            return f"{label} {'x'.join(map(str, leaf.shape))}"
+    return label
+
+
 class SavedCompile:
     """A module's call, compiled whole once per input signature and kept on disk in `cache_dir`."""
 
-    def __init__(self, module: torch.nn.Module, cache_dir: Path, label: str, mode: str) -> None:
+    def __init__(
+        self, module: torch.nn.Module, cache_dir: Path, label: str, mode: str, name: str | None = None
+    ) -> None:
         self.module = module
         self.cache_dir = cache_dir
         self.label = label
+        self.name = name or label  # what /health calls it ("refiner unet"); files are named by `label`
         self.mode = mode
+        self.background: BackgroundCompiler | None = None  # set: new signatures compile off the call path
+        self.shapes: dict[str, str] = {}  # describe() -> compiled | queued | compiling | failed
+        self.uncompiled_calls = 0  # calls run uncompiled while their signature compiled elsewhere (or failed)
         self._structure = hashlib.sha256(structure(module).encode()).hexdigest()
         self._external = _wrapped_functions(module)
         self._functions: list[Any] = []
@@ -137,14 +171,20 @@ class SavedCompile:
         # each call is a new invocation for the CUDA-graph trees, as torch.compile's own calls are: without it
         # the UNet's calls in one request become one ever longer path of graphs, each recorded on first use
         GenerationTracker.generation += 1
-        for fn in self._functions:
+        for fn in tuple(self._functions):  # the compile thread appends to it
             if fn.guard_check(self.module, *args, **kwargs):
                 return fn(self.module, *args, **kwargs)
         key = signature(args, kwargs)
+        if self.background is not None:  # ready: never compile in a request; this call runs uncompiled
+            if key not in self._unsaveable:
+                self.background.submit(self, key, args, kwargs)
+            self.uncompiled_calls += 1
+            return self.module._call_impl(*args, **kwargs)
         if key not in self._unsaveable:
             fn = self._function_for(key, args, kwargs)
             if fn is not None:
                 self._functions.append(fn)
+                self.shapes[describe(self.name, args, kwargs)] = "compiled"
                 return fn(self.module, *args, **kwargs)
             self._unsaveable.add(key)
         if self._plain is None:
@@ -233,8 +273,118 @@ class SavedCompile:
         return fn
 
 
-def saved_compile(module: torch.nn.Module, cache_dir: Path, label: str, mode: str) -> SavedCompile:
+def saved_compile(
+    module: torch.nn.Module, cache_dir: Path, label: str, mode: str, name: str | None = None
+) -> SavedCompile:
     """Make `module`'s calls go through a `SavedCompile` (as `module.compile()` would through torch.compile)."""
-    call = SavedCompile(module, cache_dir, label, mode)
+    call = SavedCompile(module, cache_dir, label, mode, name)
     module._compiled_call_impl = call
     return call
+
+
+REQUEST_SWITCH_S = 2e-5  # the GIL's switch interval while a request runs beside a compile
+
+
+def _copy(value: Any) -> Any:
+    """A tensor's copy with the same shape, strides, dtype and device (the compile must not see later writes)."""
+    if not isinstance(value, torch.Tensor):
+        return value
+    return torch.empty_strided(value.shape, value.stride(), dtype=value.dtype, device=value.device).copy_(
+        value
+    )
+
+
+class BackgroundCompiler:
+    """One thread that compiles (or loads) the signatures handed to it, one at a time, in arrival order.
+
+    `submit` is called by a `SavedCompile` on the GPU worker thread and returns at once; each signature is
+    taken once (a failed one stays uncompiled: `on_failure` gets the warning). `idle()` says whether nothing
+    is queued or compiling.
+    """
+
+    def __init__(self, on_failure: Callable[[str], None] = lambda warning: None) -> None:
+        self.on_failure = on_failure
+        self._queue: queue.Queue[
+            tuple[SavedCompile, Signature, str, tuple[Any, ...], dict[str, Any], bool, bool]
+        ]
+        self._queue = queue.Queue()
+        self._taken: set[tuple[int, Signature]] = set()
+        self._busy = 0
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self._loop, name="compile-worker", daemon=True)
+        self._thread.start()
+
+    def submit(
+        self, call: SavedCompile, key: Signature, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> None:
+        """Queue `key` of `call` unless it was queued before (copies of the inputs: the caller goes on)."""
+        with self._lock:
+            if (id(call), key) in self._taken:
+                return
+            self._taken.add((id(call), key))
+            self._busy += 1
+        shape = describe(call.name, args, kwargs)
+        call.shapes[shape] = "queued"
+        args, kwargs = pytree.tree_map(_copy, (args, kwargs))
+        modes = (torch.is_grad_enabled(), torch.is_inference_mode_enabled())  # thread-local: carried over
+        log.info("saved compile: %s has no compiled function: served uncompiled, compiling it aside", shape)
+        self._queue.put((call, key, shape, args, kwargs, *modes))
+
+    def idle(self) -> bool:
+        with self._lock:
+            return self._busy == 0
+
+    def wait_idle(self, timeout: float) -> bool:
+        """Wait until nothing is queued or compiling (tests, benchmarks); whether it got there."""
+        deadline = time.monotonic() + timeout
+        while not self.idle():
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.05)
+        return True
+
+    @contextmanager
+    def request_running(self) -> Iterator[None]:
+        """Around a request on the GPU worker: while a compile runs, the GIL changes hands every
+        REQUEST_SWITCH_S instead of every 5 ms (module doc: the GIL); the interval is restored after."""
+        if self.idle():
+            yield
+            return
+        before = sys.getswitchinterval()
+        sys.setswitchinterval(REQUEST_SWITCH_S)
+        try:
+            yield
+        finally:
+            sys.setswitchinterval(before)
+
+    def _loop(self) -> None:
+        while True:
+            call, key, shape, args, kwargs, grad, inference = self._queue.get()
+            call.shapes[shape] = "compiling"
+            started = time.perf_counter()
+            try:
+                with ExitStack() as modes:
+                    if inference:
+                        modes.enter_context(torch.inference_mode())
+                    modes.enter_context(torch.set_grad_enabled(grad))
+                    fn = call._function_for(key, args, kwargs)
+            except Exception as exc:  # noqa: BLE001 - the thread lives on; the shape stays uncompiled
+                call.fallbacks.append(f"{type(exc).__name__}: {exc}".splitlines()[0][:300])
+                fn = None
+            if fn is not None:
+                call._functions.append(fn)
+                call.shapes[shape] = "compiled"
+                log.info(
+                    "saved compile: %s ready after %.1f s off the request path",
+                    shape,
+                    time.perf_counter() - started,
+                )
+            else:
+                call._unsaveable.add(key)
+                call.shapes[shape] = "failed"
+                reason = call.fallbacks[-1] if call.fallbacks else "unknown"
+                warning = f"compile of {shape} failed ({reason}): that shape stays uncompiled"
+                log.warning("saved compile: %s", warning)
+                self.on_failure(warning)
+            with self._lock:
+                self._busy -= 1

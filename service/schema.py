@@ -103,6 +103,23 @@ class StartupFacts(BaseModel):
     )
 
 
+class CompileStatus(BaseModel):
+    """The compiled functions by shape (`/health`'s `compiles`), e.g. "unet 2x4x128x128" (the module and its
+    first input: the latents, batch 2 with guidance; x8 in pixels). A shape not compiled yet is answered
+    uncompiled at once while it compiles off the request path."""
+
+    compiled: list[str] = Field(default_factory=list, description="Shapes with a compiled function.")
+    compiling: list[str] = Field(
+        default_factory=list, description="Shapes being compiled or waiting to be (off the request path)."
+    )
+    failed: list[str] = Field(
+        default_factory=list, description="Shapes whose compile failed: they stay uncompiled (see warnings)."
+    )
+    uncompiled_calls: int = Field(
+        0, description="Module calls run uncompiled because their shape was not ready."
+    )
+
+
 class HealthResponse(BaseModel):
     """Body of `GET /health` (always 200 while the process lives)."""
 
@@ -137,6 +154,10 @@ class HealthResponse(BaseModel):
         False,
         description="Listening on its staging port (SDXL_STAGE_PORT) because its own port was held at start; "
         "SIGUSR1 makes it take its own port over.",
+    )
+    compiles: CompileStatus | None = Field(
+        None,
+        description="Compiled shapes and those compiling off the request path; null without saved compile.",
     )
 
 

@@ -107,6 +107,12 @@ class ServiceSettings(BaseSettings):
         "auto",
         description="Run a warm-up generation before /ready, so compilation happens at start (auto: when compiling).",
     )
+    ready_sizes: str = Field(
+        "",
+        description="Sizes compiled before /ready besides the model's default size, as WIDTHxHEIGHT separated "
+        "by commas (e.g. 512x512,832x1216). Once ready, any other size is answered uncompiled at once and "
+        "compiled off the request path (service/saved_compile.py).",
+    )
     coalesce: Toggle = Field(
         "auto",
         description="Run compatible waiting requests as one batched pipeline call (auto: SD1.5 on CUDA, where "
@@ -203,6 +209,31 @@ class ServiceSettings(BaseSettings):
                 return word.lower() or "off"
             return _TOGGLE_WORDS.get(word.lower(), word)
         return value
+
+    @field_validator("ready_sizes", mode="before")
+    @classmethod
+    def _sizes(cls, value: object) -> object:
+        """WIDTHxHEIGHT, each a multiple of 8 from 64 to 2048 (what requests accept); a list is accepted too."""
+        if isinstance(value, list | tuple):
+            value = ",".join(map(str, value))
+        if not isinstance(value, str):
+            return value
+        sizes = [word.strip().lower() for word in value.replace(" ", ",").split(",") if word.strip()]
+        for size in sizes:
+            width, _, height = size.partition("x")
+            if not (width.isdigit() and height.isdigit()) or not all(
+                64 <= int(n) <= 2048 and int(n) % 8 == 0 for n in (width, height)
+            ):
+                raise ValueError(
+                    f"ready_sizes: {size!r} is not WIDTHxHEIGHT with each a multiple of 8 from 64 to 2048"
+                )
+        return ",".join(dict.fromkeys(sizes))
+
+    @property
+    def ready_size_list(self) -> list[tuple[int, int]]:
+        """`ready_sizes` as (width, height) pairs, in order, each once."""
+        pairs = (size.split("x") for size in self.ready_sizes.split(",") if size)
+        return [(int(w), int(h)) for w, h in pairs]
 
     @field_validator("model")
     @classmethod

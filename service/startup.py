@@ -37,6 +37,11 @@ class StartupRecord:
             for name, value in facts.items():
                 setattr(self._facts, name, value)  # pydantic refuses a name that is not a field
 
+    def warn(self, warning: str) -> None:
+        """Add a warning (something that went wrong without stopping the service)."""
+        with self._lock:
+            self._facts.warnings.append(warning)
+
     def facts(self) -> StartupFacts:
         """A copy of the facts as they stand."""
         with self._lock:

@@ -10,12 +10,13 @@ from dataclasses import dataclass
 from typing import Literal
 
 from sdxl_deploy import __version__
+from service.accel import compile_status
 from service.encoding import to_base64
 from service.engine import Engine, GenerationResult
 from service.errors import NotReady
 from service.metrics import ServiceMetrics
 from service.params import GenerationParams, coalesce_key, final_size
-from service.schema import GenerateRequest, GenerateResponse, HealthResponse, OutputFormat
+from service.schema import CompileStatus, GenerateRequest, GenerateResponse, HealthResponse, OutputFormat
 from service.settings import ServiceSettings
 from service.warmup import before_ready
 from service.worker import GenerationQueue, Job
@@ -32,7 +33,7 @@ class ServiceState:
         self.settings = settings
         self.engine = engine or Engine(settings)
         self.queue = GenerationQueue(settings.max_queue, settings.retry_after_s)
-        self.metrics = ServiceMetrics(lambda: self.queue.depth, self._vram_used_gb)
+        self.metrics = ServiceMetrics(lambda: self.queue.depth, self._vram_used_gb, self._compiles)
         self.started_at = time.monotonic()
         self.load_error: str | None = None
         self.listening: list[int] = []  # the ports its server listens on (service/server.py keeps it)
@@ -102,7 +103,12 @@ class ServiceState:
             startup=self.engine.startup.facts(),
             listening=list(self.listening),
             staged=bool(self.listening) and self.settings.port not in self.listening,
+            compiles=self._compiles(),
         )
+
+    def _compiles(self) -> CompileStatus | None:
+        engine = self.engine
+        return compile_status((engine.base, engine.refiner, engine.img2img)) if engine.loaded else None
 
     def _vram_used_gb(self) -> float:
         vram = self.engine.vram() if self.status == "ready" else None

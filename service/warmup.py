@@ -17,6 +17,7 @@ from torch._dynamo.utils import compile_times
 
 from service.accel import saved_compiles
 from service.engine import Engine
+from service.saved_compile import BackgroundCompiler
 from service.schema import GenerateRequest
 from service.worker import Job
 
@@ -57,6 +58,11 @@ def before_ready(engine: Engine) -> None:
                 compile_times("str", True),
             )
     saved = saved_compiles((engine.base, engine.refiner, engine.img2img))
+    if saved and engine.speed is not None and engine.speed.warmup:
+        # from now on a shape not compiled yet runs uncompiled at once and compiles on a compile thread
+        engine.compiler = BackgroundCompiler(on_failure=startup.warn)
+        for call in saved:
+            call.background = engine.compiler
     startup.set(
         compiled_functions=sum(len(c.compiled) for c in saved),
         loaded_functions=sum(len(c.loaded) for c in saved),
@@ -72,7 +78,8 @@ def before_ready(engine: Engine) -> None:
 
 
 def warm_up(engine: Engine) -> list[Shape]:
-    """One short generation at the model's default size for each shape requests may take; returns them.
+    """One short generation at the model's default size for each shape requests may take, then at each of
+    the `ready_sizes` (base alone and base + refiner, one image); returns them.
 
     Compiles the UNet(s) and the VAE decoder for the default size with CFG on (what real requests use), so a
     cold start pays the compile before `/ready`. With `cfg_cutoff` below 1 each UNet also sees the unguided
@@ -85,21 +92,30 @@ def warm_up(engine: Engine) -> list[Shape]:
     cut = engine.settings.cfg_cutoff < 1.0
     shapes: list[Shape] = []
     # base alone first (base UNet + VAE decoder), then base + refiner (the refiner's UNet): timed apart;
-    # then each batch size that coalesced requests may form (a batch of k compiles like k images)
-    for images in sizes:
+    # then each batch size that coalesced requests may form (a batch of k compiles like k images);
+    # then each of the ready sizes, one image
+    runs = [(images, None) for images in sizes]
+    if engine.speed is not None and engine.speed.compile:  # uncompiled, another size costs nothing new
+        runs += [(1, size) for size in engine.settings.ready_size_list]
+    for images, size in runs:
         for use_refiner in (False, True) if engine.refiner_loaded else (False,):
+            width, height = size or (None, None)
             request = GenerateRequest(
                 prompt="warm-up",
                 num_inference_steps=WARMUP_STEPS,
                 seed=0,
                 use_refiner=use_refiner,
                 batch_size=images,
+                width=width,
+                height=height,
                 refiner_split=0.5 if cut else 0.8,  # 2 base + 2 refiner steps
             )
             params = engine.params(request)
             if cut:  # guided 3 of 4 / 2 of 4 steps: the cutoff falls inside the refiner's / the base's steps
                 params = dataclasses.replace(params, cfg_cutoff=0.75 if use_refiner else 0.5)
             shape = Shape(use_refiner, params.width, params.height, images)
+            if shape in shapes:  # a ready size that is the default size
+                continue
             log.info(
                 "speed: warming up %s at %dx%d, %d image(s) (the first compile takes minutes)",
                 "base + refiner" if use_refiner else "base",

@@ -274,6 +274,7 @@ def serve_argv(target: Target, python: str | None = None, staged: bool = False) 
         "--port",
         str(new.port),
         *(["--stage-port", str(new.staging_port)] if staged else []),
+        *(["--ready-sizes", ",".join(target.ready_sizes)] if target.ready_sizes else []),  # issue 18
         *new.serve_args,
     ]
 
