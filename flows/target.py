@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -489,26 +489,32 @@ def _expand_local(path: str | None) -> str | None:
     return str(Path(path).expanduser()) if path else None
 
 
-def load_target(path: str | Path) -> Target:
-    """Read a target from a YAML or JSON file; errors name the file and the bad field."""
+M = TypeVar("M", bound=BaseModel)
+
+
+def load_model_file(path: str | Path, model: type[M], what: str, error: type[Exception]) -> tuple[M, Path]:
+    """Read `model` from a YAML or JSON file; errors (`error`) name the `what` file and the bad field."""
     import yaml
 
     file = Path(path).expanduser()
     try:
         text = file.read_text(encoding="utf-8")
     except OSError as exc:
-        raise TargetFileError(f"target file {str(file)!r}: {exc.strerror or exc}") from exc
+        raise error(f"{what} file {str(file)!r}: {exc.strerror or exc}") from exc
     try:
         data = json.loads(text) if file.suffix == ".json" else yaml.safe_load(text)
     except (ValueError, yaml.YAMLError) as exc:
-        raise TargetFileError(
-            f"target file {str(file)!r} is not valid {file.suffix[1:] or 'YAML'}: {exc}"
-        ) from exc
+        raise error(f"{what} file {str(file)!r} is not valid {file.suffix[1:] or 'YAML'}: {exc}") from exc
     try:
-        return Target.model_validate(data or {})
+        return model.model_validate(data or {}), file
     except ValidationError as exc:
         problems = "; ".join(
             f"{'.'.join(str(p) for p in err['loc']) or '<root>'}: {err['msg']} (got {err.get('input')!r})"
             for err in exc.errors()
         )
-        raise TargetFileError(f"target file {str(file)!r}: {problems}") from exc
+        raise error(f"{what} file {str(file)!r}: {problems}") from exc
+
+
+def load_target(path: str | Path) -> Target:
+    """Read a target from a YAML or JSON file; errors name the file and the bad field."""
+    return load_model_file(path, Target, "target", TargetFileError)[0]

@@ -7,14 +7,13 @@ YAML or JSON, like a target file (`load_fleet`); errors name the file and the fi
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from flows.errors import FleetFileError, TargetFileError
-from flows.target import Connection, Target, load_target
+from flows.target import Connection, Target, load_model_file, load_target
 
 
 class _Model(BaseModel):
@@ -173,27 +172,7 @@ class Fleet(_Model):
 
 def load_fleet(path: str | Path) -> Fleet:
     """Read a fleet file (YAML or JSON); host target files are read now, relative to its folder."""
-    import yaml
-
-    file = Path(path).expanduser()
-    try:
-        text = file.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise FleetFileError(f"fleet file {str(file)!r}: {exc.strerror or exc}") from exc
-    try:
-        data = json.loads(text) if file.suffix == ".json" else yaml.safe_load(text)
-    except (ValueError, yaml.YAMLError) as exc:
-        raise FleetFileError(
-            f"fleet file {str(file)!r} is not valid {file.suffix[1:] or 'YAML'}: {exc}"
-        ) from exc
-    try:
-        fleet = Fleet.model_validate(data or {})
-    except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in err['loc']) or '<root>'}: {err['msg']} (got {err.get('input')!r})"
-            for err in exc.errors()
-        )
-        raise FleetFileError(f"fleet file {str(file)!r}: {problems}") from exc
+    fleet, file = load_model_file(path, Fleet, "fleet", FleetFileError)
     hosts = [
         h.model_copy(update={"target": fleet.host_target(h, file.parent.resolve()), "target_file": None})
         for h in fleet.hosts
