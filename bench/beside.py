@@ -267,6 +267,8 @@ class Memory:
         if self.gpu:
             card = [r for r in self.samples if r.get("card_used_mib") is not None]
             out["card_peak_mib"] = peak(card, "card_used_mib")
+            # before either service: what the card held already (this process's CUDA context, others)
+            out["card_at_start_mib"] = card[0]["card_used_mib"] if card else None
             if out["old_peak_mib"] is None:
                 out["note"] = "nvidia-smi listed no PID of ours (another PID namespace?): see card_peak_mib"
         return out
@@ -491,7 +493,11 @@ def beside_table(r: BesideResults) -> str:
             f"memory: {m.get('measure')}",
             f"  old alone {_f(m.get('old_before_new_mib'), 'MiB')}, old peak {_f(m.get('old_peak_mib'), 'MiB')}, "
             f"new peak {_f(m.get('new_peak_mib'), 'MiB')}, both at once peak {_f(m.get('both_peak_mib'), 'MiB')}"
-            + (f", card peak {_f(m.get('card_peak_mib'), 'MiB')}" if "card_peak_mib" in m else ""),
+            + (
+                f", card peak {_f(m.get('card_peak_mib'), 'MiB')} (at start {_f(m.get('card_at_start_mib'), 'MiB')})"
+                if "card_peak_mib" in m
+                else ""
+            ),
             "",
         ]
     head = f"{'load, phase':12} {'requests':>9} {'failed':>7} {'p50':>9} {'p95':>9} {'max':>9}"
