@@ -40,6 +40,7 @@ from flows.downtime import Probe, summarize
 
 log = logging.getLogger("bench")
 
+STOP_TIMEOUT_S = 15.0  # SIGTERM, then SIGKILL after this (the old service finishes its request in flight)
 PHASES = ("before", "new start", "staged", "cutover", "after")
 PHASE_HELP = {
     "old start": "the old service starting (no load yet)",
@@ -124,7 +125,7 @@ class Loop(threading.Thread):
 
     def stop(self) -> None:
         self.stopped.set()
-        self.join(timeout=620)
+        self.join(timeout=60)
 
 
 def app_request(c: BesideConfig) -> dict[str, Any]:
@@ -327,6 +328,14 @@ def build_models(c: BesideConfig) -> Path:
     return models
 
 
+class Stopped(BaseException):
+    """SIGTERM to the benchmark (e.g. from `timeout`)."""
+
+
+def _stopped(*_: object) -> None:
+    raise Stopped("SIGTERM: the run was cut short; the figures are what it had measured")
+
+
 def run_beside(c: BesideConfig) -> BesideResults:
     """Every step; `beside.json` and `table.txt` under `c.out`; the table printed last."""
     from bench.measure import environment
@@ -334,9 +343,13 @@ def run_beside(c: BesideConfig) -> BesideResults:
     c.out.mkdir(parents=True, exist_ok=True)
     c.work.mkdir(parents=True, exist_ok=True)
     r = BesideResults(meta={**environment(), "config": {k: str(v) for k, v in asdict(c).items()}})
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(
+            signal.SIGTERM, _stopped
+        )  # `timeout` ends the command: stop the services, keep the figures
     try:
         _run(c, r)
-    except Exception as exc:  # recorded; the services are stopped in _run
+    except (Exception, Stopped) as exc:  # recorded; the services are stopped in _run
         log.exception("bench-beside failed")
         r.errors.append(f"{type(exc).__name__}: {exc}")
     (c.out / "beside.json").write_text(json.dumps(asdict(r), indent=2, default=str) + "\n", encoding="utf-8")
@@ -358,7 +371,12 @@ def _run(c: BesideConfig, r: BesideResults) -> None:
     old_env = {**env, **SEED_SETUP} if gpu else {**env, **SEED_SETUP, "SDXL_DTYPE": "auto"}
     r.meta["old_service_env"] = old_env
     old = ServiceProcess(
-        c.old_model, env=old_env, log=c.out / "serve-old.log", port=port, ready_timeout_s=c.ready_timeout_s
+        c.old_model,
+        env=old_env,
+        log=c.out / "serve-old.log",
+        port=port,
+        ready_timeout_s=c.ready_timeout_s,
+        stop_timeout_s=STOP_TIMEOUT_S,
     )
     new = ServiceProcess(
         c.new_model,
@@ -368,6 +386,7 @@ def _run(c: BesideConfig, r: BesideResults) -> None:
         stage_port=stage_port,
         args=("--ready-sizes", c.new_ready_sizes) if c.new_ready_sizes else (),
         ready_timeout_s=c.ready_timeout_s,
+        stop_timeout_s=STOP_TIMEOUT_S,
     )
     phase = Phase()
     load = Load(app_url, app_request(c), phase)
