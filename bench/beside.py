@@ -27,6 +27,7 @@ import signal
 import subprocess
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import suppress
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -311,6 +312,27 @@ def wait_serving(url: str, model: str, port: int, deadline: float) -> tuple[dict
     raise TimeoutError(f"the new service did not answer on port {port} in time (last /health: {body})")
 
 
+def cut_over(
+    new: ServiceProcess, old: ServiceProcess, app_url: str, model: str, port: int, timeout_s: float
+) -> dict[str, Any]:
+    """As `flows/tasks/cutover.py`: SIGUSR1 to the new service, SIGTERM to the old one (and wait for it), while
+    a second thread watches the app's port for the new service; the figures of the cut-over."""
+    told = time.monotonic()
+    os.kill(new.pid, signal.SIGUSR1)
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="cutover-watch") as pool:
+        watch = pool.submit(wait_serving, app_url, model, port, told + timeout_s)
+        old.stop()
+        old_stopped_s = time.monotonic() - told
+        health, seen_at = watch.result()
+    return {
+        "usr1_to_new_on_app_port_s": round(seen_at - told, 3),
+        "old_stopped_s": round(old_stopped_s, 3),
+        "new_listening": health.get("listening"),
+        "new_staged": health.get("staged"),
+        "model_on_app_port": health.get("model"),
+    }
+
+
 def build_models(c: BesideConfig) -> Path:
     """Build the generated models before anything starts (the new service's start is then load + compile)."""
     import torch
@@ -419,34 +441,7 @@ def _run(c: BesideConfig, r: BesideResults) -> None:
         time.sleep(c.staged_s)
 
         phase.enter("cutover")
-        told = time.monotonic()
-        os.kill(new.pid, signal.SIGUSR1)
-        seen: dict[str, Any] = {}
-        watcher = threading.Thread(
-            target=lambda: seen.update(
-                zip(
-                    ("health", "at"),
-                    wait_serving(app_url, new_health["model"], port, told + c.cutover_timeout_s),
-                    strict=True,
-                )
-            ),
-            daemon=True,
-        )
-        watcher.start()
-        old.stop()
-        old_stopped_s = time.monotonic() - told
-        watcher.join(timeout=c.cutover_timeout_s + 5)
-        if "at" not in seen:
-            raise TimeoutError(
-                f"the new service did not answer on port {port} within {c.cutover_timeout_s} s"
-            )
-        r.cutover = {
-            "usr1_to_new_on_app_port_s": round(seen["at"] - told, 3),
-            "old_stopped_s": round(old_stopped_s, 3),
-            "new_listening": seen["health"].get("listening"),
-            "new_staged": seen["health"].get("staged"),
-            "model_on_app_port": seen["health"].get("model"),
-        }
+        r.cutover = cut_over(new, old, app_url, new_health["model"], port, c.cutover_timeout_s)
         phase.enter("after")
         _hold(load, "after", c.after_s, c.ready_timeout_s)
     finally:
