@@ -112,3 +112,59 @@ def bench_unet(
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     variants = VARIANTS if only is None else tuple(VARIANTS[int(i)] for i in only.split(","))
     run(out, family=family, calls=calls, budget_s=budget_s, variants=variants, tiny=tiny)
+
+
+def bench_beside(
+    out: Annotated[
+        Path, typer.Option(help="Folder for beside.json, table.txt and the services' logs.")
+    ] = Path("beside-out"),
+    work: Annotated[Path, typer.Option(help="Local folder for the new service's compile cache.")] = Path(
+        "/tmp/sdxl-beside"
+    ),
+    old_model: Annotated[
+        str, typer.Option(help="The old service's model (SD1.5 in the seed's set-up); tiny-sd15 on a CPU.")
+    ] = "synthetic-sd15",
+    new_model: Annotated[
+        str, typer.Option(help="The new service's model, staged beside the old; tiny-sdxl on a CPU.")
+    ] = "synthetic-sdxl",
+    models_dir: Annotated[
+        Path | None, typer.Option(help="Where generated models are built (default: the service's).")
+    ] = None,
+    size: Annotated[int, typer.Option(help="Width and height of the load's request.")] = 512,
+    steps: Annotated[int, typer.Option(help="Steps of the load's request.")] = 20,
+    before_s: Annotated[float, typer.Option(help="Seconds of load on the old service alone.")] = 20.0,
+    staged_s: Annotated[
+        float, typer.Option(help="Seconds between the new service ready and the cut-over.")
+    ] = 3.0,
+    after_s: Annotated[
+        float, typer.Option(help="Seconds of load on the new service after the cut-over.")
+    ] = 15.0,
+    new_ready_sizes: Annotated[
+        str, typer.Option(help="serve --ready-sizes of the new service, e.g. 512x512 (default: as it ships).")
+    ] = "",
+    ready_timeout_s: Annotated[float, typer.Option(help="Longest wait for either service's /ready.")] = 480.0,
+) -> None:
+    """The old SD1.5 service under load while the new SDXL service stages beside it, then the cut-over:
+    memory of both, the old one's latency while the new one compiles, the longest outage, failed requests."""
+    import logging
+
+    from bench.beside import BesideConfig, run_beside
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    config = BesideConfig(
+        out=out,
+        work=work,
+        old_model=old_model,
+        new_model=new_model,
+        models_dir=models_dir,
+        size=size,
+        steps=steps,
+        before_s=before_s,
+        staged_s=staged_s,
+        after_s=after_s,
+        new_ready_sizes=new_ready_sizes,
+        ready_timeout_s=ready_timeout_s,
+    )
+    if run_beside(config).errors:
+        raise typer.Exit(1)

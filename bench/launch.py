@@ -49,6 +49,8 @@ class ServiceProcess:
     `start()` spawns it from the repository root with the environment of this process plus `env` (this checkout
     first on PYTHONPATH) and waits for `/ready`; `stop()` sends SIGTERM to its PID, then kills it after
     `stop_timeout_s`. Output goes to `log` (discarded without one). Use it as a context manager.
+    `port` fixes the port (`--port`); with `stage_port` too (`--stage-port`, the caller holds `port`) it waits for
+    `/ready` on the stage port, where the service stages. `args` are more `serve` options.
     """
 
     def __init__(
@@ -59,8 +61,12 @@ class ServiceProcess:
         log: Path | None = None,
         ready_timeout_s: float = 180.0,
         stop_timeout_s: float = 30.0,
+        port: int | None = None,
+        stage_port: int | None = None,
+        args: tuple[str, ...] = (),
     ) -> None:
         self.model, self.env, self.log = str(model), dict(env or {}), log
+        self.port, self.stage_port, self.args = port, stage_port, tuple(args)
         self.ready_timeout_s, self.stop_timeout_s = ready_timeout_s, stop_timeout_s
         self.proc: subprocess.Popen[bytes] | None = None
         self.url = ""
@@ -83,7 +89,7 @@ class ServiceProcess:
 
     def start(self) -> ServiceProcess:
         """Spawn the service and wait for `/ready` (RuntimeError if it exits first, TimeoutError if too slow)."""
-        port = free_port()
+        port = self.port or free_port()
         # torch puts its default Inductor cache in the environment once used; the child uses its own setting
         inherited = {k: v for k, v in os.environ.items() if k != "TORCHINDUCTOR_CACHE_DIR"}
         pythonpath = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
@@ -97,8 +103,10 @@ class ServiceProcess:
             self.model,
             "--port",
             str(port),
+            *(("--stage-port", str(self.stage_port)) if self.stage_port else ()),
+            *self.args,
         ]
-        self.url = f"http://127.0.0.1:{port}"
+        self.url = f"http://127.0.0.1:{self.stage_port or port}"
         self._out = open(self.log, "wb") if self.log else None  # noqa: SIM115 - closed in stop()
         started = time.perf_counter()
         self.spawned_at = time.time()

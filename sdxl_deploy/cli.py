@@ -1,5 +1,5 @@
 """The `sdxl-deploy` command line: serve, models, deploy/verify/rollback, deploy-fleet, demo, evaluate, report; and, from a
-checkout of the repository, the benchmarks bench-gpu and bench-unet."""
+checkout of the repository, the benchmarks bench-gpu, bench-unet and bench-beside."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from flows import commands as flow_commands
 from flows.fleet import commands as fleet_commands
 from service import commands as service_commands
 
-BENCH_COMMANDS = ("bench-gpu", "bench-unet")
+BENCH_COMMANDS = ("bench-gpu", "bench-unet", "bench-beside")
 CHECKOUT_ONLY = (
     "`sdxl-deploy {name}` runs from a checkout of the sdxl-deploy repository only: the benchmarks (its bench/ "
     "package) are not part of the installed wheel. Clone the repository and run `python -m sdxl_deploy.cli "
