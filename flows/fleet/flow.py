@@ -6,6 +6,10 @@ as a subflow (its own run, artifacts, lock, backup, automatic rollback), wait un
 check sees it up, set it `ready`. Then the analysis (the wave's hosts against the hosts still on the old
 release, over the live traffic), then the next wave.
 
+Host runs: subflows in this run's process by default; with `rollout.host_runs.mode: work-pool` flow runs of
+the deploy-sdxl / rollback-sdxl deployments, children of this run, taken by the workers of their pool
+(flows/fleet/pool.py).
+
 A failed canary or wave, a host past its progress deadline, a failed analysis or an abort
 (`abort_after_canary`) rolls back every host this rollout upgraded, each with `rollback-sdxl` from its own
 record, drained first and put back `ready` after. Hosts not reached are untouched.
