@@ -6,6 +6,10 @@ as a subflow (its own run, artifacts, lock, backup, automatic rollback), wait un
 check sees it up, set it `ready`. Then the analysis (the wave's hosts against the hosts still on the old
 release, over the live traffic), then the next wave.
 
+Host runs: subflows in this run's process by default; with `rollout.host_runs.mode: work-pool` flow runs of
+the deploy-sdxl / rollback-sdxl deployments, children of this run, taken by the workers of their pool
+(flows/fleet/pool.py).
+
 A failed canary or wave, a host past its progress deadline, a failed analysis or an abort
 (`abort_after_canary`) rolls back every host this rollout upgraded, each with `rollback-sdxl` from its own
 record, drained first and put back `ready` after. Hosts not reached are untouched.
@@ -36,6 +40,7 @@ from prefect.context import FlowRunContext
 from flows.errors import BalancerError, FleetFailed, FleetFileError
 from flows.fleet.analysis import analyse
 from flows.fleet.haproxy import HAProxyAPI
+from flows.fleet.pool import run_on_pool
 from flows.fleet.report import fleet_markdown
 from flows.fleet.summary import Event, FleetSummary, HostRecord
 from flows.fleet.target import Fleet, FleetHost, load_fleet
@@ -145,16 +150,8 @@ class Rollout:
             record.outcome, record.message = "deploy failed", f"drain: {exc}"
             self._try_back_in(host, record)
             return False
-        state = deploy_sdxl.with_options(
-            flow_run_name=f"deploy-sdxl-{host.name}", timeout_seconds=max(_left(deadline), 1.0)
-        )(
-            target=self.target(host),
-            wheel=str(self.wheel),
-            runs_dir=str(self.run_dir / host.name),
-            fail_at=self.fail_at.get(host.name),
-            return_state=True,
-        )
-        self._note_run(record, state)
+        state, run_dir, timed_out = self._deploy(host, deadline)
+        self._note_run(record, state, run_dir)
         if state.is_completed():
             try:
                 record.up_s = round(self._back_in(host, deadline), 2)
@@ -167,7 +164,7 @@ class Rollout:
         record.outcome = "deploy failed"
         self.event(f"{host.name}: deploy FAILED", record.message)
         if self._left_unrestored(record):  # cut by the deadline: its deploy never reached its own rollback
-            if state.name == "TimedOut":
+            if timed_out:
                 record.message = (
                     f"past its progress deadline ({self.fleet.rollout.progress_deadline_s:.0f} s)"
                 )
@@ -175,6 +172,51 @@ class Rollout:
             return False
         self._try_back_in(host, record)
         return False
+
+    def _deploy(self, host: FleetHost, deadline: float) -> tuple[Any, str | None, bool]:
+        """The host's deploy-sdxl, in this process or on the work pool: (its final state, its run directory
+        when known, whether the progress deadline cut it)."""
+        kwargs = {
+            "target": self.target(host),
+            "wheel": str(self.wheel),
+            "runs_dir": str(self.run_dir / host.name),
+            "fail_at": self.fail_at.get(host.name),
+        }
+        runs = self.fleet.rollout.host_runs
+        if runs.mode == "work-pool":
+            kwargs["target"] = kwargs["target"].model_dump(mode="json")
+            run = run_on_pool(
+                runs.deploy,
+                f"deploy-sdxl-{host.name}",
+                kwargs | {"dry_run": False},  # the deployment's default is a dry run
+                max(_left(deadline), 1.0),
+                host.work_queue,
+                runs.poll_s,
+            )
+            self.event(f"{host.name}: deploy-sdxl ran as flow run {run.flow_run_id}", run.state.name or "")
+            return run.state, None, run.timed_out
+        state = deploy_sdxl.with_options(
+            flow_run_name=f"deploy-sdxl-{host.name}", timeout_seconds=max(_left(deadline), 1.0)
+        )(**kwargs, return_state=True)
+        run_dir = getattr(state.result(raise_on_failure=False), "run_dir", None)
+        return state, run_dir, state.name == "TimedOut"
+
+    def _rollback(self, host: FleetHost) -> tuple[Any, str | None]:
+        """The host's rollback-sdxl, in this process or on the work pool: (its final state, its run directory
+        when known)."""
+        kwargs = {"target": self.target(host), "runs_dir": str(self.run_dir / host.name)}
+        runs = self.fleet.rollout.host_runs
+        if runs.mode == "work-pool":
+            kwargs["target"] = kwargs["target"].model_dump(mode="json")
+            run = run_on_pool(
+                runs.rollback, f"rollback-sdxl-{host.name}", kwargs, None, host.work_queue, runs.poll_s
+            )
+            self.event(f"{host.name}: rollback-sdxl ran as flow run {run.flow_run_id}", run.state.name or "")
+            return run.state, _newest_run(self.run_dir / host.name, "rollback-sdxl")
+        state = rollback_sdxl.with_options(flow_run_name=f"rollback-sdxl-{host.name}")(
+            **kwargs, return_state=True
+        )
+        return state, getattr(state.result(raise_on_failure=False), "run_dir", None)
 
     @staticmethod
     def _left_unrestored(record: HostRecord) -> bool:
@@ -195,12 +237,9 @@ class Rollout:
             record.message += f"; left drained: {exc}"
             self.event(f"{host.name}: left drained", str(exc))
 
-    def _note_run(self, record: HostRecord, state: Any) -> None:
-        outcome = state.result(raise_on_failure=False)
-        run_dir = getattr(outcome, "run_dir", None)
-        if run_dir is None:  # e.g. the progress deadline cut the run: its newest run directory
-            runs = sorted((self.run_dir / record.name).glob("*-deploy-sdxl*"))
-            run_dir = str(runs[-1]) if runs else None
+    def _note_run(self, record: HostRecord, state: Any, run_dir: str | None) -> None:
+        if run_dir is None:  # a pool run, or the progress deadline cut the run: its newest run directory
+            run_dir = _newest_run(self.run_dir / record.name, "deploy-sdxl")
         record.deploy_run_dir = run_dir
         summary_file = Path(run_dir) / "summary.json" if run_dir else None
         if summary_file and summary_file.is_file():
@@ -209,18 +248,14 @@ class Rollout:
             record.downtime = summary.downtime.describe() if summary.downtime else None
             record.message = summary.message
         if not state.is_completed() and not record.message:
-            record.message = state.message or str(outcome)
+            record.message = state.message or str(state.name)
 
     def roll_back(self, host: FleetHost) -> None:
         """Drain, rollback-sdxl (from the host's own record), wait for the check, ready."""
         record = self.record(host)
         try:
             self._drain(host, time.monotonic() + self.balancer.drain_timeout_s)
-            state = rollback_sdxl.with_options(flow_run_name=f"rollback-sdxl-{host.name}")(
-                target=self.target(host), runs_dir=str(self.run_dir / host.name), return_state=True
-            )
-            outcome = state.result(raise_on_failure=False)
-            record.rollback_run_dir = getattr(outcome, "run_dir", None)
+            state, record.rollback_run_dir = self._rollback(host)
             if not state.is_completed():
                 raise RuntimeError(state.message)
             self._back_in(host)
@@ -307,6 +342,12 @@ class Rollout:
 
 def _left(deadline: float) -> float:
     return max(deadline - time.monotonic(), 0.0)
+
+
+def _newest_run(runs_dir: Path, flow_name: str) -> str | None:
+    """The newest run directory of this flow under runs_dir (on this machine), if any."""
+    runs = sorted(runs_dir.glob(f"*-{flow_name}*"))
+    return str(runs[-1]) if runs else None
 
 
 def _result(future: Any) -> bool:

@@ -33,6 +33,13 @@ class FleetHost(_Model):
     target_file: str | None = Field(
         None, description="Or a target file (relative paths: from the fleet file's folder)."
     )
+    # --- work pool (issue 19 item 3) ---
+    work_queue: str | None = Field(
+        None,
+        pattern=r"^[A-Za-z0-9._-]+$",
+        description="With rollout.host_runs.mode 'work-pool': the work queue of the pool this host's runs go "
+        "to (e.g. the queue of the worker on the machine that holds its SSH key); default: the deployment's.",
+    )
 
     @model_validator(mode="after")
     def _one_target(self) -> FleetHost:
@@ -91,6 +98,22 @@ class Analysis(_Model):
     )
 
 
+class HostRuns(_Model):
+    """Where each host's deploy-sdxl and rollback-sdxl run: inside the fleet run's process (a subflow per host,
+    in a thread), or as flow runs of their deployments, taken by the workers of the deployments' work pool."""
+
+    mode: Literal["in-process", "work-pool"] = Field(
+        "in-process", description="'work-pool': start each host's run with run_deployment (prefect.yaml)."
+    )
+    deploy: str = Field(
+        "deploy-sdxl/deploy-sdxl", description="The deployment (flow/deployment) of a host's deploy."
+    )
+    rollback: str = Field(
+        "rollback-sdxl/rollback-sdxl", description="The deployment (flow/deployment) of a host's rollback."
+    )
+    poll_s: float = Field(2.0, gt=0, description="How often the fleet asks the API for a host run's state.")
+
+
 class Rollout(_Model):
     """The order of the upgrade and when to stop it."""
 
@@ -102,6 +125,7 @@ class Rollout(_Model):
         1, ge=1, description="Most hosts out of the balancer at once (bounds the parallelism of a wave)."
     )
     analysis: Analysis = Field(default_factory=Analysis)
+    host_runs: HostRuns = Field(default_factory=HostRuns)
     progress_deadline_s: float = Field(
         3600.0, gt=0, description="One host's upgrade (drain to ready) may take this long; past it, it fails."
     )
