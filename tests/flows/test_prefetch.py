@@ -92,7 +92,9 @@ def test_a_generated_model_has_nothing_to_fetch_and_the_plan_says_what_prefetch_
     event = Event.model_validate_json(out.stdout.strip().splitlines()[-1])
     assert event.event == "done" and event.files == 0 and event.offline_ready
     assert "nothing to fetch" in event.message
-    stop_first = StartDecision(mode="stop-first", requested="stop-first", reason="new.start_mode is stop-first")
+    stop_first = StartDecision(
+        mode="stop-first", requested="stop-first", reason="new.start_mode is stop-first"
+    )
     plan = deploy_plan(Target(), "PID 1", stop_first)
     assert "download the hub files sdxl loads into the box's Hugging Face cache" in plan
     assert "HF_HUB_OFFLINE=1" in plan
