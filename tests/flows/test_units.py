@@ -241,7 +241,13 @@ def test_the_retry_policy_retries_only_transient_failures() -> None:
 def test_prefect_yaml_declares_the_deployments() -> None:
     config = yaml.safe_load((REPO / "prefect.yaml").read_text())
     deployments = {d["name"]: d for d in config["deployments"]}
-    assert set(deployments) == {"deploy-sdxl", "verify-sdxl", "rollback-sdxl", "regression-benchmark"}
+    assert set(deployments) == {
+        "deploy-sdxl",
+        "verify-sdxl",
+        "rollback-sdxl",
+        "regression-benchmark",
+        "deploy-fleet",
+    }
     assert {d["work_pool"]["name"] for d in deployments.values()} == {"sdxl-runbook"}
     assert deployments["deploy-sdxl"]["parameters"]["dry_run"] is True
     assert deployments["regression-benchmark"]["schedules"][0]["cron"] == "0 3 * * *"
@@ -255,6 +261,11 @@ def test_prefect_yaml_declares_the_deployments() -> None:
 
     nightly = deployments["regression-benchmark"]["parameters"]
     assert "target_file" in nightly and set(nightly) <= set(regression_benchmark.parameters.properties)
+    from flows.fleet.flow import deploy_fleet
+
+    fleet = deployments["deploy-fleet"]
+    assert fleet["entrypoint"] == "flows/fleet/flow.py:deploy_fleet" and deploy_fleet.name == "deploy-fleet"
+    assert set(fleet["parameters"]) <= set(deploy_fleet.parameters.properties)
 
 
 def test_the_ui_shows_the_target_field_by_field() -> None:
