@@ -80,35 +80,12 @@ Stage = Literal[
     "cutover",
 ]
 STAGES: tuple[str, ...] = Stage.__args__  # every stage of either order (what fail_at accepts)
-# The two orders.
-STOP_FIRST_STAGES: tuple[str, ...] = (
-    "preflight",
-    "backup",
-    "baseline",
-    "ship",
-    "prefetch",
-    "stop_current",
-    "start_new",
-    "warmup",
-    "benchmark",
-    "tunnel",
-    "gate",
-    "approval",
-)
-STAGED_STAGES: tuple[str, ...] = (
-    "preflight",
-    "backup",
-    "baseline",
-    "ship",
-    "prefetch",
-    "start_staged",
-    "warmup",
-    "benchmark",
-    "tunnel",
-    "gate",
-    "approval",
-    "cutover",
-)
+# The two orders: the same stages before the new service starts and after it is warm; they differ in
+# how it starts (beside the old one, or after stopping it) and in the staged order's cut-over at the end.
+_BEFORE_START = ("preflight", "backup", "baseline", "ship", "prefetch")
+_AFTER_START = ("warmup", "benchmark", "tunnel", "gate", "approval")
+STOP_FIRST_STAGES: tuple[str, ...] = (*_BEFORE_START, "stop_current", "start_new", *_AFTER_START)
+STAGED_STAGES: tuple[str, ...] = (*_BEFORE_START, "start_staged", *_AFTER_START, "cutover")
 STAGES_OF: dict[str, tuple[str, ...]] = {"stop-first": STOP_FIRST_STAGES, "staged": STAGED_STAGES}
 # From this stage on the old service may be down: a failure puts it back.
 TOUCHES_OLD_FROM: dict[str, str] = {"stop-first": "stop_current", "staged": "cutover"}
