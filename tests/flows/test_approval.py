@@ -10,20 +10,29 @@ A thread plays the person: it finds the paused flow run through the Prefect API 
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import threading
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from prefect import flow
+from prefect import flow, tags
 from prefect.client.orchestration import get_client
-from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterState, FlowRunFilterStateType
+from prefect.client.schemas.filters import (
+    FlowRunFilter,
+    FlowRunFilterState,
+    FlowRunFilterStateType,
+    FlowRunFilterTags,
+)
 from prefect.client.schemas.objects import StateType
 from prefect.flow_runs import resume_flow_run
 from prefect.input.run_input import keyset_from_paused_state
-from typer.testing import CliRunner
+from prefect.settings import PREFECT_API_URL
 
 from bench.launch import free_port
 from evaluation.stats import comparison_size
@@ -36,7 +45,6 @@ from flows.runbook import deploy_sdxl
 from flows.target import Criterion, QualityCheck, Target
 from flows.tasks.gates import Evidence, QualityResult, judge
 from flows.tasks.rollback import current_answers
-from sdxl_deploy.cli import app
 from tests.support.flows import fast, is_legacy, legacy_target, summary_of
 
 MARGIN = 0.05  # CLIP points
@@ -59,11 +67,18 @@ def noisy_legacy(tmp_path: Path) -> Iterator[tuple[LocalHost, Target]]:
 
 
 class Person(threading.Thread):
-    """Waits for a paused flow run, reads what the UI would show, and resumes it with `answer`."""
+    """Waits for the paused flow run tagged `tag`, reads what the UI would show, and resumes it.
 
-    def __init__(self, answer: dict[str, str], cli: bool = False) -> None:
+    With `cli`, the person answers with the real `sdxl-deploy approve` in its own process. Errors while
+    looking (the API still starting, say) are kept and retried until `patience_s`, so a test that fails
+    says why the run was never resumed.
+    """
+
+    def __init__(self, answer: dict[str, str], cli: bool = False, patience_s: float = 420) -> None:
         super().__init__(daemon=True)
-        self.answer, self.cli, self.description, self.error = answer, cli, "", None
+        self.answer, self.cli, self.patience_s = answer, cli, patience_s
+        self.tag = f"approval-test-{uuid.uuid4().hex[:8]}"
+        self.description, self.error, self.trouble = "", None, []  # type: ignore[var-annotated]
         self.start()
 
     def resume(self, run_id: Any) -> None:
@@ -71,27 +86,39 @@ class Person(threading.Thread):
             resume_flow_run(run_id, run_input=self.answer)
             return
         args = ["approve", str(run_id), f"--{self.answer['decision']}", "--note", self.answer["note"]]
-        done = CliRunner().invoke(app, args)
-        if done.exit_code:
-            self.error = f"sdxl-deploy approve exited {done.exit_code}: {done.output}"
+        env = {**os.environ, "PREFECT_API_URL": str(PREFECT_API_URL.value())}
+        done = subprocess.run(
+            [sys.executable, "-m", "sdxl_deploy.cli", *args],
+            env=env, capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        if done.returncode:
+            self.error = f"sdxl-deploy approve exited {done.returncode}: {done.stdout}{done.stderr}"
+
+    def paused_run(self) -> Any:
+        paused = FlowRunFilter(
+            state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.PAUSED])),
+            tags=FlowRunFilterTags(all_=[self.tag]),
+        )
+        with get_client(sync_client=True) as client:
+            runs = client.read_flow_runs(flow_run_filter=paused)
+            if not runs:
+                return None
+            keys = keyset_from_paused_state(runs[0].state)
+            self.description = client.read_flow_run_input(runs[0].id, keys["description"])
+            return runs[0]
 
     def run(self) -> None:
-        try:
-            paused = FlowRunFilter(
-                state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.PAUSED]))
-            )
-            with get_client(sync_client=True) as client:
-                for _ in range(1200):
-                    runs = client.read_flow_runs(flow_run_filter=paused)
-                    if runs:
-                        keys = keyset_from_paused_state(runs[0].state)
-                        self.description = client.read_flow_run_input(runs[0].id, keys["description"])
-                        self.resume(runs[0].id)
-                        return
-                    time.sleep(0.25)
-            self.error = "no paused flow run within 300 s"
-        except Exception as exc:  # reported by the test
-            self.error = f"{type(exc).__name__}: {exc}"
+        deadline = time.monotonic() + self.patience_s
+        while time.monotonic() < deadline:
+            try:
+                run = self.paused_run()
+                if run is not None:
+                    self.resume(run.id)
+                    return
+            except Exception as exc:  # kept, reported by the test if the run is never resumed
+                self.trouble.append(f"{type(exc).__name__}: {exc}")
+            time.sleep(0.25)
+        self.error = f"no paused flow run tagged {self.tag} within {self.patience_s:g} s; {self.trouble[-3:]}"
 
 
 def undecided(target: Target, **quality: Any) -> Target:
@@ -118,14 +145,18 @@ def test_an_inconclusive_deploy_pauses_until_a_person_promotes_it(
 ) -> None:
     host, target = noisy_legacy
     person = Person({"decision": "promote", "note": "tester: looked at the report"})
-    state = deploy_sdxl(
-        target=undecided(target), wheel=wheel, runs_dir=str(tmp_path / "runs"), return_state=True
-    )
+    with tags(person.tag):  # a missed resume fails in 5 min, inside the test's time, not after an hour
+        state = deploy_sdxl(
+            target=undecided(target, approval_timeout_s=300),
+            wheel=wheel,
+            runs_dir=str(tmp_path / "runs"),
+            return_state=True,
+        )
     person.join(timeout=5)
 
     summary = summary_of(state)
     assert person.error is None, person.error
-    assert state.is_completed(), summary["message"]
+    assert state.is_completed(), (summary["message"], person.trouble[-3:])
     row = _quality_row(summary)
     assert row["verdict"] == "inconclusive" and row["enforce"], row
     # What the person read in the UI: the CI against the margin, and where the report is.
@@ -195,10 +226,12 @@ def test_a_person_can_abort_from_the_terminal(prefect_api: None) -> None:
 
     @flow
     def waits_for_a_person() -> str:
-        return ask_person(gates, quality, timeout_s=60)
+        return ask_person(gates, quality, timeout_s=180)
 
     person = Person({"decision": "abort", "note": "too risky"}, cli=True)  # sdxl-deploy approve
-    assert waits_for_a_person() == "abort"
+    with tags(person.tag):
+        decision = waits_for_a_person()
+    assert decision == "abort", person.error
     person.join(timeout=5)
     assert person.error is None, person.error
     assert "[-1.40, +0.90] against the margin -1" in person.description
