@@ -8,6 +8,8 @@ from typing import Annotated, Any
 
 import typer
 
+from flows.cli_run import run_flow
+
 # Every stage of either order: staged (start_staged ... cutover) and stop-first (stop_current, start_new).
 STAGE_NAMES = (
     "preflight, backup, baseline, ship, prefetch, stop_current, start_new, start_staged, warmup, benchmark, tunnel, gate, "
@@ -41,17 +43,6 @@ def _load(target_file: Path) -> Any:
         raise typer.BadParameter(str(exc), param_hint="--target") from None
 
 
-def _run(flow: Any, **parameters: Any) -> None:
-    """Run a flow (on the Prefect server in PREFECT_API_URL, else an embedded one); print its summary."""
-    state = flow(return_state=True, **parameters)
-    outcome = state.result(raise_on_failure=False)
-    run_dir = getattr(outcome, "run_dir", None)
-    if run_dir:
-        print_summary(Path(run_dir) / "summary.json")
-    if state.is_failed():
-        raise typer.Exit(1)
-
-
 def deploy(
     target_file: TargetOption,
     dry_run: Annotated[bool, typer.Option(help="Preflight and print the plan; change nothing.")] = False,
@@ -67,8 +58,9 @@ def deploy(
     """Upgrade the target's current service to SDXL (rolls back by itself on any failure)."""
     from flows.runbook import deploy_sdxl
 
-    _run(
+    run_flow(
         deploy_sdxl,
+        print_summary,
         target=_load(target_file),
         dry_run=dry_run,
         fail_at=_check_stage(fail_at),
@@ -82,7 +74,7 @@ def verify(target_file: TargetOption, runs_dir: RunsOption = Path("runs")) -> No
     """Check the running service against the success criteria (changes nothing)."""
     from flows.runbook import verify_sdxl
 
-    _run(verify_sdxl, target=_load(target_file), runs_dir=str(runs_dir))
+    run_flow(verify_sdxl, print_summary, target=_load(target_file), runs_dir=str(runs_dir))
 
 
 def rollback(
@@ -94,8 +86,9 @@ def rollback(
     """Put back what served before the last deploy: the earlier release, else the old service from its backup."""
     from flows.runbook import rollback_sdxl
 
-    _run(
+    run_flow(
         rollback_sdxl,
+        print_summary,
         target=_load(target_file),
         backup=backup,
         runs_dir=str(runs_dir),

@@ -7,6 +7,8 @@ from typing import Annotated, Any
 
 import typer
 
+from flows.cli_run import run_flow
+
 
 def _fail_at(values: list[str]) -> dict[str, str]:
     pairs = {}
@@ -45,20 +47,15 @@ def deploy_fleet(
         fleet = load_fleet(fleet_file)
     except FleetFileError as exc:
         raise typer.BadParameter(str(exc), param_hint="FLEET_FILE") from None
-    state = flow(
+    run_flow(
+        flow,
+        print_fleet,
         fleet=fleet,
         wheel=str(wheel) if wheel else None,
         runs_dir=str(runs_dir),
         fail_at=_fail_at(fail_at) or None,
         abort_after_canary=abort_after_canary,
-        return_state=True,
     )
-    outcome = state.result(raise_on_failure=False)
-    run_dir = getattr(outcome, "run_dir", None)
-    if run_dir:
-        print_fleet(Path(run_dir) / "summary.json")
-    if state.is_failed():
-        raise typer.Exit(1)
 
 
 def print_fleet(summary_path: Path, console: Any = None) -> dict[str, Any]:
