@@ -6,7 +6,8 @@ the same sources as `Engine.load` (VAE or tiny VAE, base, refiner) and, per sour
 `service.hub.files_to_load` names (the fp16 variant only where the repo ships it). It asks the hub for
 their sizes, counts those already in the cache as present, refuses when the cache's filesystem lacks the
 missing bytes plus a margin, then downloads file by file with `hf_hub_download` (a cut download resumes
-from its `.incomplete` file), one JSON line per event (`Event`). The hub token, when one is needed, comes
+from its `.incomplete` file; progress as huggingface_hub counts it, plain HTTP or Xet), one JSON line per
+event (`Event`). The hub token, when one is needed, comes
 on stdin (`--token-stdin`), never on the command line or in a file. Local folders and generated models
 have nothing to fetch. `--detach FILE` reads the token, then goes on in its own session writing to FILE,
 and prints `{"pid": ...}` (how the flow runs it: the SSH command returns at once).
@@ -15,6 +16,7 @@ and prints `{"pid": ...}` (how the flow runs it: the SSH command returns at once
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import os
 import shutil
@@ -43,6 +45,7 @@ class Event(BaseModel):
     bytes_total: int = 0  # their size, as the hub reports it
     bytes_cached: int = 0
     bytes_done: int = 0  # downloaded by this run so far
+    bytes_received: int = 0  # off the network by this run (Xet: may run ahead of bytes_done)
     bytes_missing: int = 0
     rate: float = 0.0  # bytes per second, this run
     seconds: float = 0.0
@@ -166,13 +169,22 @@ def check_disk(files: list[HubFile], margin_bytes: int) -> tuple[Path, int]:
 
 
 class Meter:
-    """Bytes done: the finished files plus the `.incomplete` file being written, read every second."""
+    """Bytes done: the finished files plus the one being written, sent as a `progress` event every second.
+
+    The file being written is counted from huggingface_hub's own progress (`counter()`, a tqdm class given to
+    `hf_hub_download`): bytes written, whether by a plain HTTP download or by Xet's reconstruction, which
+    need not write the file in order, and bytes received from the network (`bytes_received`, what the
+    flow's stall detector watches besides). A huggingface_hub without `tqdm_class` falls back to the size of
+    the file's `.incomplete` in the cache (a plain download writes it in order).
+    """
 
     def __init__(self, emit: Any, plan: Event) -> None:
         self.emit, self.plan = emit, plan
         self.started = time.monotonic()
         self.finished = 0  # bytes of files finished by this run
         self.current: HubFile | None = None
+        self.written: int | None = None  # of the current file, as huggingface_hub reports it
+        self.received = 0  # from the network, this run
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -184,16 +196,52 @@ class Meter:
         self._stop.set()
         self._thread.join()
 
+    def begin(self, file: HubFile) -> None:
+        self.current, self.written = file, None
+
+    def end(self) -> None:
+        if self.current is not None:
+            self.finished += self.current.size
+        self.current, self.written = None, None
+
+    def counter(self) -> type:
+        """A tqdm class for `hf_hub_download` that counts into this meter instead of drawing a bar."""
+        from tqdm.auto import tqdm  # huggingface_hub's own dependency
+
+        meter = self
+
+        class Counter(tqdm):  # type: ignore[misc, valid-type]
+            def __init__(self, *args: Any, **kwargs: Any) -> None:
+                kwargs.pop("name", None)
+                super().__init__(*args, **{**kwargs, "disable": True})
+                meter.written = int(kwargs.get("initial") or 0)  # a resumed download's bytes already there
+
+            def update(self, n: float | None = 1) -> bool | None:
+                meter.written = (meter.written or 0) + int(n or 0)
+                return None
+
+            def update_transfer(self, n: float | None) -> None:  # Xet: bytes off the network
+                meter.received += int(n or 0)
+
+            def set_transfer_postfix_str(self, *args: Any, **kwargs: Any) -> None:
+                pass
+
+        return Counter
+
     def done(self) -> int:
         current = self.current
         if current is None:
             return self.finished
-        blobs = cache_dir() / f"models--{current.repo.replace('/', '--')}" / "blobs"
-        try:
-            partial = (blobs / f"{current.blob}.incomplete").stat().st_size if current.blob else 0
-        except OSError:  # not started yet, or just renamed into place
-            partial = 0
+        partial = self.written if self.written is not None else self._incomplete_size(current)
         return self.finished + min(partial, current.size or partial)
+
+    @staticmethod
+    def _incomplete_size(file: HubFile) -> int:
+        blobs = cache_dir() / f"models--{file.repo.replace('/', '--')}" / "blobs"
+        try:
+            return (blobs / f"{file.blob}.incomplete").stat().st_size if file.blob else 0
+        except OSError:  # not started yet, or just renamed into place
+            return 0
 
     def event(self, kind: EventKind, **extra: Any) -> Event:
         seconds = time.monotonic() - self.started
@@ -204,6 +252,7 @@ class Meter:
                 "message": "",
                 "file": self.current.name if self.current else None,
                 "bytes_done": done,
+                "bytes_received": self.received,
                 "rate": round(done / seconds, 1) if seconds > 0 else 0.0,
                 "seconds": round(seconds, 3),
                 **extra,
@@ -243,14 +292,15 @@ def prefetch(sources: list[Source], margin_bytes: int, emit: Any) -> Event:
     )
     emit(plan)
     with Meter(emit, plan) as meter:
+        counted = "tqdm_class" in inspect.signature(hf_hub_download).parameters
+        progress = {"tqdm_class": meter.counter()} if counted else {}
         for file in files:
             if file.cached:
                 continue
-            meter.current = file
-            hf_hub_download(file.repo, file.path, revision=HUB_REVISION)
-            meter.finished += file.size
+            meter.begin(file)
+            hf_hub_download(file.repo, file.path, revision=HUB_REVISION, **progress)
+            meter.end()
             emit(meter.event("file"))
-            meter.current = None
         ready = all(
             isinstance(try_to_load_from_cache(f.repo, f.path, revision=HUB_REVISION), str) for f in files
         )

@@ -173,7 +173,8 @@ class _Follow:
         pending = ""
         last: Event | None = None
         moved_at = logged_at = time.monotonic()
-        moved, planned = -1, False
+        moved: tuple[int, int] | None = None
+        planned = False
         while True:
             alive = process is not None and is_running(self.host, process)
             text, offset = tail_bytes(self.host, self.progress, offset)
@@ -194,8 +195,9 @@ class _Follow:
                 if event.event == "plan":
                     planned = True
                     self._plan(event)
-                if event.bytes_done != moved or event.event != "progress":
-                    moved, moved_at = event.bytes_done, time.monotonic()
+                mark = (event.bytes_done, event.bytes_received)  # Xet receives before it writes
+                if mark != moved or event.event != "progress":
+                    moved, moved_at = mark, time.monotonic()
                 last = event
             now = time.monotonic()
             if last is not None and last.event != "plan" and now - logged_at >= s.log_every_s:

@@ -12,6 +12,7 @@ import subprocess
 import sys
 import uuid
 from pathlib import Path
+from types import SimpleNamespace
 from urllib.parse import urlparse
 
 import pytest
@@ -24,7 +25,7 @@ from flows.runbook import deploy_plan, deploy_sdxl
 from flows.target import PrefetchSettings, Target
 from flows.tasks.deploy import Release
 from flows.tasks.prefetch import prefetch_weights
-from service.prefetch import Event
+from service.prefetch import Event, HubFile, Meter
 from tests.support.flows import fast, summary_of
 from tests.support.hub_mirror import SDXL_BASE, SDXL_REFINER, SDXL_VAE, Mirror
 from tests.support.relay import relay
@@ -100,6 +101,42 @@ def test_a_generated_model_has_nothing_to_fetch_and_the_plan_says_what_prefetch_
     assert "HF_HUB_OFFLINE=1" in plan
 
 
+def test_progress_is_what_huggingface_hub_counts_even_when_xet_sizes_the_file_first(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Xet (the real SDXL repos' storage) may write a file out of order, sized in full from the start; the
+    meter counts what huggingface_hub's own Xet progress reporter reports: bytes written, bytes received."""
+    from huggingface_hub import constants
+    from huggingface_hub.utils._xet_progress_reporting import XetDownloadProgressReporter
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
+    file = HubFile("org/model", "unet/diffusion_pytorch_model.fp16.safetensors", 1000, False, blob="abc")
+    blobs = tmp_path / "models--org--model" / "blobs"
+    blobs.mkdir(parents=True)
+    with (blobs / "abc.incomplete").open("wb") as sized:
+        sized.truncate(1000)
+    meter = Meter(lambda event: None, Event(event="plan", bytes_missing=1000))
+    meter.begin(file)
+    assert meter.done() == 1000  # without huggingface_hub's count the file's size is all there is
+
+    def report(written: int, received: int) -> SimpleNamespace:
+        rates = {"total_bytes_completion_rate": None, "total_transfer_bytes_completion_rate": None}
+        return SimpleNamespace(
+            total_bytes_completed=written, total_transfer_bytes_completed=received, total_bytes=1000, **rates
+        )
+
+    counter = meter.counter()
+    with XetDownloadProgressReporter(
+        reconstruction_desc="unet", total=1000, log_level=logging.INFO, tqdm_class=counter
+    ) as progress:
+        progress.update_progress(report(0, 250))  # received, nothing written yet: still moving
+        assert (meter.event("progress").bytes_done, meter.event("progress").bytes_received) == (0, 250)
+        progress.update_progress(report(300, 400))
+        assert (meter.event("progress").bytes_done, meter.event("progress").bytes_received) == (300, 400)
+    meter.end()
+    assert meter.event("file").bytes_done == 1000 and meter.current is None
+
+
 # ----- the real hub mirror ------------------------------------------------------------------------------
 
 
@@ -126,6 +163,11 @@ def test_prefetch_fetches_exactly_the_services_files_then_it_loads_offline(
     assert {"model_index.json", "unet/diffusion_pytorch_model.fp16.safetensors"} <= refiner
     assert result.files == sum(len(cached_files(home, r)) for r in (SDXL_VAE, SDXL_BASE, SDXL_REFINER))
     assert re.search(r"prefetch: .* at [\d.]+ MB/s", caplog.text), caplog.text
+    # counted from huggingface_hub's progress: bytes received (a file whose blob the repo already had, the
+    # second tokenizer's vocabulary, is linked, not downloaded again)
+    events = [Event.model_validate_json(line) for line in (tmp_path / "logs" / "prefetch.jsonl").open()]
+    done = [e for e in events if e.event == "done"][-1]
+    assert 0.8 * done.bytes_done < done.bytes_received <= done.bytes_done == result.bytes_downloaded, done
 
     # The service loads every part from that cache with the hub offline (and unreachable).
     offline = {**hub_mirror.env(home, offline=True), **BF16, "HF_ENDPOINT": "http://127.0.0.1:9"}
