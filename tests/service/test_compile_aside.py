@@ -3,21 +3,25 @@ uncompiled at once and compiled on the compile thread (`saved_compile.Background
 the compiled function; a compile that fails leaves the shape uncompiled with a warning; the `ready_sizes`
 are compiled before `/ready`, and `/health` and `/metrics` say which shapes are compiled or compiling.
 
-Small modules on the CPU (Inductor's C++ backend) check the mechanism. An engine-level test (tiny-sd15, compile
-forced on, ready sizes) was written and dropped: its warm-up compiles alone passed 900 s on the shared CPU box.
+Small modules on the CPU (Inductor's C++ backend) check the mechanism; one real service (tiny-sd15, compile forced
+on, one ready size: two UNet compiles, a few minutes on a 2-core CPU) checks the ready sizes end to end.
 """
 
 from __future__ import annotations
 
+import re
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 import torch
 from torch import nn
 
 from service.saved_compile import REQUEST_SWITCH_S, BackgroundCompiler, available, saved_compile
+from tests.support.servers import settings_for, thread_server
 
 pytestmark = pytest.mark.skipif(not available(), reason="this torch cannot save compiled functions (< 2.10)")
 
@@ -96,3 +100,41 @@ def test_a_failed_compile_leaves_the_shape_uncompiled_with_a_warning(tmp_path: P
     for _ in range(2):  # tried once: the shape stays on the uncompiled path, no compile in any call
         torch.testing.assert_close(net(x), net.forward(x))
     assert call.uncompiled_calls == 3 and call.background.idle() and len(warnings) == 1
+
+
+@pytest.mark.slow
+def test_the_ready_sizes_are_compiled_before_ready(model_cache: Path, tmp_path: Path) -> None:
+    """A real service (tiny-sd15, compile forced on, ready size 256x256): the first time `/ready` answers 200,
+    `/health` lists the default size (512 px: latents 64x64) and the ready size (32x32) as compiled, nothing
+    compiling; a request at the ready size then runs compiled, nothing uncompiled."""
+    settings = settings_for(
+        "tiny-sd15",
+        model_cache,
+        device="cpu",
+        compile="on",
+        compile_vae=False,
+        warmup_on_load="on",
+        ready_sizes="256x256",
+        coalesce="off",
+        compile_cache_dir=tmp_path / "compile-cache",
+    )
+    with thread_server(settings, wait=False) as url, httpx.Client(base_url=url, timeout=60) as client:
+        deadline = time.monotonic() + 900
+        while client.get("/ready").status_code != 200:
+            assert time.monotonic() < deadline, client.get("/health").json()
+            time.sleep(0.5)
+        compiles = client.get("/health").json()["compiles"]
+        assert set(compiles["compiled"]) == {"unet 2x4x64x64", "unet 2x4x32x32"}, compiles
+        assert compiles["compiling"] == [] and compiles["failed"] == [], compiles
+        request = {
+            "prompt": "a red bicycle",
+            "width": 256,
+            "height": 256,
+            "num_inference_steps": 2,
+            "seed": 1,
+        }
+        assert client.post("/generate", json=request).status_code == 200
+        metrics = client.get("/metrics").text
+        assert re.search(r"^sdxl_uncompiled_calls_total 0\.0$", metrics, re.M), metrics
+        assert 'sdxl_compile_shape{shape="unet 2x4x32x32",state="compiled"} 1.0' in metrics, metrics
+        assert client.get("/health").json()["compiles"]["compiling"] == []
