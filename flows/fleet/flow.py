@@ -37,6 +37,7 @@ from prefect import flow
 from prefect.artifacts import create_markdown_artifact
 from prefect.context import FlowRunContext
 
+from flows.deploy_state import interrupted_deploy
 from flows.errors import BalancerError, FleetFailed, FleetFileError
 from flows.fleet.analysis import analyse
 from flows.fleet.haproxy import HAProxyAPI
@@ -80,12 +81,23 @@ def serving_release(target: Target) -> tuple[str, str | None]:
 class Rollout:
     """One deploy-fleet run: the balancer, the hosts' records, the timeline, the run directory."""
 
-    def __init__(self, fleet: Fleet, wheel: Path, run_dir: Path, fail_at: dict[str, str]) -> None:
+    def __init__(
+        self,
+        fleet: Fleet,
+        wheel: Path,
+        run_dir: Path,
+        fail_at: dict[str, str],
+        summary: FleetSummary | None = None,
+    ) -> None:
         self.fleet, self.wheel, self.run_dir, self.fail_at = fleet, wheel, run_dir, fail_at
         self.balancer = fleet.load_balancer
         self._lb_host = fleet.load_balancer.via.open() if fleet.load_balancer.via else None
         self.api = HAProxyAPI(self.balancer, self._lb_host)
         self._lock = threading.Lock()
+        self.started = time.monotonic()
+        if summary is not None:  # reopened: what the run recorded so far
+            self.summary = summary
+            return
         self.summary = FleetSummary(
             run_dir=str(run_dir),
             release_id=release_id_of(wheel),
@@ -96,8 +108,14 @@ class Rollout:
                 for h in fleet.hosts
             ],
         )
-        self.started = time.monotonic()
         self.save()
+
+    @classmethod
+    def reopen(cls, fleet: Fleet, run_dir: Path) -> Rollout:
+        """The rollout of an earlier process (killed by a Prefect cancel), from its run directory."""
+        summary = FleetSummary.model_validate_json((run_dir / "summary.json").read_text(encoding="utf-8"))
+        wheels = sorted((run_dir / "wheel").glob("*.whl"))
+        return cls(fleet, wheels[0] if wheels else run_dir, run_dir, {}, summary)
 
     def target(self, host: FleetHost) -> Target:
         return self.fleet.host_target(host)
@@ -112,9 +130,10 @@ class Rollout:
             self.save()
 
     def save(self) -> None:
-        (self.run_dir / "summary.json").write_text(
-            self.summary.model_dump_json(indent=2) + "\n", encoding="utf-8"
-        )
+        """Rewrite summary.json whole (a process killed meanwhile leaves the previous one, never half)."""
+        part = self.run_dir / "summary.json.part"
+        part.write_text(self.summary.model_dump_json(indent=2) + "\n", encoding="utf-8")
+        part.replace(self.run_dir / "summary.json")
 
     def close(self) -> None:
         if self._lb_host is not None:
@@ -160,6 +179,8 @@ class Rollout:
                 self.event(f"{host.name}: FAILED", record.message)
                 return False
             record.outcome = "upgraded"
+            with self._lock:
+                self.save()
             return True
         record.outcome = "deploy failed"
         self.event(f"{host.name}: deploy FAILED", record.message)
@@ -311,10 +332,29 @@ class Rollout:
     def upgraded(self) -> list[FleetHost]:
         return [h for h in self.fleet.hosts if self.record(h).outcome in ("upgraded", "already upgraded")]
 
-    def roll_back_all(self, why: str) -> None:
-        """Roll back every host this rollout upgraded (a host at a time per allowed unavailable host)."""
+    def cut_mid_deploy(self) -> list[FleetHost]:
+        """Hosts whose deploy was started and never ended (a Prefect cancel killed the run's process) and that
+        need rollback-sdxl: the box records the deploy as interrupted, or serves this rollout's release.
+        The others (cut before the deploy changed anything) only go back into the balancer."""
+        hosts = []
+        for host in self.fleet.hosts:
+            record = self.record(host)
+            if record.wave is None or record.outcome != "not reached":
+                continue
+            target = self.target(host)
+            with target.connection.open() as box:
+                interrupted = interrupted_deploy(box, target.on_host(home_dir(box))) is not None
+            if interrupted or serving_release(target)[1] == self.summary.release_id:
+                hosts.append(host)
+            else:
+                self._try_back_in(host, record)
+        return hosts
+
+    def roll_back_all(self, why: str, cut: list[FleetHost] | None = None) -> None:
+        """Roll back every host this rollout upgraded, and the `cut` ones (a host at a time per allowed
+        unavailable host)."""
         self.summary.aborted = why
-        hosts = self.upgraded()
+        hosts = self.upgraded() + (cut or [])
         self.event("abort", f"{why}; rolling back {[h.name for h in hosts] or 'no host'}")
         with ThreadPoolExecutor(
             max_workers=self.fleet.rollout.max_unavailable, thread_name_prefix="fleet"
@@ -360,16 +400,61 @@ def _result(future: Any) -> bool:
 
 # The rollouts running in this process, by flow run id: what a Prefect cancel must roll back.
 _RUNNING: dict[str, Rollout] = {}
+RUN_DIR_LABEL = (
+    "sdxl-deploy.run-dir"  # on the fleet's flow run: where a cancel hook elsewhere finds its record
+)
 
 
 def _on_cancel(flow: Any, flow_run: Any, state: Any) -> None:
-    """Prefect cancel (the engine's `on_cancellation` hook, in the run's own process, after the hosts of
-    the wave in progress finished): roll back every host this rollout upgraded, as an abort does."""
+    """Prefect cancel (`on_cancellation`): roll back every host this rollout upgraded, as an abort does, and
+    each host whose deploy the cancel cut mid-way.
+
+    Where the hook runs in the run's own process (Prefect's engine owns the cancel), the rollout is in
+    memory. Where a worker ran the run (a deployment triggered from the UI), the worker kills the run's
+    process and runs the hook in a process of its own: the rollout is reopened from its run directory (the
+    flow run's `sdxl-deploy.run-dir` label) and the fleet from the run's parameters (tested:
+    tests/flows/test_fleet_pool.py)."""
     rollout = _RUNNING.pop(str(flow_run.id), None)
     if rollout is None:
-        return
-    rollout.roll_back_all("cancelled in Prefect")
+        rollout = _reopen(flow_run)
+        if rollout is None:
+            print(f"fleet: cancel of {flow_run.id}: no record of its rollout, nothing rolled back")
+            return
+    try:
+        rollout.roll_back_all("cancelled in Prefect", rollout.cut_mid_deploy())
+    finally:
+        rollout.close()
     rollout.finish("failed", f"cancelled in Prefect; rolled back: {rollout.summary.rolled_back or 'none'}")
+
+
+def _reopen(flow_run: Any) -> Rollout | None:
+    """The rollout of a flow run whose process is gone: its record and its fleet (from the parameters)."""
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        run = client.read_flow_run(flow_run.id)
+    run_dir = (run.labels or {}).get(RUN_DIR_LABEL)
+    if not run_dir or not Path(run_dir, "summary.json").is_file():
+        return None
+    params = run.parameters or {}
+    fleet = (
+        load_fleet(params["fleet_file"])
+        if params.get("fleet_file")
+        else Fleet.model_validate(params["fleet"])
+    )
+    return Rollout.reopen(fleet, Path(run_dir))
+
+
+def _label_run(run_dir: Path) -> str:
+    """This flow run's id, with its run directory recorded on it as a label (for a cancel hook elsewhere)."""
+    context = FlowRunContext.get()
+    if not context or not context.flow_run:
+        return ""
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        client.update_flow_run_labels(context.flow_run.id, {RUN_DIR_LABEL: str(run_dir.resolve())})
+    return str(context.flow_run.id)
 
 
 @flow(name="deploy-fleet", log_prints=True, on_cancellation=[_on_cancel])
@@ -404,8 +489,7 @@ def deploy_fleet(
     run_dir = make_run_dir(runs_dir, "deploy-fleet")
     wheel_path = Path(wheel) if wheel else build_wheel(run_dir / "wheel")
     rollout = Rollout(fleet, wheel_path, run_dir, dict(fail_at or {}))
-    context = FlowRunContext.get()
-    flow_run_id = str(context.flow_run.id) if context and context.flow_run else ""
+    flow_run_id = _label_run(run_dir)
     _RUNNING[flow_run_id] = rollout
     try:
         rollout.preflight()

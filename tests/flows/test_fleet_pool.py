@@ -11,17 +11,20 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.actions import WorkPoolCreate
+from prefect.deployments import run_deployment
 from prefect.settings import PREFECT_API_URL
+from prefect.states import Cancelling
 
 from bench.launch import free_port
 from flows.demo import TINY_REQUEST, start_current, stop_all
-from flows.fleet.flow import deploy_fleet
+from flows.fleet.flow import RUN_DIR_LABEL, deploy_fleet
 from flows.fleet.haproxy import HAProxyAPI
 from flows.fleet.summary import FleetSummary
 from flows.fleet.target import Analysis, Fleet, FleetHost, HostRuns, LoadBalancer, Rollout
@@ -185,3 +188,67 @@ def test_an_abort_rolls_the_canary_back_on_the_pool(
         assert run.deployment_id == deployment.id and run.state.is_completed()
         assert run.work_queue_name == "q-h1" and run.parent_task_run_id is not None
     assert f"submitting flow run '{rollbacks['h1']}'" in workers["w1"].read_text(errors="replace")
+
+
+def test_a_cancel_in_prefect_rolls_back_what_the_rollout_upgraded(
+    workers: dict[str, Path], hosts: dict[str, Target], wheel: str, tmp_path: Path
+) -> None:
+    """deploy-fleet as a deployment on the pool (as the UI runs it), cancelled during the canary's analysis:
+    the worker kills the run's process and runs the cancel hook in a process of its own, which reopens the
+    rollout from its run directory and rolls the canary back; h2 is never touched, both serve in HAProxy."""
+    deploy_fleet.from_source(str(ROOT), "flows/fleet/flow.py:deploy_fleet").deploy(
+        name="deploy-fleet", work_pool_name=POOL, work_queue_name="q-h1", print_next_steps=False
+    )
+    before = find_service(LocalHost(), hosts["h2"].current.port)
+    with haproxy({n: t.current.port for n, t in hosts.items()}, tmp_path / "haproxy") as proxy:
+        balancer = LoadBalancer(socket=proxy.socket_path, drain_timeout_s=60, up_timeout_s=60)
+        api = HAProxyAPI(balancer)
+        for name in HOSTS:
+            api.wait_up(name, 10)
+        fleet = Fleet(
+            hosts=[FleetHost(name=n, target=t) for n, t in hosts.items()],
+            load_balancer=balancer,
+            rollout=Rollout(
+                canary=1, analysis=Analysis(duration_s=600, min_requests=0), progress_deadline_s=300
+            ),
+        )
+        parameters = {
+            "fleet": fleet.model_dump(mode="json"),
+            "wheel": wheel,
+            "runs_dir": str(tmp_path / "runs"),
+        }
+        run = run_deployment("deploy-fleet/deploy-fleet", parameters=parameters, timeout=0)
+
+        def summary() -> FleetSummary | None:
+            with get_client(sync_client=True) as client:
+                run_dir = client.read_flow_run(run.id).labels.get(RUN_DIR_LABEL)
+            file = Path(run_dir or tmp_path, "summary.json")
+            return FleetSummary.model_validate_json(file.read_text()) if file.is_file() else None
+
+        def wait_for(what: str, check: Callable[[], bool], timeout_s: float) -> None:
+            deadline = time.monotonic() + timeout_s
+            while not check():
+                assert time.monotonic() < deadline, f"{what}: {summary()}"
+                time.sleep(1)
+
+        # the canary is upgraded and back in the balancer: its analysis (600 s) runs when the person cancels
+        wait_for(
+            "h1 upgraded", lambda: "h1: ready" in [e.event for e in getattr(summary(), "timeline", [])], 400
+        )
+        with get_client(sync_client=True) as client:
+            client.set_flow_run_state(run.id, Cancelling(message="a person cancelled in the UI"))
+
+        def state() -> Any:
+            with get_client(sync_client=True) as client:
+                return client.read_flow_run(run.id).state
+
+        # the worker marks the run Cancelled once the hook returned: the summary is final by then
+        wait_for("cancelled", lambda: state().is_cancelled(), 300)
+        done = summary()
+        assert done is not None and done.status == "failed", done
+        assert done.aborted == "cancelled in Prefect" and done.rolled_back == ["h1"], done.message
+        assert {h.name: h.outcome for h in done.hosts} == {"h1": "rolled back", "h2": "not reached"}
+        assert all(is_legacy(current_answers(LocalHost(), t.current)) for t in hosts.values())
+        assert find_service(LocalHost(), hosts["h2"].current.port) == before  # never touched
+        stats = api.stats()
+        assert all(stats[name].status == "UP" for name in HOSTS), stats  # both serve in the balancer
