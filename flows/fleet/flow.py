@@ -452,8 +452,11 @@ def _label_run(run_dir: Path) -> str:
         return ""
     from prefect.client.orchestration import get_client
 
-    with get_client(sync_client=True) as client:
-        client.update_flow_run_labels(context.flow_run.id, {RUN_DIR_LABEL: str(run_dir.resolve())})
+    try:
+        with get_client(sync_client=True) as client:
+            client.update_flow_run_labels(context.flow_run.id, {RUN_DIR_LABEL: str(run_dir.resolve())})
+    except Exception as exc:  # an older Prefect server: only a cancel handled in this process rolls back
+        print(f"fleet: warning: could not label the run with its run directory ({type(exc).__name__}: {exc})")
     return str(context.flow_run.id)
 
 
