@@ -32,6 +32,7 @@ from pydantic import BaseModel
 
 EventKind = Literal["plan", "progress", "file", "done", "error"]
 PROGRESS_EVERY_S = 1.0
+XET_CHUNK_CACHE = "HF_XET_CHUNK_CACHE_SIZE_BYTES"
 
 
 class Event(BaseModel):
@@ -336,6 +337,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--margin-gb", type=float, default=2.0, help="Free disk kept beyond the download.")
     parser.add_argument("--detach", metavar="FILE", help="Run in the background, events appended to FILE.")
     args = parser.parse_args(argv)
+    # Xet's chunk cache (up to 10 GB more, beside the hub cache) serves downloads repeated later; a prefetch
+    # downloads each file once, and the disk check counts the files only. Kept when new.env sets it.
+    os.environ.setdefault(XET_CHUNK_CACHE, "0")
     if args.token_stdin and (token := sys.stdin.readline().strip()):
         os.environ["HF_TOKEN"] = token  # this process's own environment: huggingface_hub reads it there
     if args.detach:

@@ -25,7 +25,8 @@ from flows.runbook import deploy_plan, deploy_sdxl
 from flows.target import PrefetchSettings, Target
 from flows.tasks.deploy import Release
 from flows.tasks.prefetch import prefetch_weights
-from service.prefetch import Event, HubFile, Meter
+from service.prefetch import XET_CHUNK_CACHE, Event, HubFile, Meter
+from service.prefetch import main as prefetch_main
 from tests.support.flows import fast, summary_of
 from tests.support.hub_mirror import SDXL_BASE, SDXL_REFINER, SDXL_VAE, Mirror
 from tests.support.relay import relay
@@ -99,6 +100,20 @@ def test_a_generated_model_has_nothing_to_fetch_and_the_plan_says_what_prefetch_
     plan = deploy_plan(Target(), "PID 1", stop_first)
     assert "download the hub files sdxl loads into the box's Hugging Face cache" in plan
     assert "HF_HUB_OFFLINE=1" in plan
+
+
+def test_the_prefetch_turns_xets_chunk_cache_off_unless_the_target_sets_it(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.delenv(XET_CHUNK_CACHE, raising=False)
+    assert (
+        prefetch_main(["--model", "tiny-sdxl", "--json"]) == 0
+        and "nothing to fetch" in capsys.readouterr().out
+    )
+    assert os.environ[XET_CHUNK_CACHE] == "0"  # no 10 GB beside the download the disk check did not count
+    monkeypatch.setenv(XET_CHUNK_CACHE, "5000000000")  # new.env's choice stands
+    assert prefetch_main(["--model", "tiny-sdxl", "--json"]) == 0
+    assert os.environ[XET_CHUNK_CACHE] == "5000000000"
 
 
 def test_progress_is_what_huggingface_hub_counts_even_when_xet_sizes_the_file_first(
