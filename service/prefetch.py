@@ -337,7 +337,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--margin-gb", type=float, default=2.0, help="Free disk kept beyond the download.")
     parser.add_argument("--detach", metavar="FILE", help="Run in the background, events appended to FILE.")
     args = parser.parse_args(argv)
-    # Xet's chunk cache (up to 10 GB more, beside the hub cache) serves downloads repeated later; a prefetch
+    # Xet's chunk cache (10 GB more beside the hub cache, where hf_xet's build enables it) serves repeats; a prefetch
     # downloads each file once, and the disk check counts the files only. Kept when new.env sets it.
     os.environ.setdefault(XET_CHUNK_CACHE, "0")
     if args.token_stdin and (token := sys.stdin.readline().strip()):
