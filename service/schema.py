@@ -155,6 +155,11 @@ class HealthResponse(BaseModel):
         description="Listening on its staging port (SDXL_STAGE_PORT) because its own port was held at start; "
         "SIGUSR1 makes it take its own port over.",
     )
+    taking_over: bool = Field(
+        False,
+        description="Staged and told (SIGUSR1) to take its own port over: it binds that port within a "
+        "millisecond of the old service letting it go.",
+    )
     compiles: CompileStatus | None = Field(
         None,
         description="Compiled shapes and those compiling off the request path; null without saved compile.",

@@ -7,6 +7,7 @@ import errno
 import logging
 import signal
 import socket
+import threading
 import time
 from typing import Any
 
@@ -102,7 +103,7 @@ def uvicorn_config(settings: ServiceSettings, app: Any = None, **overrides: Any)
     return uvicorn.Config(app if app is not None else create_app(settings), **options)
 
 
-TAKEOVER_POLL_S = 0.01  # how often a staged service tries to bind its own port once told to take it
+TAKEOVER_POLL_S = 0.001  # how often a staged service, once told, tries to bind its own port
 
 
 def listening_socket(host: str, port: int, backlog: int = 2048) -> socket.socket:
@@ -116,8 +117,10 @@ class PortTakeoverServer(uvicorn.Server):
     """uvicorn that serves `settings.port`, or, when another process holds it at start and a `stage_port` is
     set, serves `stage_port` until SIGUSR1 tells it to take `port` over (the deploy's cut-over).
 
-    Told, it tries to bind `port` every `TAKEOVER_POLL_S` on its own event loop; the moment the old service
-    lets the port go, it serves it with the same app and state (the same protocol factory uvicorn uses), then
+    Told, a thread of its own tries to bind and listen on `port` every `TAKEOVER_POLL_S` (1 ms), whatever the
+    event loop is doing, and `/health` says `taking_over`: the deploy stops the old service only then. The
+    moment the old one lets the port go, the new socket listens (the kernel queues connections from then on),
+    the event loop serves it with the same app and state (the same protocol factory uvicorn uses), then
     closes the staging listener (connections already open there finish) so the next deploy can stage there.
     The ports it listens on are in `/health`'s `listening`.
     """
@@ -126,9 +129,10 @@ class PortTakeoverServer(uvicorn.Server):
         super().__init__(config)
         self.settings, self.state = settings, state
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._loop_ready = threading.Event()
         self._staging: asyncio.AbstractServer | None = None
-        self._takeover_asked = False
-        self._takeover: asyncio.Task[None] | None = None
+        self._told_at: float | None = None
+        self._binder: threading.Thread | None = None
 
     def bind(self) -> socket.socket:
         """The listening socket: `port`, else `stage_port` when `port` is held and a stage port is set."""
@@ -147,16 +151,19 @@ class PortTakeoverServer(uvicorn.Server):
 
     def request_takeover(self, *_: object) -> None:
         """SIGUSR1: take the service's own port over (safe from a signal handler, before start-up too)."""
-        self._takeover_asked = True
-        if self._loop is not None:
-            self._loop.call_soon_threadsafe(self._start_takeover)
+        if self._binder is not None or self.settings.port in self.state.listening:
+            return  # already told, or serving its own port (it was free at start)
+        self._told_at = time.monotonic()
+        self.state.taking_over = True
+        self._binder = threading.Thread(target=self._bind_own_port, name="port-takeover", daemon=True)
+        self._binder.start()
+        log.info("told to take port %d over: binding it the moment it is free", self.settings.port)
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
         await super().startup(sockets)
         self._loop = asyncio.get_running_loop()
         self._staging = self.servers[0] if self.servers else None
-        if self._takeover_asked:
-            self._start_takeover()
+        self._loop_ready.set()
 
     def _protocol(self) -> asyncio.Protocol:
         """What uvicorn's own listener builds per connection: the same app, server state and lifespan state."""
@@ -164,38 +171,38 @@ class PortTakeoverServer(uvicorn.Server):
             config=self.config, server_state=self.server_state, app_state=self.lifespan.state
         )
 
-    def _start_takeover(self) -> None:
-        if self._takeover is not None or self.settings.port in self.state.listening:
-            return  # already asked, or serving its own port (it was free at start)
-        self._takeover = asyncio.ensure_future(self._take_over())
-
-    async def _take_over(self) -> None:
-        port, started = self.settings.port, time.monotonic()
-        log.info("told to take port %d over: waiting for it to be free", port)
+    def _bind_own_port(self) -> None:
+        """The takeover thread: bind and listen on the port as soon as it is free, then hand it to the loop."""
+        port = self.settings.port
         while not self.should_exit:
             try:
                 sock = listening_socket(self.settings.host, port, self.config.backlog)
             except OSError as exc:
                 if exc.errno != errno.EADDRINUSE:
                     log.error("cannot bind port %d: %s", port, exc)
+                    self.state.taking_over = False
                     return
-                await asyncio.sleep(TAKEOVER_POLL_S)
+                time.sleep(TAKEOVER_POLL_S)
                 continue
-            loop = asyncio.get_running_loop()
-            self.servers.append(
-                await loop.create_server(self._protocol, sock=sock, backlog=self.config.backlog)
-            )
-            staged = [p for p in self.state.listening if p != port]
-            if self._staging is not None:
-                self._staging.close()  # no new connections there; open ones finish
-            self.state.listening = [port]
-            log.info(
-                "took port %d over %.3f s after being told; closed the staging port %s",
-                port,
-                time.monotonic() - started,
-                ", ".join(map(str, staged)) or "-",
-            )
+            self._loop_ready.wait()
+            assert self._loop is not None
+            asyncio.run_coroutine_threadsafe(self._serve_own_port(sock), self._loop)
             return
+
+    async def _serve_own_port(self, sock: socket.socket) -> None:
+        port = self.settings.port
+        loop = asyncio.get_running_loop()
+        self.servers.append(await loop.create_server(self._protocol, sock=sock, backlog=self.config.backlog))
+        staged = [p for p in self.state.listening if p != port]
+        if self._staging is not None:
+            self._staging.close()  # no new connections there; open ones finish
+        self.state.listening, self.state.taking_over = [port], False
+        log.info(
+            "took port %d over %.3f s after being told; closed the staging port %s",
+            port,
+            time.monotonic() - (self._told_at or time.monotonic()),
+            ", ".join(map(str, staged)) or "-",
+        )
 
 
 def serve(settings: ServiceSettings) -> None:

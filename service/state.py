@@ -37,6 +37,7 @@ class ServiceState:
         self.started_at = time.monotonic()
         self.load_error: str | None = None
         self.listening: list[int] = []  # the ports its server listens on (service/server.py keeps it)
+        self.taking_over = False  # told to take its own port over, binding it the moment it is free
 
     # ----- loading -------------------------------------------------------------------------------
 
@@ -103,6 +104,7 @@ class ServiceState:
             startup=self.engine.startup.facts(),
             listening=list(self.listening),
             staged=bool(self.listening) and self.settings.port not in self.listening,
+            taking_over=self.taking_over,
             compiles=self._compiles(),
         )
 

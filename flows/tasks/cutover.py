@@ -1,9 +1,11 @@
 """Cut-over of a staged deploy: the warm new service takes the app's port the moment the old one lets it go.
 
 The new service (staged on `new.staging_port`, `service/server.py`) is told first (SIGUSR1 to its
-supervisor, which passes it on): from then on it tries to bind the app's port every 10 ms. Then the old
-service is stopped as always (TERM: uvicorn stops listening at once and finishes the requests in flight;
-wait; KILL). The port is free for a few milliseconds between the two. The cut-over ends when `/health` on
+supervisor, which passes it on): from then on a thread of its own tries to bind the app's port every
+millisecond, and its `/health` says `taking_over`. Only then is the old service stopped as always (TERM:
+uvicorn stops listening at once and finishes the requests in flight; wait; KILL), so the port is free for
+about a millisecond between the two; a new service that never says so fails the cut-over with the old one
+still serving. The cut-over ends when `/health` on
 the app's port is the new service (its model, listening on that port), within `new.cutover_timeout_s`; a
 cut-over that does not get there raises, and the runbook puts the old service back (`tasks/rollback.py`).
 
@@ -28,6 +30,8 @@ from flows.errors import CutoverFailed, RehearsedFailure
 from flows.hosts import Host
 from flows.procs import ProcessInfo, is_running, stop_process
 from flows.target import Target
+
+TOLD_TIMEOUT_S = 10.0  # SIGUSR1 through the supervisor to the service's takeover thread
 
 
 class Cutover(BaseModel):
@@ -68,6 +72,7 @@ def cut_over(
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="cutover-watch") as pool:
         try:
             tell_take_over(host, new)
+            _wait_taking_over(host, target, min(deadline, time.monotonic() + TOLD_TIMEOUT_S))
             watch = pool.submit(_wait_serving, host, target, deadline, done)
             stopped = (
                 stop_process(host, old, target.current.stop_timeout_s) if old else "no old process was found"
@@ -93,6 +98,25 @@ def cut_over(
         seconds,
     )
     return Cutover(stopped_old=stopped, seconds=seconds, health=health)
+
+
+def _wait_taking_over(host: Host, target: Target, deadline: float) -> None:
+    """Poll `/health` on the staging port until the new service says it is binding the app's port."""
+    health: dict[str, Any] | None = None
+    with service_url(host, target.new.staging_port) as url:
+        while time.monotonic() < deadline:
+            try:
+                health = get_health(url, timeout=5)
+            except httpx.HTTPError:
+                health = None
+            if health is not None and (health.get("taking_over") or serves_port(health, target)):
+                return
+            time.sleep(0.02)
+    raise CutoverFailed(
+        f"the new service did not say it was taking port {target.current.port} over within "
+        f"{TOLD_TIMEOUT_S:.0f} s of SIGUSR1 (/health on port {target.new.staging_port}: {health}); "
+        "the old service was not stopped"
+    )
 
 
 def _wait_serving(

@@ -72,6 +72,9 @@ def test_a_staged_service_takes_its_port_over_when_told_and_binds_it_directly_wh
             proc.send_signal(signal.SIGUSR1)  # told first; the port is still held: it keeps trying
             time.sleep(0.3)
             assert health(port)["model"] == "old" and proc.poll() is None
+            assert (
+                health(stage_port)["taking_over"] is True
+            )  # what the deploy waits for before stopping the old
             old.shutdown()
             old.server_close()
             freed = time.monotonic()
@@ -84,6 +87,7 @@ def test_a_staged_service_takes_its_port_over_when_told_and_binds_it_directly_wh
                     time.sleep(0.01)
             took = time.monotonic() - freed
             assert now["model"] == "tiny-sd15" and now["listening"] == [port] and now["staged"] is False
+            assert now["taking_over"] is False
             assert took < 1.0
             with pytest.raises(httpx.ConnectError):  # the staging port is free for the next deploy
                 health(stage_port)

@@ -18,6 +18,7 @@ import io
 import json
 import random
 import signal
+import socket
 import sys
 import threading
 import zlib
@@ -66,10 +67,13 @@ def serve(port: int) -> None:
         signal.signal(sig, lambda *_: stopping.set())
     threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True).start()
     print(f"legacy SD1.5 API listening on 127.0.0.1:{port}", file=sys.stderr, flush=True)
-    while not stopping.wait(0.1):
+    while not stopping.wait(0.01):
         pass
-    server.shutdown()  # no new connections are accepted from here
-    server.socket.close()  # the port is free now
+    # Stop listening at once, as uvicorn closes its listener: from here a connection is refused (the new
+    # service takes the port), never left in a queue this process no longer accepts from, which closing the
+    # socket after the accept loop's next poll (up to 20 ms later) would reset.
+    server.socket.shutdown(socket.SHUT_RDWR)
+    server.shutdown()  # the accept loop ends
     server.server_close()  # waits for the requests in flight
     print("legacy SD1.5 API stopped", file=sys.stderr, flush=True)
 
