@@ -7,7 +7,7 @@
    as it ships, on an empty compile cache), waited for until `/ready` on B. Memory of each process is sampled
    all along: VRAM from `nvidia-smi --query-compute-apps` on a GPU, RSS (psutil) on the CPU (said so).
 4. The cut-over as the deploy does it (`flows/tasks/cutover.py`): SIGUSR1 to the new service, SIGTERM to the old
-   one (it finishes what is in flight), until `/health` on A is the new service listening on A; meanwhile
+   one once the new one says `taking_over` (the old finishes what is in flight), until `/health` on A is the new service listening on A; meanwhile
    `/health` on A every 0.25 s. The longest outage is worked out from the health probes and the load's requests
    together, by `flows.downtime.summarize` (the deploy's own arithmetic).
 5. A plain-text table printed last and `beside.json` (every request and sample too) under `--out`.
@@ -48,7 +48,7 @@ PHASE_HELP = {
     "before": "the old service alone",
     "new start": "the new service starting (load + compile) until /ready on the stage port",
     "staged": "the new service ready on the stage port, idle",
-    "cutover": "SIGUSR1 to the new service, SIGTERM to the old, until the new one answers on the app's port",
+    "cutover": "SIGUSR1 to the new service, SIGTERM to the old once it says taking_over, until the new one answers on the app's port",
     "after": "the new service on the app's port",
 }
 # The seed's SD1.5 set-up (`service/settings.py`): fp16, attention + VAE slicing, no compile
@@ -315,10 +315,16 @@ def wait_serving(url: str, model: str, port: int, deadline: float) -> tuple[dict
 def cut_over(
     new: ServiceProcess, old: ServiceProcess, app_url: str, model: str, port: int, timeout_s: float
 ) -> dict[str, Any]:
-    """As `flows/tasks/cutover.py`: SIGUSR1 to the new service, SIGTERM to the old one (and wait for it), while
-    a second thread watches the app's port for the new service; the figures of the cut-over."""
+    """As `flows/tasks/cutover.py`: SIGUSR1 to the new service, SIGTERM to the old one (and wait for it) once
+    the new one's `/health` (on its staging port, `new.url`) says `taking_over`, while a second thread
+    watches the app's port for the new service; the figures of the cut-over."""
     told = time.monotonic()
     os.kill(new.pid, signal.SIGUSR1)
+    while not httpx.get(f"{new.url}/health", timeout=5).json().get("taking_over"):
+        if time.monotonic() - told > timeout_s:
+            raise TimeoutError("the new service did not say taking_over after SIGUSR1")
+        time.sleep(0.02)
+    taking_over_s = time.monotonic() - told
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="cutover-watch") as pool:
         watch = pool.submit(wait_serving, app_url, model, port, told + timeout_s)
         old.stop()
@@ -326,6 +332,7 @@ def cut_over(
         health, seen_at = watch.result()
     return {
         "usr1_to_new_on_app_port_s": round(seen_at - told, 3),
+        "usr1_to_taking_over_s": round(taking_over_s, 3),
         "old_stopped_s": round(old_stopped_s, 3),
         "new_listening": health.get("listening"),
         "new_staged": health.get("staged"),
