@@ -342,9 +342,14 @@ class Rollout:
             if record.wave is None or record.outcome != "not reached":
                 continue
             target = self.target(host)
-            with target.connection.open() as box:
-                interrupted = interrupted_deploy(box, target.on_host(home_dir(box))) is not None
-            if interrupted or serving_release(target)[1] == self.summary.release_id:
+            try:
+                with target.connection.open() as box:
+                    interrupted = interrupted_deploy(box, target.on_host(home_dir(box))) is not None
+                touched = interrupted or serving_release(target)[1] == self.summary.release_id
+            except Exception as exc:  # unreachable: rollback-sdxl says what it can, the others go on
+                self.event(f"{host.name}: state unknown after the cancel", f"{type(exc).__name__}: {exc}")
+                touched = True
+            if touched:
                 hosts.append(host)
             else:
                 self._try_back_in(host, record)
@@ -400,9 +405,8 @@ def _result(future: Any) -> bool:
 
 # The rollouts running in this process, by flow run id: what a Prefect cancel must roll back.
 _RUNNING: dict[str, Rollout] = {}
-RUN_DIR_LABEL = (
-    "sdxl-deploy.run-dir"  # on the fleet's flow run: where a cancel hook elsewhere finds its record
-)
+# On the fleet's flow run: where a cancel hook in another process finds the rollout's record.
+RUN_DIR_LABEL = "sdxl-deploy.run-dir"
 
 
 def _on_cancel(flow: Any, flow_run: Any, state: Any) -> None:
