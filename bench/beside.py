@@ -7,9 +7,9 @@
    as it ships, on an empty compile cache), waited for until `/ready` on B. Memory of each process is sampled
    all along: VRAM from `nvidia-smi --query-compute-apps` on a GPU, RSS (psutil) on the CPU (said so).
 4. The cut-over as the deploy does it (`flows/tasks/cutover.py`): SIGUSR1 to the new service, SIGTERM to the old
-   one once the new one says `taking_over` (the old finishes what is in flight), until `/health` on A is the new service listening on A; meanwhile
-   `/health` on A every 0.25 s. The longest outage is worked out from the health probes and the load's requests
-   together, by `flows.downtime.summarize` (the deploy's own arithmetic).
+   one once the new one says `taking_over` (the old finishes what is in flight), until `/health` on A is the new
+   service listening on A; meanwhile `/health` on A every 0.25 s. The longest outage is worked out from the
+   health probes and the load's requests together, by `flows.downtime.summarize` (the deploy's own arithmetic).
 5. A plain-text table printed last and `beside.json` (every request and sample too) under `--out`.
 
 Prefect is not on the GPU box, so this does not import `flows/tasks/cutover.py` or `flows/prober.py`; it
@@ -48,7 +48,8 @@ PHASE_HELP = {
     "before": "the old service alone",
     "new start": "the new service starting (load + compile) until /ready on the stage port",
     "staged": "the new service ready on the stage port, idle",
-    "cutover": "SIGUSR1 to the new service, SIGTERM to the old once it says taking_over, until the new one answers on the app's port",
+    "cutover": "SIGUSR1 to the new service, SIGTERM to the old once it says taking_over, until the new one "
+    "answers on the app's port",
     "after": "the new service on the app's port",
 }
 # The seed's SD1.5 set-up (`service/settings.py`): fp16, attention + VAE slicing, no compile
@@ -373,9 +374,8 @@ def run_beside(c: BesideConfig) -> BesideResults:
     c.work.mkdir(parents=True, exist_ok=True)
     r = BesideResults(meta={**environment(), "config": {k: str(v) for k, v in asdict(c).items()}})
     if threading.current_thread() is threading.main_thread():
-        signal.signal(
-            signal.SIGTERM, _stopped
-        )  # `timeout` ends the command: stop the services, keep the figures
+        # `timeout` ends the command: stop the services, keep the figures
+        signal.signal(signal.SIGTERM, _stopped)
     try:
         _run(c, r)
     except (Exception, Stopped) as exc:  # recorded; the services are stopped in _run

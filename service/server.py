@@ -157,7 +157,6 @@ class PortTakeoverServer(uvicorn.Server):
         self.state.taking_over = True
         self._binder = threading.Thread(target=self._bind_own_port, name="port-takeover", daemon=True)
         self._binder.start()
-        log.info("told to take port %d over: binding it the moment it is free", self.settings.port)
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
         await super().startup(sockets)
@@ -174,6 +173,7 @@ class PortTakeoverServer(uvicorn.Server):
     def _bind_own_port(self) -> None:
         """The takeover thread: bind and listen on the port as soon as it is free, then hand it to the loop."""
         port = self.settings.port
+        log.info("told to take port %d over: binding it the moment it is free", port)
         while not self.should_exit:
             try:
                 sock = listening_socket(self.settings.host, port, self.config.backlog)

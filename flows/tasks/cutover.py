@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor, wait
 from typing import Any
 
@@ -102,44 +103,58 @@ def cut_over(
 
 def _wait_taking_over(host: Host, target: Target, deadline: float) -> None:
     """Poll `/health` on the staging port until the new service says it is binding the app's port."""
-    health: dict[str, Any] | None = None
-    with service_url(host, target.new.staging_port) as url:
-        while time.monotonic() < deadline:
-            try:
-                health = get_health(url, timeout=5)
-            except httpx.HTTPError:
-                health = None
-            if health is not None and (health.get("taking_over") or serves_port(health, target)):
-                return
-            time.sleep(0.02)
-    raise CutoverFailed(
-        f"the new service did not say it was taking port {target.current.port} over within "
-        f"{TOLD_TIMEOUT_S:.0f} s of SIGUSR1 (/health on port {target.new.staging_port}: {health}); "
-        "the old service was not stopped"
+    health, seen_at = _poll_health(
+        host,
+        target.new.staging_port,
+        lambda h: bool(h.get("taking_over")) or serves_port(h, target),
+        deadline,
     )
+    if seen_at is None:
+        raise CutoverFailed(
+            f"the new service did not say it was taking port {target.current.port} over within "
+            f"{TOLD_TIMEOUT_S:.0f} s of SIGUSR1 (/health on port {target.new.staging_port}: {health}); "
+            "the old service was not stopped"
+        )
 
 
 def _wait_serving(
     host: Host, target: Target, deadline: float, done: threading.Event
 ) -> tuple[dict[str, Any], float]:
     """Poll `/health` on the app's port until it is the new service; (its body, when it was first seen)."""
+    health, seen_at = _poll_health(
+        host, target.current.port, lambda h: serves_port(h, target), deadline, done
+    )
+    if seen_at is None:
+        seen = f"/health answered {health}" if health else "nothing answered"
+        raise CutoverFailed(
+            f"the new service did not take port {target.current.port} over within "
+            f"{target.new.cutover_timeout_s:.0f} s ({seen})"
+        )
+    return health or {}, seen_at
+
+
+def _poll_health(
+    host: Host,
+    port: int,
+    wanted: Callable[[dict[str, Any]], bool],
+    deadline: float,
+    done: threading.Event | None = None,
+) -> tuple[dict[str, Any] | None, float | None]:
+    """`/health` on a service port every 20 ms until a body is `wanted`, the deadline passes or `done` is set:
+    (the last body, when the wanted one was seen, or None)."""
     health: dict[str, Any] | None = None
-    with service_url(host, target.current.port) as url:
-        while not done.is_set():
+    with service_url(host, port) as url:
+        while not (done is not None and done.is_set()):
             try:
                 health = get_health(url, timeout=5)
             except httpx.HTTPError:
                 health = None
-            if serves_port(health, target):
-                return health or {}, time.monotonic()
+            if health is not None and wanted(health):
+                return health, time.monotonic()
             if time.monotonic() > deadline:
                 break
             time.sleep(0.02)
-    seen = f"/health answered {health}" if health else "nothing answered"
-    raise CutoverFailed(
-        f"the new service did not take port {target.current.port} over within "
-        f"{target.new.cutover_timeout_s:.0f} s ({seen})"
-    )
+    return health, None
 
 
 def discard_staged(host: Host, target: Target, process: ProcessInfo | None) -> str:
