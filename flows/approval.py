@@ -1,4 +1,7 @@
-"""A person's decision on an inconclusive quality verdict: promote or abort, from the Prefect UI.
+"""A person's decision: promote or abort, from the Prefect UI (`wait_for_person`, one pause of a flow run).
+
+Two places ask: an inconclusive quality verdict of a deploy (below), and deploy-fleet between waves
+(`rollout.pause_after`: a person looks at the canary and promotes it or fails it by hand).
 
 An enforced `quality` row that says INCONCLUSIVE (the comparison was too small to tell either way) neither
 passes nor fails the deploy by itself. Stage `approval` pauses the flow run for typed input
@@ -79,26 +82,37 @@ def describe(gates: GateReport, quality: QualityResult | None, timeout_s: float)
 
 
 def request_decision(gates: GateReport, quality: QualityResult | None, timeout_s: float) -> Approval:
-    """Pause the flow run until a person promotes or aborts (or the timeout aborts)."""
+    """Pause the flow run until a person promotes or aborts an inconclusive verdict (the timeout aborts)."""
+    approval = wait_for_person(
+        "quality INCONCLUSIVE", describe(gates, quality, timeout_s), timeout_s, PAUSE_KEY
+    )
+    approval.criteria = [row.criterion for row in needs_decision(gates)]
+    return approval
+
+
+def wait_for_person(why: str, description: str, timeout_s: float, key: str) -> Approval:
+    """Pause this flow run for typed input (`Decision`) until a person promotes or aborts in the Prefect UI
+    or with `sdxl-deploy approve`; no answer within `timeout_s` aborts. `key` names this pause (one per
+    pause of a run: Prefect will not pause twice on one key)."""
     from prefect.context import FlowRunContext
     from prefect.exceptions import FlowPauseTimeout
     from prefect.flow_runs import pause_flow_run
 
     log = run_logger()
-    criteria = [row.criterion for row in needs_decision(gates)]
-    model = _decision_model().with_initial_data(description=describe(gates, quality, timeout_s))
+    model = _decision_model().with_initial_data(description=description)
     context = FlowRunContext.get()
     run_id = str(context.flow_run.id) if context and context.flow_run else "<flow run id>"
     log.warning(
-        "quality INCONCLUSIVE: waiting up to %.0f s for a person: Resume this flow run in the Prefect UI "
+        "%s: waiting up to %.0f s for a person: Resume this flow run in the Prefect UI "
         "(promote or abort), or run `sdxl-deploy approve %s --promote` (or --abort)",
+        why,
         timeout_s,
         run_id,
     )
     started = time.monotonic()
     try:
         answer = pause_flow_run(
-            wait_for_input=model, timeout=max(1, math.ceil(timeout_s)), poll_interval=POLL_S, key=PAUSE_KEY
+            wait_for_input=model, timeout=max(1, math.ceil(timeout_s)), poll_interval=POLL_S, key=key
         )
     except FlowPauseTimeout:
         _back_to_running()
@@ -107,7 +121,6 @@ def request_decision(gates: GateReport, quality: QualityResult | None, timeout_s
             decided_by="timeout",
             note=f"no decision within {timeout_s:.0f} s",
             waited_s=round(time.monotonic() - started, 1),
-            criteria=criteria,
         )
     else:
         approval = Approval(
@@ -115,11 +128,11 @@ def request_decision(gates: GateReport, quality: QualityResult | None, timeout_s
             decided_by="person",
             note=answer.note,
             waited_s=round(time.monotonic() - started, 1),
-            criteria=criteria,
         )
     approval.decided_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
     log.info(
-        "approval: %s by %s after %.1f s%s",
+        "%s: %s by %s after %.1f s%s",
+        why,
         approval.decision,
         approval.decided_by,
         approval.waited_s,
@@ -130,7 +143,8 @@ def request_decision(gates: GateReport, quality: QualityResult | None, timeout_s
 
 def _back_to_running() -> None:
     """After a pause timed out the run is still Paused on the server; set it Running again so the rest of
-    the flow (the rollback) runs and the run ends in the flow's own state and message."""
+    the flow (the rollback) runs and the run ends in the flow's own state and message. A run a person
+    cancelled meanwhile is left as it is (its cancel hook rolls back)."""
     from prefect.client.orchestration import get_client
     from prefect.context import FlowRunContext
     from prefect.states import Running
@@ -139,7 +153,8 @@ def _back_to_running() -> None:
     if context is None or context.flow_run is None:
         return
     with get_client(sync_client=True) as client:
-        client.set_flow_run_state(context.flow_run.id, Running(), force=True)
+        if client.read_flow_run(context.flow_run.id).state.is_paused():
+            client.set_flow_run_state(context.flow_run.id, Running(), force=True)
 
 
 def ask_person(gates: GateReport, quality: QualityResult | None, timeout_s: float) -> Choice:

@@ -97,13 +97,17 @@ def rollback(
 
 
 def approve(
-    flow_run: Annotated[str, typer.Argument(help="The paused deploy's flow run id (its log names it).")],
+    flow_run: Annotated[str, typer.Argument(help="The paused run's flow run id (its log names it).")],
     promote: Annotated[
-        bool, typer.Option("--promote/--abort", help="Go on with the new service, or fail the deploy.")
+        bool,
+        typer.Option(
+            "--promote/--abort", help="Go on (the new service, the next wave), or fail the run (rolled back)."
+        ),
     ],
-    note: Annotated[str, typer.Option(help="Who decides and why (kept in summary.json).")] = "",
+    note: Annotated[str, typer.Option(help="Who decides and why (kept in the run's summary.json).")] = "",
 ) -> None:
-    """Answer a deploy paused on an INCONCLUSIVE quality verdict (the Prefect API in PREFECT_API_URL)."""
+    """Answer a paused run: a deploy on an INCONCLUSIVE quality verdict, or deploy-fleet after a step
+    (`rollout.pause_after`). The Prefect API in PREFECT_API_URL."""
     from flows.approval import answer
 
     decision = "promote" if promote else "abort"
@@ -111,7 +115,7 @@ def approve(
         answer(flow_run, decision, note)
     except ValueError as exc:
         raise typer.BadParameter(str(exc), param_hint="FLOW_RUN") from None
-    print(f"flow run {flow_run}: {decision} sent; the deploy goes on from stage approval")
+    print(f"flow run {flow_run}: {decision} sent; the run goes on from its pause")
 
 
 def releases(target_file: TargetOption) -> None:

@@ -10,8 +10,11 @@ Host runs: subflows in this run's process by default; with `rollout.host_runs.mo
 the deploy-sdxl / rollback-sdxl deployments, children of this run, taken by the workers of their pool
 (flows/fleet/pool.py).
 
-A failed canary or wave, a host past its progress deadline, a failed analysis or an abort
-(`abort_after_canary`) rolls back every host this rollout upgraded, each with `rollback-sdxl` from its own
+A person can hold the rollout after a step (`rollout.pause_after`: the canary, or every wave): the run
+pauses in Prefect (Resume with promote or abort, or `sdxl-deploy approve`) while the upgraded hosts serve.
+
+A failed canary or wave, a host past its progress deadline, a failed analysis, a person's abort at a pause
+(or its timeout) or `abort_after_canary` rolls back every host this rollout upgraded, each with `rollback-sdxl` from its own
 record, drained first and put back `ready` after. Hosts not reached are untouched.
 
 Resume: before the first wave each host is asked what serves on it now. A host whose serving process is
@@ -37,9 +40,10 @@ from prefect import flow
 from prefect.artifacts import create_markdown_artifact
 from prefect.context import FlowRunContext
 
+from flows.approval import wait_for_person
 from flows.deploy_state import interrupted_deploy
 from flows.errors import BalancerError, FleetFailed, FleetFileError
-from flows.fleet.analysis import analyse
+from flows.fleet.analysis import AnalysisResult, analyse
 from flows.fleet.haproxy import HAProxyAPI
 from flows.fleet.pool import run_on_pool
 from flows.fleet.report import fleet_markdown
@@ -329,6 +333,37 @@ class Rollout:
             }
             return [name for name, future in futures.items() if not _result(future)]
 
+    def ask_person(self, name: str, number: int, result: AnalysisResult) -> bool:
+        """Pause for a person after a step whose analysis passed (`rollout.pause_after`): True to go on;
+        an abort (theirs, or the timeout's) rolls back every upgraded host and gives False."""
+        timeout_s = self.fleet.rollout.approval_timeout_s
+        step = "the canary" if name == "canary" else name
+        upgraded = [h.name for h in self.upgraded()]
+        left = [r.name for r in self.summary.hosts if r.name not in upgraded]
+        description = "\n\n".join(
+            [
+                f"**deploy-fleet paused after {step}** (release {self.summary.release_id}): its analysis "
+                f"passed. {result.describe()}",
+                f"On the new release, serving live traffic now: {', '.join(upgraded)}. "
+                f"Still on the old release: {', '.join(left)}.",
+                f"Choose **promote** to go on with wave {number + 1}, or **abort** to roll back every upgraded "
+                f"host ({', '.join(upgraded)}) from its own backup. No answer within {timeout_s:.0f} s aborts.",
+                f"The rollout's record: `{self.run_dir / 'summary.json'}`",
+            ]
+        )
+        approval = wait_for_person(
+            f"deploy-fleet after {step}", description, timeout_s, f"fleet-after-wave-{number}"
+        )
+        note = f" ({approval.note})" if approval.note else ""
+        self.event(
+            f"decision after {step}",
+            f"{approval.decision} by {approval.decided_by} after {approval.waited_s:.0f} s{note}",
+        )
+        if approval.decision == "promote":
+            return True
+        self.roll_back_all(f"{name} aborted by {approval.decided_by}{note}")
+        return False
+
     def upgraded(self) -> list[FleetHost]:
         return [h for h in self.fleet.hosts if self.record(h).outcome in ("upgraded", "already upgraded")]
 
@@ -518,6 +553,10 @@ def deploy_fleet(
                 break
             if number == 0 and abort_after_canary:
                 rollout.roll_back_all("abort_after_canary")
+                break
+            if fleet.rollout.pauses_after(number, len(waves), has_canary) and not rollout.ask_person(
+                name, number, result
+            ):
                 break
     except Exception as exc:  # the balancer or a host became unreachable: return what was upgraded
         rollout.event("error", f"{type(exc).__name__}: {exc}")

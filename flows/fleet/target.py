@@ -129,6 +129,14 @@ class Rollout(_Model):
     progress_deadline_s: float = Field(
         3600.0, gt=0, description="One host's upgrade (drain to ready) may take this long; past it, it fails."
     )
+    pause_after: Literal["none", "canary", "every wave"] = Field(
+        "none",
+        description="After this step's analysis passes the run pauses for a person: promote goes on, abort "
+        "rolls back every upgraded host (Prefect UI Resume, or `sdxl-deploy approve`).",
+    )
+    approval_timeout_s: float = Field(
+        3600.0, gt=0, description="A pause with no answer within this aborts the rollout."
+    )
 
     @model_validator(mode="after")
     def _canary_count(self) -> Rollout:
@@ -140,6 +148,13 @@ class Rollout(_Model):
     def parallelism(self) -> int:
         """Hosts of a wave upgraded at the same time."""
         return min(self.wave_size, self.max_unavailable)
+
+    def pauses_after(self, wave: int, waves: int, has_canary: bool) -> bool:
+        """Whether the run waits for a person after wave `wave` (0-based) of `waves` (never after the last:
+        nothing is left to promote)."""
+        if wave >= waves - 1:
+            return False
+        return self.pause_after == "every wave" or (self.pause_after == "canary" and wave == 0 and has_canary)
 
 
 class Fleet(_Model):

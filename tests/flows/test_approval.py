@@ -5,34 +5,18 @@ new one a real tiny-sdxl; the tiny random CLIP scores both. A sized comparison c
 enforced margin of 0.05 CLIP points: the per-prompt differences go both ways (about -1.5, 0 and +1.0), so
 the real statistics cannot tell (the CI reaches below -margin without showing the new model worse):
 INCONCLUSIVE.
-A thread plays the person: it finds the paused flow run through the Prefect API and resumes it with input.
+A thread plays the person (tests/support/person.py): it finds the paused flow run through the Prefect API
+and resumes it with input.
 """
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-import threading
-import time
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from prefect import flow, tags
-from prefect.client.orchestration import get_client
-from prefect.client.schemas.filters import (
-    FlowRunFilter,
-    FlowRunFilterState,
-    FlowRunFilterStateType,
-    FlowRunFilterTags,
-)
-from prefect.client.schemas.objects import StateType
-from prefect.flow_runs import resume_flow_run
-from prefect.input.run_input import keyset_from_paused_state
-from prefect.settings import PREFECT_API_URL
 
 from bench.launch import free_port
 from evaluation.stats import comparison_size
@@ -46,6 +30,7 @@ from flows.target import Criterion, QualityCheck, Target
 from flows.tasks.gates import Evidence, QualityResult, judge
 from flows.tasks.rollback import current_answers
 from tests.support.flows import fast, is_legacy, legacy_target, summary_of
+from tests.support.person import Person
 
 MARGIN = 0.05  # CLIP points
 
@@ -64,61 +49,6 @@ def noisy_legacy(tmp_path: Path) -> Iterator[tuple[LocalHost, Target]]:
         yield host, target
     finally:
         stop_all(host, target)
-
-
-class Person(threading.Thread):
-    """Waits for the paused flow run tagged `tag`, reads what the UI would show, and resumes it.
-
-    With `cli`, the person answers with the real `sdxl-deploy approve` in its own process. Errors while
-    looking (the API still starting, say) are kept and retried until `patience_s`, so a test that fails
-    says why the run was never resumed.
-    """
-
-    def __init__(self, answer: dict[str, str], cli: bool = False, patience_s: float = 420) -> None:
-        super().__init__(daemon=True)
-        self.answer, self.cli, self.patience_s = answer, cli, patience_s
-        self.tag = f"approval-test-{uuid.uuid4().hex[:8]}"
-        self.description, self.error, self.trouble = "", None, []  # type: ignore[var-annotated]
-        self.start()
-
-    def resume(self, run_id: Any) -> None:
-        if not self.cli:
-            resume_flow_run(run_id, run_input=self.answer)
-            return
-        args = ["approve", str(run_id), f"--{self.answer['decision']}", "--note", self.answer["note"]]
-        env = {**os.environ, "PREFECT_API_URL": str(PREFECT_API_URL.value())}
-        done = subprocess.run(
-            [sys.executable, "-m", "sdxl_deploy.cli", *args],
-            env=env, capture_output=True, text=True, timeout=120,
-        )  # fmt: skip
-        if done.returncode:
-            self.error = f"sdxl-deploy approve exited {done.returncode}: {done.stdout}{done.stderr}"
-
-    def paused_run(self) -> Any:
-        paused = FlowRunFilter(
-            state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.PAUSED])),
-            tags=FlowRunFilterTags(all_=[self.tag]),
-        )
-        with get_client(sync_client=True) as client:
-            runs = client.read_flow_runs(flow_run_filter=paused)
-            if not runs:
-                return None
-            keys = keyset_from_paused_state(runs[0].state)
-            self.description = client.read_flow_run_input(runs[0].id, keys["description"])
-            return runs[0]
-
-    def run(self) -> None:
-        deadline = time.monotonic() + self.patience_s
-        while time.monotonic() < deadline:
-            try:
-                run = self.paused_run()
-                if run is not None:
-                    self.resume(run.id)
-                    return
-            except Exception as exc:  # kept, reported by the test if the run is never resumed
-                self.trouble.append(f"{type(exc).__name__}: {exc}")
-            time.sleep(0.25)
-        self.error = f"no paused flow run tagged {self.tag} within {self.patience_s:g} s; {self.trouble[-3:]}"
 
 
 def undecided(target: Target, **quality: Any) -> Target:

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from prefect import tags
 
 from bench.launch import free_port
 from flows.demo import TINY_REQUEST, start_current, stop_all
@@ -24,6 +25,7 @@ from flows.target import Target
 from flows.tasks.rollback import current_answers
 from tests.support.flows import fast, is_legacy, legacy_target, ssh_connection
 from tests.support.haproxy import haproxy
+from tests.support.person import Person
 from tests.support.sshd import SSHServer
 
 pytestmark = pytest.mark.slow
@@ -266,3 +268,52 @@ def test_abort_after_canary_rolls_the_canary_back(
     assert summary.rolled_back == ["h1"] and all(answers_legacy(bed, name) for name in NAMES)
     assert bed.serving("h2") == bed.before["h2"] and bed.serving("h3") == bed.before["h3"]
     assert all(s.status == "UP" for s in bed.api.stats().values())
+
+
+def test_a_person_promotes_the_canary_then_aborts_the_next_wave(
+    prefect_api: None, bed: FleetBed, wheel: str, tmp_path: Path
+) -> None:
+    """`rollout.pause_after: every wave`: the run pauses in Prefect after each passed step. The person
+    promotes the canary, then fails wave 1 by hand: both upgraded hosts are rolled back, h3 never touched."""
+    fleet = bed.fleet(canary=1, pause_after="every wave", approval_timeout_s=300)
+    person = Person(
+        {"decision": "promote", "note": "canary looks fine"},
+        {"decision": "abort", "note": "app team: hold the rollout"},
+    )
+    with tags(person.tag):  # a missed resume aborts in 5 min, inside the test's time
+        state, summary, report, _load = run_under_load(bed, tmp_path, wheel, fleet)
+    person.join(timeout=5)
+
+    assert person.error is None, person.error
+    first, second = person.descriptions
+    assert "paused after the canary" in first and "Still on the old release: h2, h3" in first
+    assert "On the new release, serving live traffic now: h1, h2" in second and "wave 2" in second
+    assert state.is_failed() and summary.aborted == "wave 1 aborted by person (app team: hold the rollout)"
+    assert [a.verdict for a in summary.analyses] == [
+        "pass",
+        "pass",
+    ]  # the person, not the analysis, stopped it
+    events = [e.event for e in summary.timeline]
+    assert events.index("decision after the canary") < events.index("h2: drain")
+    assert "decision after wave 1" in events and "h3: drain" not in events
+    assert {h.name: h.outcome for h in summary.hosts} == {
+        "h1": "rolled back",
+        "h2": "rolled back",
+        "h3": "not reached",
+    }
+    assert all(answers_legacy(bed, name) for name in NAMES)
+    assert bed.serving("h3") == bed.before["h3"]
+    assert all(s.status == "UP" for s in bed.api.stats().values())
+    assert "promote by person" in report and "abort by person" in report
+
+
+def test_pauses_come_after_the_chosen_steps_never_after_the_last() -> None:
+    def pauses(pause_after: str, waves: int, canary: bool = True) -> list[int]:
+        rollout = Rollout(pause_after=pause_after)
+        return [n for n in range(waves) if rollout.pauses_after(n, waves, canary)]
+
+    assert pauses("none", 3) == []
+    assert pauses("canary", 3) == [0]
+    assert pauses("canary", 3, canary=False) == []  # wave 0 is no canary then
+    assert pauses("every wave", 3) == [0, 1]
+    assert pauses("canary", 1) == []  # a one-host fleet: nothing is left to promote
