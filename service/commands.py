@@ -24,6 +24,9 @@ def serve(
     ] = None,
 ) -> None:
     """Serve a model over HTTP (GET /health, GET /ready, POST /generate, GET /metrics)."""
+    from service.takeover_signal import hold_takeover_signal
+
+    hold_takeover_signal()  # before torch is imported (it starts threads): the cut-over signal is never lost
     from pydantic import ValidationError
 
     from service.server import serve as run_server

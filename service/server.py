@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
-import signal
 import socket
 import threading
 import time
@@ -18,6 +17,7 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 from service.app import create_app
 from service.settings import ServiceSettings
 from service.state import ServiceState
+from service.takeover_signal import hold_takeover_signal, listen_for_takeover
 
 log = logging.getLogger(__name__)
 
@@ -149,8 +149,8 @@ class PortTakeoverServer(uvicorn.Server):
         self.state.listening = [sock.getsockname()[1]]
         return sock
 
-    def request_takeover(self, *_: object) -> None:
-        """SIGUSR1: take the service's own port over (safe from a signal handler, before start-up too)."""
+    def request_takeover(self) -> None:
+        """SIGUSR1 (from `listen_for_takeover`'s thread): take the service's own port over (before start-up too)."""
         if self._binder is not None or self.settings.port in self.state.listening:
             return  # already told, or serving its own port (it was free at start)
         self._told_at = time.monotonic()
@@ -207,10 +207,11 @@ class PortTakeoverServer(uvicorn.Server):
 
 def serve(settings: ServiceSettings) -> None:
     """Start uvicorn in this process; returns when it stops (SIGTERM / Ctrl-C)."""
+    hold_takeover_signal()  # the CLI did it before importing torch; again for callers that did not
     configure_logging(settings.log_level)
     state = ServiceState(settings)
     server = PortTakeoverServer(uvicorn_config(settings, create_app(settings, state)), settings, state)
-    signal.signal(signal.SIGUSR1, server.request_takeover)  # before anything else: USR1 never kills it
+    listen_for_takeover(server.request_takeover)
     sock = server.bind()
     log.info(
         "Starting image service: model=%s on http://%s:%d%s",

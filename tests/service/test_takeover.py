@@ -35,8 +35,10 @@ class OldHandler(BaseHTTPRequestHandler):
 
 
 @contextmanager
-def serve_process(port: int, stage_port: int, log: Path) -> Iterator[subprocess.Popen]:
-    argv = [sys.executable, "-m", "sdxl_deploy.cli", "serve", "--model", "tiny-sd15", "--port", str(port)]
+def serve_process(
+    port: int, stage_port: int, log: Path, module: str = "sdxl_deploy.cli"
+) -> Iterator[subprocess.Popen]:
+    argv = [sys.executable, "-m", module, "serve", "--model", "tiny-sd15", "--port", str(port)]
     with log.open("ab") as out:
         proc = subprocess.Popen(
             [*argv, "--stage-port", str(stage_port)],
@@ -100,3 +102,38 @@ def test_a_staged_service_takes_its_port_over_when_told_and_binds_it_directly_wh
     finally:
         old.server_close()
     assert "took port" in log.read_text()
+
+
+def test_the_cut_over_signal_is_heard_after_native_code_took_sigusr1_over(tmp_path: Path) -> None:
+    """libtriton (loaded by the first torch.compile on CUDA) puts its own SIGUSR1 handler over Python's; on
+    the GPU the staged service then never heard the cut-over. Here native code sets SIG_IGN in the same
+    way after start-up (tests/support/native_usr1.py): the takeover must still happen."""
+    port, stage_port, log = free_port(), free_port(), tmp_path / "serve.log"
+    old = ThreadingHTTPServer(("127.0.0.1", port), OldHandler)
+    threading.Thread(target=old.serve_forever, daemon=True).start()
+    try:
+        with serve_process(port, stage_port, log, module="tests.support.native_usr1") as proc:
+            wait_ready(f"http://127.0.0.1:{stage_port}", proc=proc, log=log)
+            deadline = time.monotonic() + 30
+            while "SIGUSR1 disposition set to SIG_IGN" not in log.read_text():
+                assert time.monotonic() < deadline, log.read_text()[-2000:]
+                time.sleep(0.1)
+            proc.send_signal(signal.SIGUSR1)
+            deadline = time.monotonic() + 5
+            while not health(stage_port)["taking_over"]:
+                assert time.monotonic() < deadline, "SIGUSR1 was lost: not taking_over after 5 s"
+                time.sleep(0.02)
+            old.shutdown()
+            old.server_close()
+            deadline = time.monotonic() + 5
+            while True:
+                try:
+                    now = health(port)
+                    break
+                except httpx.TransportError:
+                    assert time.monotonic() < deadline, "the port was not taken over"
+                    time.sleep(0.01)
+            assert now["model"] == "tiny-sd15" and now["listening"] == [port]
+            assert proc.poll() is None
+    finally:
+        old.server_close()
