@@ -144,9 +144,9 @@ def test_auto_stages_when_the_measured_need_fits_and_says_why(tmp_path: Path) ->
     host = LocalHost()
     target = legacy_target(tmp_path / "box", free_port(), start_mode="auto")
     sdxl = target.model_copy(update={"new": target.new.model_copy(update={"model": "sdxl"})})
-    # The old SD1.5 service holds 4 GiB of a 24 GiB card: 20 GiB free >= 17.1 + 1.5 measured need.
+    # The old SD1.5 service holds 4 GiB of a 24 GiB card: 20 GiB free >= 17.6 + 1.5 measured need.
     fits = decide_start_mode(host, sdxl, _facts(20.0))
-    assert fits.mode == "staged" and fits.stage_port == target.current.port + 1 and "18.6" in fits.reason
+    assert fits.mode == "staged" and fits.stage_port == target.current.port + 1 and "19.1" in fits.reason
     tight = decide_start_mode(host, sdxl, _facts(18.0))
     assert tight.mode == "stop-first" and "does not fit in 18 GiB" in tight.reason
     unknown = target.model_copy(update={"new": target.new.model_copy(update={"model": "/models/my-sdxl"})})
