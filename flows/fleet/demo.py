@@ -9,6 +9,7 @@ import json
 import os
 import shutil
 import tempfile
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,10 @@ from flows.fleet.local_lb import LocalHAProxy
 from flows.fleet.target import Analysis, Fleet, FleetHost, LoadBalancer, Rollout
 from flows.hosts import LocalHost
 from flows.target import Target
+
+# One client, this long between its requests: a steady load that leaves the 2-core demo machine's CPU to the
+# deploys (each tiny request costs the hosts ~0.4 s of CPU).
+LOAD_PAUSE_S = 1.0
 
 
 @dataclass
@@ -66,6 +71,14 @@ def start_all(host: LocalHost, targets: list[Target]) -> None:
         wait_healthy(host, target.current, process)
 
 
+def _api_up() -> None:
+    """The Prefect API answers (the temporary server started, when no PREFECT_API_URL is set)."""
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        client.api_healthcheck()
+
+
 def run_fleet_demo(
     hosts: int = 3, simulate_failure: str | None = None, runs_dir: str = "runs", keep_box: bool = False
 ) -> FleetDemoResult:
@@ -80,6 +93,8 @@ def run_fleet_demo(
     targets = {f"host{i}": fleet_demo_target(box / f"host{i}") for i in range(1, hosts + 1)}
     local = LocalHost()
     stopped: list[str] = []
+    prefect_up = threading.Thread(target=_api_up, name="prefect-api", daemon=True)
+    prefect_up.start()  # Prefect's temporary server starts while the hosts do
     try:
         start_all(local, list(targets.values()))
         servers = {name: target.current.port for name, target in targets.items()}
@@ -89,7 +104,8 @@ def run_fleet_demo(
             for name in targets:  # /ready answers once each old service is warm
                 api.wait_up(name, fleet.load_balancer.up_timeout_s)
             fail_at = {"host1": simulate_failure} if simulate_failure else None
-            with SteadyLoad(proxy.url, TINY_REQUEST, pause_s=0.25) as load:
+            prefect_up.join()
+            with SteadyLoad(proxy.url, TINY_REQUEST, pause_s=LOAD_PAUSE_S) as load:
                 state = deploy_fleet(fleet=fleet, fail_at=fail_at, runs_dir=runs_dir, return_state=True)
             outcome = state.result(raise_on_failure=False)
     finally:

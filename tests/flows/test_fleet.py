@@ -317,3 +317,20 @@ def test_pauses_come_after_the_chosen_steps_never_after_the_last() -> None:
     assert pauses("canary", 3, canary=False) == []  # wave 0 is no canary then
     assert pauses("every wave", 3) == [0, 1]
     assert pauses("canary", 1) == []  # a one-host fleet: nothing is left to promote
+
+
+def test_the_fleet_demo_upgrades_three_hosts_under_load_without_a_failed_request(
+    prefect_api: None, tmp_path: Path
+) -> None:
+    """`sdxl-deploy demo --fleet 3` as the README runs it: three hosts behind a real HAProxy that the demo
+    starts, a steady load through it, the fleet's record in summary.json, everything stopped after."""
+    from flows.fleet.demo import run_fleet_demo
+
+    result = run_fleet_demo(hosts=3, runs_dir=str(tmp_path / "runs"))
+
+    fleet = result.summary["fleet"]
+    assert result.summary["status"] == "completed", result.summary["message"]
+    assert [h["outcome"] for h in fleet["hosts"]] == ["upgraded"] * 3
+    assert all(h["release_after"].startswith("release #1: tiny-sdxl") for h in fleet["hosts"])
+    assert fleet["requests"] >= 10 and fleet["failed_requests"] == 0, fleet["failures"]
+    assert len(result.stopped) == 3  # each host's new service, by its PID
