@@ -42,29 +42,29 @@ TINY_REQUEST = {
 }
 
 
-# The demo runs several tiny-model services on one small machine (old and new side by side; three hosts with
-# --fleet): one torch CPU thread each. Measured on 2 cores: a tiny request costs 0.18 s of CPU with one
-# thread against 0.44 s with torch's default pool, whose threads spin between ops.
-DEMO_TORCH_THREADS = "1"
-
-
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
 
 
-def demo_target(box: Path, port: int, python: str = sys.executable) -> Target:
-    """A local target inside `box`: tiny-sd15 today, tiny-sdxl to deploy, thresholds for 64 px images."""
+def demo_target(
+    box: Path, port: int, python: str = sys.executable, torch_threads: int | None = None
+) -> Target:
+    """A local target inside `box`: tiny-sd15 today, tiny-sdxl to deploy, thresholds for 64 px images.
+    `torch_threads`: OMP_NUM_THREADS for both services (default: torch's own choice)."""
     from service.settings import default_cache_dir
+
+    threads = {"OMP_NUM_THREADS": str(torch_threads)} if torch_threads else {}
 
     launcher = box / "app" / "working-sd-api.sh"
     launcher.parent.mkdir(parents=True, exist_ok=True)
     cache = str(default_cache_dir())
     launcher.write_text(
         "#!/bin/sh\n# Stands in for the user's working-sd-api.py: the SD1.5 service the app talks to today.\n"
-        f"PYTHONPATH={q(str(PROJECT_ROOT))} SDXL_DEPLOY_CACHE={q(cache)} OMP_NUM_THREADS={DEMO_TORCH_THREADS} "
-        f"exec {q(python)} -m sdxl_deploy.cli serve "
+        f"PYTHONPATH={q(str(PROJECT_ROOT))} SDXL_DEPLOY_CACHE={q(cache)} "
+        + "".join(f"{name}={value} " for name, value in threads.items())
+        + f"exec {q(python)} -m sdxl_deploy.cli serve "
         f"--model tiny-sd15 --host 127.0.0.1 --port {port}\n"
     )
     # 64 px images; and random-weight models and CLIP give no quality signal, so the quality row warns only
@@ -86,7 +86,7 @@ def demo_target(box: Path, port: int, python: str = sys.executable) -> Target:
             model="tiny-sdxl",
             port=port,
             python=python,
-            env={"SDXL_DEPLOY_CACHE": cache, "OMP_NUM_THREADS": DEMO_TORCH_THREADS},
+            env={"SDXL_DEPLOY_CACHE": cache, **threads},
             install_dir=str(box / "sdxl-deploy"),
             log_dir=str(box / "sdxl-deploy" / "logs"),
             min_free_disk_gb=0.5,

@@ -35,8 +35,11 @@ class FleetDemoResult:
 
 
 def fleet_demo_target(box: Path) -> Target:
-    """The single-host demo's target, lean: one benchmark run, no CLIP comparison."""
-    target = demo_target(box, free_port())
+    """The single-host demo's target, lean: one benchmark run, no CLIP comparison, one torch CPU thread per
+    service (six services share the machine: measured on 2 cores, a tiny request costs 0.18 s of CPU with
+    one thread against 0.44 s with torch's default pool, whose threads spin between ops; the demo took
+    210-217 s with it, 120 s without)."""
+    target = demo_target(box, free_port(), torch_threads=1)
     return target.model_copy(
         update={
             "workload": target.workload.model_copy(update={"benchmark_runs": 1}),
