@@ -14,8 +14,8 @@ A person can hold the rollout after a step (`rollout.pause_after`: the canary, o
 pauses in Prefect (Resume with promote or abort, or `sdxl-deploy approve`) while the upgraded hosts serve.
 
 A failed canary or wave, a host past its progress deadline, a failed analysis, a person's abort at a pause
-(or its timeout) or `abort_after_canary` rolls back every host this rollout upgraded, each with `rollback-sdxl` from its own
-record, drained first and put back `ready` after. Hosts not reached are untouched.
+(or its timeout) or `abort_after_canary` rolls back every host this rollout upgraded, each with
+`rollback-sdxl` from its own record, drained first and put back `ready` after. Hosts not reached are untouched.
 
 Resume: before the first wave each host is asked what serves on it now. A host whose serving process is
 the recorded release (`releases.json`, matched by PID and start time) with this rollout's release id (the
@@ -554,7 +554,7 @@ def deploy_fleet(
             if number == 0 and abort_after_canary:
                 rollout.roll_back_all("abort_after_canary")
                 break
-            if fleet.rollout.pauses_after(number, len(waves), has_canary) and not rollout.ask_person(
+            if fleet.rollout.pauses_after(number, len(waves)) and not rollout.ask_person(
                 name, number, result
             ):
                 break

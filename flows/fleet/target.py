@@ -149,12 +149,14 @@ class Rollout(_Model):
         """Hosts of a wave upgraded at the same time."""
         return min(self.wave_size, self.max_unavailable)
 
-    def pauses_after(self, wave: int, waves: int, has_canary: bool) -> bool:
+    def pauses_after(self, wave: int, waves: int) -> bool:
         """Whether the run waits for a person after wave `wave` (0-based) of `waves` (never after the last:
         nothing is left to promote)."""
         if wave >= waves - 1:
             return False
-        return self.pause_after == "every wave" or (self.pause_after == "canary" and wave == 0 and has_canary)
+        return self.pause_after == "every wave" or (
+            self.pause_after == "canary" and wave == 0 and bool(self.canary)
+        )
 
 
 class Fleet(_Model):

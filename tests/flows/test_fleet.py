@@ -308,13 +308,13 @@ def test_a_person_promotes_the_canary_then_aborts_the_next_wave(
 
 
 def test_pauses_come_after_the_chosen_steps_never_after_the_last() -> None:
-    def pauses(pause_after: str, waves: int, canary: bool = True) -> list[int]:
-        rollout = Rollout(pause_after=pause_after)
-        return [n for n in range(waves) if rollout.pauses_after(n, waves, canary)]
+    def pauses(pause_after: str, waves: int, canary: int = 1) -> list[int]:
+        rollout = Rollout(pause_after=pause_after, canary=canary)
+        return [n for n in range(waves) if rollout.pauses_after(n, waves)]
 
     assert pauses("none", 3) == []
     assert pauses("canary", 3) == [0]
-    assert pauses("canary", 3, canary=False) == []  # wave 0 is no canary then
+    assert pauses("canary", 3, canary=0) == []  # wave 0 is no canary then
     assert pauses("every wave", 3) == [0, 1]
     assert pauses("canary", 1) == []  # a one-host fleet: nothing is left to promote
 
