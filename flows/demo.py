@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from flows.hosts import Host, LocalHost, q
+from flows.ports import free_port
 from flows.procs import find_service, listener_pids, stop_process, wait_port_free
 from flows.target import (
     DEFAULT_CRITERIA,
@@ -40,12 +40,6 @@ TINY_REQUEST = {
     "use_face_restoration": False,
     "hires_fix": False,
 }
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def demo_target(

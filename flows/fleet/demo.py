@@ -14,12 +14,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from flows.demo import TINY_REQUEST, demo_target, free_port, stop_all
+from flows.demo import TINY_REQUEST, demo_target, stop_all
 from flows.fleet.haproxy import HAProxyAPI
 from flows.fleet.load import SteadyLoad
 from flows.fleet.local_lb import LocalHAProxy
 from flows.fleet.target import Analysis, Fleet, FleetHost, LoadBalancer, Rollout
 from flows.hosts import LocalHost
+from flows.ports import free_port
 from flows.target import Target
 
 # One client, this long between its requests: a steady load that leaves the 2-core demo machine's CPU to the

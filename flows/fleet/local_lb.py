@@ -17,13 +17,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from flows.ports import free_port
+
 HAPROXY = "/usr/sbin/haproxy"
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def haproxy_config(
@@ -95,7 +91,7 @@ class LocalHAProxy:
             )
         self.root.mkdir(parents=True, exist_ok=True)
         for _attempt in range(3):  # another process may take the free port before HAProxy binds it
-            self.port = _free_port()
+            self.port = free_port()
             config = self.root / "haproxy.cfg"
             config.write_text(
                 haproxy_config(
