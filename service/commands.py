@@ -29,6 +29,7 @@ def serve(
     hold_takeover_signal()  # before torch is imported (it starts threads): the cut-over signal is never lost
     from pydantic import ValidationError
 
+    from service.server import PortInUse
     from service.server import serve as run_server
     from service.settings import ServiceSettings
 
@@ -40,7 +41,11 @@ def serve(
         for err in exc.errors():
             typer.echo(f"invalid setting {'.'.join(map(str, err['loc']))}: {err['msg']}", err=True)
         raise typer.Exit(2) from None
-    run_server(settings)
+    try:
+        run_server(settings)
+    except PortInUse as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from None
 
 
 @models_app.command("list")

@@ -113,6 +113,10 @@ def listening_socket(host: str, port: int, backlog: int = 2048) -> socket.socket
     return socket.create_server((host, port), family=family, backlog=backlog)
 
 
+class PortInUse(Exception):
+    """The service cannot listen: its port (and its staging port, when it has one) is taken."""
+
+
 class PortTakeoverServer(uvicorn.Server):
     """uvicorn that serves `settings.port`, or, when another process holds it at start and a `stage_port` is
     set, serves `stage_port` until SIGUSR1 tells it to take `port` over (the deploy's cut-over).
@@ -140,9 +144,23 @@ class PortTakeoverServer(uvicorn.Server):
         try:
             sock = listening_socket(host, port, self.config.backlog)
         except OSError as exc:
-            if exc.errno != errno.EADDRINUSE or stage_port is None:
+            if exc.errno != errno.EADDRINUSE:
                 raise
-            sock = listening_socket(host, stage_port, self.config.backlog)
+            if stage_port is None:
+                raise PortInUse(
+                    f"port {port} on {host} is in use by another process: nothing was started "
+                    "(stop that process, or choose another port)"
+                ) from None
+            try:
+                sock = listening_socket(host, stage_port, self.config.backlog)
+            except OSError as stage_exc:
+                if stage_exc.errno != errno.EADDRINUSE:
+                    raise
+                raise PortInUse(
+                    f"cannot stage: port {port} on {host} is held (the current service) and the staging "
+                    f"port {stage_port} is in use too: nothing was started (free it, or choose another "
+                    "staging port)"
+                ) from None
             log.info(
                 "port %d is held by another process: staged on port %d until told (SIGUSR1)", port, stage_port
             )

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -137,3 +138,16 @@ def test_the_cut_over_signal_is_heard_after_native_code_took_sigusr1_over(tmp_pa
             assert proc.poll() is None
     finally:
         old.server_close()
+
+
+def test_a_staged_start_whose_staging_port_is_taken_fails_at_once_with_that_reason(tmp_path: Path) -> None:
+    """Both the app's port (the old service) and the staging port held by other processes: the new service
+    exits before it loads anything, saying which port is taken, in one line (no traceback)."""
+    port = free_port()
+    with socket.create_server(("127.0.0.1", port)), socket.create_server(("127.0.0.1", port + 1)):
+        log = tmp_path / "serve.log"
+        with serve_process(port, port + 1, log) as proc:
+            assert proc.wait(timeout=60) == 1
+        text = log.read_text()
+    assert f"the staging port {port + 1} is in use too: nothing was started" in text, text
+    assert "Traceback" not in text and "Loading" not in text, text
