@@ -137,35 +137,6 @@ def test_a_failed_load_says_failed_with_what_it_reached(tmp_path: Path) -> None:
     assert startup["load_s"] is None and startup["warmup_s"] is None
 
 
-@pytest.mark.timeout(1800)
-def test_compile_on_the_cpu_reports_what_the_warm_up_compiled(model_cache: Path, tmp_path: Path) -> None:
-    """tiny-sd15 with compile forced on (as tests/service/test_saved_compile.py does), the UNet only (the VAE decoder
-    at 512 px is the slowest CPU compile): the warm-up compiles and saves it for the default size, and
-    /health counts it. Minutes on an idle CPU."""
-    settings = settings_for(
-        "tiny-sd15",
-        model_cache,
-        compile="on",
-        compile_cache_dir=tmp_path / "cc",
-        compile_vae=False,
-        fuse_qkv="off",
-        channels_last="off",
-        cudnn_benchmark="off",
-    )
-    with thread_server(settings, wait=False) as url:
-        wait_ready(url, timeout=1700)
-        startup = _startup(url)
-        saved = list((tmp_path / "cc" / "saved").glob("unet-*.bin"))
-        # a 64 px request is a new shape: compiled then, after the start (its count is not the start's)
-        assert httpx.post(f"{url}/generate", json=SMALL, timeout=300).status_code == 200
-        assert _startup(url)["compiled_functions"] == startup["compiled_functions"]
-    assert startup["phase"] == "ready" and startup["compile"] is True and startup["warnings"] == []
-    assert startup["compiled_shapes"] == ["base 512x512 x1"] and startup["warmup_s"] > 0
-    assert startup["compiled_functions"] == 1 and startup["loaded_functions"] == 0  # the UNet's CFG call
-    assert startup["compile_fallbacks"] == []
-    assert len(saved) == 1
-
-
 # ----- the compile smoke test -------------------------------------------------------------------------------
 
 
