@@ -68,6 +68,13 @@ REGISTRY: dict[str, ModelSpec] = {
 
 # Size ranges of the models this project generates itself (random weights).
 _GENERATED_SIZES = {"tiny": (64, 1024), "synthetic": (256, 2048)}
+# The family of each generated model (`service.builders.SPECS` builds them), known without importing torch.
+GENERATED_FAMILIES: dict[str, Backend] = {
+    "tiny-sd15": "sd15",
+    "tiny-sdxl": "sdxl",
+    "synthetic-sd15": "sd15",
+    "synthetic-sdxl": "sdxl",
+}
 
 
 def known_models() -> dict[str, str]:
@@ -91,6 +98,17 @@ def resolve_model(name: str, cache_dir: Path, refiner: str | None = None) -> Mod
         valid = ", ".join(sorted(known_models()))
         raise ValueError(f"model={name!r} is neither a known model ({valid}) nor an existing path")
     return replace(spec, refiner=refiner) if refiner else spec
+
+
+def family_spec(name: str, backend: Backend, base: str, *, generated: bool = False) -> ModelSpec:
+    """A spec from a model's name and family alone: its default size and the range its kind serves (no file
+    is read, nothing is built). What the control side validates requests against before the box loads it."""
+    return _sized(ModelSpec(name=name, backend=backend, base=base, generated=generated), generated=generated)
+
+
+def family_of_pipeline(class_name: str) -> Backend:
+    """The family a diffusers folder belongs to, from `model_index.json`'s `_class_name`."""
+    return "sdxl" if "XL" in class_name else "sd15"
 
 
 def _build_options(name: str) -> dict[str, object]:
@@ -130,9 +148,8 @@ def spec_from_path(path: Path) -> ModelSpec:
         return _sized(spec, generated=spec.generated)
     index = path / "model_index.json"
     if index.is_file():
-        class_name = json.loads(index.read_text()).get("_class_name", "")
-        backend: Backend = "sdxl" if "XL" in class_name else "sd15"
-        return _sized(ModelSpec(name=path.name, backend=backend, base=str(path)), generated=False)
+        backend = family_of_pipeline(json.loads(index.read_text()).get("_class_name", ""))
+        return family_spec(path.name, backend, str(path))
     raise ValueError(
         f"model={str(path)!r} is a folder without model_index.json or MODEL.json: not a diffusers model"
     )
@@ -150,12 +167,16 @@ def _sized(spec: ModelSpec, *, generated: bool) -> ModelSpec:
     return replace(spec, default_size=default, min_size=lo, max_size=hi)
 
 
+# SDXL single-file checkpoints carry a second text encoder under this key prefix; SD1.5 ones do not.
+SDXL_CHECKPOINT_KEY = "conditioner.embedders.1"
+
+
 def _backend_of_checkpoint(path: Path) -> Backend:
-    """SDXL checkpoints carry a second text encoder under `conditioner.embedders.1`."""
+    """SDXL checkpoints carry a second text encoder (`SDXL_CHECKPOINT_KEY`)."""
     if path.suffix != ".safetensors":
         return "sd15"
     from safetensors import safe_open
 
     with safe_open(str(path), framework="pt") as f:
         keys = f.keys()
-        return "sdxl" if any(k.startswith("conditioner.embedders.1") for k in keys) else "sd15"
+        return "sdxl" if any(k.startswith(SDXL_CHECKPOINT_KEY) for k in keys) else "sd15"

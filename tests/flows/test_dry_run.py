@@ -1,0 +1,156 @@
+"""What preflight (the dry run, and the start of a real run) checks of the new service before anything is
+stopped: the model `new.model` names on the box. The box is the real `LocalHost` over temporary folders;
+no Prefect server and no service process, except in the one end-to-end dry run."""
+
+from __future__ import annotations
+
+import json
+import socket
+import struct
+import sys
+from pathlib import Path
+
+import pytest
+
+from flows.errors import PreflightRefused
+from flows.hosts import LocalHost
+from flows.model_check import check_model
+from flows.procs import find_service
+from flows.runbook import deploy_sdxl
+from flows.target import NewService, Target
+from service.models import GENERATED_FAMILIES
+
+SDXL_REPOS = (
+    "stabilityai/stable-diffusion-xl-base-1.0",
+    "stabilityai/stable-diffusion-xl-refiner-1.0",
+    "madebyollin/sdxl-vae-fp16-fix",
+)
+
+
+def _target(model: str, env: dict[str, str] | None = None) -> Target:
+    return Target(new=NewService(model=model, python=sys.executable, env=env or {}))
+
+
+def _closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _diffusers_folder(path: Path, class_name: str) -> Path:
+    path.mkdir(parents=True)
+    (path / "model_index.json").write_text(json.dumps({"_class_name": class_name}))
+    return path
+
+
+def _safetensors(path: Path, keys: list[str]) -> Path:
+    header = json.dumps(
+        {key: {"dtype": "F32", "shape": [0], "data_offsets": [0, 0]} for key in keys}
+    ).encode()
+    path.write_bytes(struct.pack("<Q", len(header)) + header)
+    return path
+
+
+def _cache_repos(hf_home: Path, repos: tuple[str, ...]) -> None:
+    """A hub cache holding a snapshot of each repo at `main`, as huggingface_hub lays it out."""
+    for repo in repos:
+        root = hf_home / "hub" / f"models--{repo.replace('/', '--')}"
+        (root / "refs").mkdir(parents=True)
+        (root / "refs" / "main").write_text("0" * 40)
+        (root / "snapshots" / ("0" * 40)).mkdir(parents=True)
+        (root / "snapshots" / ("0" * 40) / "config.json").write_text("{}")
+
+
+def test_a_misspelt_model_is_refused_with_the_nearest_known_name() -> None:
+    with pytest.raises(PreflightRefused) as refused:
+        check_model(LocalHost(), _target("sdxll"))
+    message = str(refused.value)
+    assert message.startswith("new.model: 'sdxll' is not a known model (did you mean 'sdxl'?)")
+    assert "tiny-sdxl" in message and "diffusers folder" in message
+    with pytest.raises(PreflightRefused, match=r"'stabilityai/sdxl-turbo'.*a hub repo id is served through"):
+        check_model(LocalHost(), _target("stabilityai/sdxl-turbo"))
+
+
+def test_a_generated_model_is_known_without_building_it() -> None:
+    model = check_model(LocalHost(), _target("tiny-sdxl"))
+    assert (model.kind, model.spec.backend, model.measured_as) == ("known", "sdxl", "tiny-sdxl")
+    assert (model.spec.min_size, model.spec.max_size) == (64, 1024)
+
+
+def test_the_generated_families_are_those_the_builders_build() -> None:
+    from service.builders import SPECS
+
+    assert {name: spec.backend for name, spec in SPECS.items()} == GENERATED_FAMILIES
+
+
+def test_a_folder_is_read_on_the_box_and_its_family_comes_from_its_own_files(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    host = LocalHost()
+    xl = _diffusers_folder(tmp_path / "my-sdxl", "StableDiffusionXLPipeline")
+    model = check_model(host, _target(str(xl)))
+    assert (model.kind, model.spec.backend, model.measured_as) == ("folder", "sdxl", "sdxl")
+    assert (model.spec.min_size, model.spec.max_size) == (512, 2048)
+    v15 = _diffusers_folder(tmp_path / "my-sd15", "StableDiffusionPipeline")
+    assert check_model(host, _target(str(v15))).measured_as == "sd15"
+    built = tmp_path / "built"
+    built.mkdir()
+    (built / "MODEL.json").write_text(json.dumps({"name": "tiny-sdxl", "backend": "sdxl", "generated": True}))
+    assert check_model(host, _target(str(built))).measured_as == "tiny-sdxl"  # its own measured need
+    monkeypatch.setenv("HOME", str(tmp_path))  # the box's $HOME: `~/` is resolved there
+    assert check_model(host, _target("~/my-sdxl")).spec.base == str(xl)
+
+
+def test_a_missing_or_foreign_path_is_refused_naming_it(tmp_path: Path) -> None:
+    host = LocalHost()
+    with pytest.raises(PreflightRefused, match=rf"new.model: '{tmp_path}/nope' does not exist on local"):
+        check_model(host, _target(str(tmp_path / "nope")))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(PreflightRefused, match="without model_index.json or MODEL.json"):
+        check_model(host, _target(str(tmp_path / "empty")))
+    (tmp_path / "weights.bin").write_bytes(b"\0")
+    with pytest.raises(PreflightRefused, match=r"must end in \.safetensors or \.ckpt"):
+        check_model(host, _target(str(tmp_path / "weights.bin")))
+
+
+def test_a_checkpoint_file_has_its_family_read_from_its_header_on_the_box(tmp_path: Path) -> None:
+    host = LocalHost()
+    xl = _safetensors(tmp_path / "xl.safetensors", ["conditioner.embedders.1.model.ln_final.weight"])
+    assert check_model(host, _target(str(xl))).spec.backend == "sdxl"
+    v15 = _safetensors(tmp_path / "v15.safetensors", ["cond_stage_model.transformer.text_model.x"])
+    assert check_model(host, _target(str(v15))).spec.backend == "sd15"
+    (tmp_path / "broken.safetensors").write_bytes(b"not a header")
+    with pytest.raises(PreflightRefused, match="not a readable safetensors file"):
+        check_model(host, _target(str(tmp_path / "broken.safetensors")))
+
+
+def test_an_offline_box_must_hold_a_hub_models_repos_in_its_cache(tmp_path: Path) -> None:
+    env = {"HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1"}
+    _cache_repos(tmp_path / "hf", SDXL_REPOS[:2])
+    with pytest.raises(PreflightRefused) as refused:
+        check_model(LocalHost(), _target("sdxl", env))
+    message = str(refused.value)
+    assert "HF_HUB_OFFLINE" in message and "madebyollin/sdxl-vae-fp16-fix: not in the hub cache" in message
+    assert "stable-diffusion-xl-base-1.0" not in message
+    _cache_repos(tmp_path / "hf", SDXL_REPOS[2:])
+    assert check_model(LocalHost(), _target("sdxl", env)).hub == f"hub cache {tmp_path / 'hf' / 'hub'}"
+
+
+def test_a_hub_the_box_cannot_reach_is_the_error() -> None:
+    endpoint = f"http://127.0.0.1:{_closed_port()}"
+    env = {"HF_HUB_OFFLINE": "0", "HF_ENDPOINT": endpoint}
+    with pytest.raises(PreflightRefused, match=rf"local cannot reach at {endpoint} \("):
+        check_model(LocalHost(), _target("sd15", env))
+
+
+def test_a_misspelt_model_fails_the_dry_run_with_the_old_service_untouched(
+    prefect_api: None, legacy: tuple[LocalHost, Target], tmp_path: Path
+) -> None:
+    """The one run through the flow: the check is part of preflight, which the real run shares."""
+    host, target = legacy
+    target = target.model_copy(update={"new": target.new.model_copy(update={"model": "sdxll"})})
+    process = find_service(host, target.current.port)
+    state = deploy_sdxl(target=target, dry_run=True, runs_dir=str(tmp_path / "runs"), return_state=True)
+    assert state.is_failed() and "stage 'preflight' failed: PreflightRefused" in state.message
+    assert "new.model: 'sdxll' is not a known model (did you mean 'sdxl'?)" in state.message
+    assert find_service(host, target.current.port) == process and not Path(target.paths.backup_root).exists()
