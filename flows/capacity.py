@@ -3,9 +3,14 @@
 A staged deploy starts the new service on its staging port while the old one serves, so both hold their
 memory for the whole warm-up and compile. The need of each model is a table measured on the GPU (the
 whole process as nvidia-smi shows it, the compile peak included), plus a margin (`new.vram_margin_gb`);
-the old service already holds its share, so nvidia-smi's free VRAM is what the new one can have. A model
-the table does not know is not guessed at: stop-first, with a note. On a box without a GPU (the demo, the
-tests) the tiny models run on the CPU, and free RAM (MemAvailable) decides.
+the old service already holds its share, so nvidia-smi's free VRAM is what the new one can have. A folder or
+file needs what its family's published model needs (`flows/model_check.py` reads its family on the box). On a
+box without a GPU (the demo, the tests) the tiny models run on the CPU, and free RAM (MemAvailable) decides.
+
+`auto` never chooses stop-first, the order that takes the app down: a staging port that something else holds
+moves the staged service to the next free port, and where staging cannot work (no room, no measured need, the
+new service meant for another port than the app's) preflight refuses, saying why and that
+`new.start_mode: stop-first` is the way to deploy anyway.
 """
 
 from __future__ import annotations
@@ -16,7 +21,8 @@ from pydantic import BaseModel
 
 from flows.errors import PreflightRefused
 from flows.hosts import Host
-from flows.procs import listener_pids
+from flows.model_check import NewModel
+from flows.procs import listener_pids, listening_ports
 from flows.target import Target
 from flows.tasks.preflight import HostFacts
 
@@ -37,6 +43,8 @@ VRAM_NEED_GIB: dict[str, float] = {
 }
 # GiB of RAM a CPU-served model needs (a tiny SDXL pipeline's script measured 860 MB RSS, 2026-11-26).
 RAM_NEED_GIB: dict[str, float] = {"tiny-sdxl": 1.0, "tiny-sd15": 1.0}
+# Ports after a taken default staging port tried for the staged service.
+STAGE_PORT_SEARCH = 100
 
 
 class StartDecision(BaseModel):
@@ -45,7 +53,7 @@ class StartDecision(BaseModel):
     mode: StartMode
     requested: Literal["auto", "staged", "stop-first"]
     reason: str
-    stage_port: int | None = None  # where the staged service listens until cut-over
+    stage_port: int | None = None  # where the staged service listens until cut-over (staged only)
     need_gb: float | None = None
     free_gb: float | None = None
 
@@ -58,17 +66,18 @@ def free_ram_gb(host: Host) -> float | None:
 
 
 def room_for_both(
-    host: Host, target: Target, facts: HostFacts
+    host: Host, target: Target, facts: HostFacts, model: NewModel
 ) -> tuple[bool, str, float | None, float | None]:
     """(fits, why, need, free): whether the new service fits beside the old one on this box."""
-    model, margin = target.new.model, target.new.vram_margin_gb
+    margin, measured = target.new.vram_margin_gb, model.measured_as
+    who = model.spec.name if model.kind == "known" else f"{model.describe()}, measured as {measured},"
     if facts.gpus:
-        need = VRAM_NEED_GIB.get(model)
+        need = VRAM_NEED_GIB.get(measured)
         free = facts.gpus[0].free_gb
         if need is None:
             return (
                 False,
-                f"no measured VRAM need for model {model!r} (known: {', '.join(VRAM_NEED_GIB)})",
+                f"no measured VRAM need for model {measured!r} (known: {', '.join(VRAM_NEED_GIB)})",
                 None,
                 free,
             )
@@ -77,65 +86,79 @@ def room_for_both(
         verb = "fits in" if fits else "does not fit in"
         return (
             fits,
-            f"{model} needs {need:g} + {margin:g} GiB margin = {wanted:g} GiB, {verb} {free:g} GiB free VRAM",
+            f"{who} needs {need:g} + {margin:g} GiB margin = {wanted:g} GiB, {verb} {free:g} GiB free VRAM",
             wanted,
             free,
         )
-    need = RAM_NEED_GIB.get(model)
+    need = RAM_NEED_GIB.get(measured)
     if need is None:
-        return False, f"no GPU, and no measured CPU memory need for model {model!r}", None, None
+        return False, f"no GPU, and no measured CPU memory need for model {measured!r}", None, None
     free = free_ram_gb(host)
     if free is None:
         return False, "no GPU, and the free RAM could not be read", need, None
     fits = free >= need
     return (
         fits,
-        f"no GPU: {model} needs {need:g} GiB RAM, {'fits in' if fits else 'does not fit in'} {free:g} GiB free",
+        f"no GPU: {who} needs {need:g} GiB RAM, {'fits in' if fits else 'does not fit in'} {free:g} GiB free",
         need,
         free,
     )
 
 
-def decide_start_mode(host: Host, target: Target, facts: HostFacts) -> StartDecision:
-    """auto: staged when the box has room and the staging port is free; a forced `staged` that cannot work
-    (the port taken, or the new service meant for another port than the app's) is refused."""
+def choose_stage_port(host: Host, target: Target) -> tuple[int, str]:
+    """(port, note): the staging port, or, when something else holds the default one, the next free port on
+    the box (the note says which). A taken `new.stage_port` that the target sets is refused."""
+    new = target.new
+    holders = listener_pids(host, new.staging_port)
+    if not holders:
+        return new.staging_port, ""
+    taken = f"the staging port {new.staging_port} is in use on {host.name} (PIDs {holders})"
+    if new.stage_port is not None:
+        raise PreflightRefused(
+            f"new.stage_port: {taken}; free it, or leave new.stage_port unset to stage on a free port"
+        )
+    listening = listening_ports(host)
+    first = new.staging_port + 1
+    for port in range(first, min(first + STAGE_PORT_SEARCH, 65536)):
+        if port not in listening and port != new.port:
+            return port, f"; {taken}, so the new service stages on port {port}"
+    raise PreflightRefused(
+        f"{taken}, and so are ports {first}-{first + STAGE_PORT_SEARCH - 1}; set new.stage_port to a free port"
+    )
+
+
+def cannot_stage(requested: str, why: str) -> PreflightRefused:
+    """The refusal of a start mode that needs staging where staging cannot work."""
+    return PreflightRefused(
+        f"new.start_mode is {requested}, but the new service cannot start beside the old one: {why}; set "
+        "new.start_mode: stop-first to deploy anyway (the old service is stopped first, and the app is down "
+        "until the new one is ready)"
+    )
+
+
+def decide_start_mode(host: Host, target: Target, facts: HostFacts, model: NewModel) -> StartDecision:
+    """auto: staged when the box has room, on a free staging port; where staging cannot work, auto and a
+    forced `staged` are refused (stop-first is chosen by the target only). A forced `staged` goes on where
+    the room is unknown or too small, and says so."""
     new, requested = target.new, target.new.start_mode
     if requested == "stop-first":
         return StartDecision(mode="stop-first", requested=requested, reason="new.start_mode is stop-first")
-    blockers = []
     if new.port != target.current.port:
-        blockers.append(
-            f"the new service's port {new.port} is not the app's port {target.current.port}: nothing to take over"
+        raise cannot_stage(
+            requested,
+            f"the new service's port {new.port} is not the app's port {target.current.port}: nothing to take over",
         )
-    holders = listener_pids(host, new.staging_port)
-    if holders:
-        blockers.append(f"the staging port {new.staging_port} is in use (PIDs {holders})")
-    fits, why, need, free = room_for_both(host, target, facts)
-    if requested == "staged":
-        if blockers:
-            raise PreflightRefused(f"new.start_mode is staged, but {'; '.join(blockers)}")
-        note = "" if fits else " (forced: the measured need says it may not fit)"
-        return StartDecision(
-            mode="staged",
-            requested=requested,
-            reason=f"new.start_mode is staged; {why}{note}",
-            stage_port=new.staging_port,
-            need_gb=need,
-            free_gb=free,
-        )
-    if blockers or not fits:
-        return StartDecision(
-            mode="stop-first",
-            requested=requested,
-            reason="; ".join([*blockers, why]),
-            need_gb=need,
-            free_gb=free,
-        )
+    port, port_note = choose_stage_port(host, target)
+    fits, why, need, free = room_for_both(host, target, facts, model)
+    if requested == "auto" and not fits:
+        raise cannot_stage(requested, why)
+    forced = "new.start_mode is staged; " if requested == "staged" else ""
+    note = "" if fits else " (forced: staged although it may not fit)"
     return StartDecision(
         mode="staged",
         requested=requested,
-        reason=why,
-        stage_port=new.staging_port,
+        reason=f"{forced}{why}{port_note}{note}",
+        stage_port=port,
         need_gb=need,
         free_gb=free,
     )

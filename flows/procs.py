@@ -91,6 +91,13 @@ def listener_pids(host: Host, port: int) -> list[int]:
     return [int(line) for line in out.split() if line.isdigit()]
 
 
+def listening_ports(host: Host) -> set[int]:
+    """Every TCP port something listens on (any address), from /proc/net/tcp{,6} in one round trip."""
+    script = 'cat /proc/net/tcp /proc/net/tcp6 2>/dev/null | awk \'$4 == "0A" { n = split($2, a, ":"); print a[n] }\''
+    out = run_checked(host, script, "listing the listening ports")
+    return {int(port, 16) for port in out.split()}
+
+
 def find_service(host: Host, port: int, pid_file: str | None = None) -> ProcessInfo | None:
     """The service's process: from its pid file when that PID lives, else the listener on `port`."""
     if pid_file:

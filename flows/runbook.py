@@ -170,7 +170,7 @@ def deploy_sdxl(
                 require_ready(host_facts, current)
                 model = check_model(host, target)
                 run.summary.facts["model"] = model.model_dump()
-                decision = decide_start_mode(host, target, host_facts)
+                decision = decide_start_mode(host, target, host_facts, model)
                 run.summary.facts["start"] = decision.model_dump()
                 print(f"start mode: {decision.mode} ({decision.reason})")
                 if prober:
@@ -227,7 +227,7 @@ def deploy_sdxl(
             if staged:
                 with run.stage("start_staged"):  # beside the old service, on the staging port
                     started = start_new_service(
-                        host, target, release, staged=True, offline=fetched.offline_ready
+                        host, target, release, decision.stage_port, offline=fetched.offline_ready
                     )
                     note_started(host, target, state, started)
             else:
@@ -278,7 +278,12 @@ def deploy_sdxl(
                     state.cut_over = True  # from here on a failure (or an interruption) puts the old one back
                     save_state(host, target, state)
                     cut = cut_over(
-                        host, target, started.process, current.process, rehearse_failure=fail_at == "cutover"
+                        host,
+                        target,
+                        started.process,
+                        current.process,
+                        started.port,
+                        rehearse_failure=fail_at == "cutover",
                     )
                     run.summary.facts["cutover"] = cut.model_dump(exclude={"health"})
                     check_after_cutover(run, host, target, prober, criteria, gates)
@@ -453,14 +458,14 @@ def deploy_plan(target: Target, current_process: str, decision: StartDecision) -
     """What a deploy would do, step by step (printed by a dry run)."""
     new, cur, check = target.new, target.current, target.quality
     python = f"{new.install_dir}/releases/<release>/venv/bin/python"
-    staged = decision.mode == "staged"
+    staged, stage_port = decision.mode == "staged", decision.stage_port
     stop = f"stop the current service {current_process} (TERM, wait {cur.stop_timeout_s:.0f} s, KILL)"
     start = (
-        f"start `{' '.join(serve_argv(target, python, staged))}` detached"
-        + (f" beside the old service, on the staging port {new.staging_port}" if staged else "")
+        f"start `{' '.join(serve_argv(target, python, stage_port))}` detached"
+        + (f" beside the old service, on the staging port {stage_port}" if staged else "")
         + f"; log {new.log_file}, pid file {new.pid_file}"
     )
-    port = new.staging_port if staged else new.port
+    port = new.port if stage_port is None else stage_port
     steps = [
         f"start mode: {decision.mode} ({decision.reason})",
         f"back up {', '.join(cur.files) or '(no files)'}, the start command, process info, {cur.log_file} and "

@@ -236,13 +236,15 @@ class NewService(_Model):
         description="staged: start the new service on stage_port beside the old one, warm it up, benchmark "
         "and gate it, then cut over in about a second; stop-first: stop the old service, then start the new "
         "one (the app is down until it is ready); auto: staged when the box has room for both (free VRAM "
-        "against the model's measured need plus vram_margin_gb; free RAM on a box without a GPU).",
+        "against the model's measured need plus vram_margin_gb; free RAM on a box without a GPU), and refused, "
+        "saying why, where staging cannot work (set stop-first to deploy anyway).",
     )
     stage_port: int | None = Field(
         None,
         ge=1,
         le=65535,
-        description="Where a staged new service listens until cut-over; default port + 1.",
+        description="Where a staged new service listens until cut-over; default port + 1, or, when something "
+        "else holds that, the next free port on the box.",
     )
     vram_margin_gb: float = Field(
         1.5, ge=0, description="Free VRAM kept on top of the model's measured need before auto stages (GiB)."

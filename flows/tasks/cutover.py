@@ -1,6 +1,6 @@
 """Cut-over of a staged deploy: the warm new service takes the app's port the moment the old one lets it go.
 
-The new service (staged on `new.staging_port`, `service/server.py`) is told first (SIGUSR1 to its
+The new service (staged on the staging port preflight chose, `service/server.py`) is told first (SIGUSR1 to its
 supervisor, which passes it on): from then on a thread of its own tries to bind the app's port every
 millisecond, and its `/health` says `taking_over`. Only then is the old service stopped as always (TERM:
 uvicorn stops listening at once and finishes the requests in flight; wait; KILL), so the port is free for
@@ -59,9 +59,15 @@ def tell_take_over(host: Host, process: ProcessInfo) -> None:
 
 @task(cache_policy=NO_CACHE)
 def cut_over(
-    host: Host, target: Target, new: ProcessInfo, old: ProcessInfo | None, rehearse_failure: bool = False
+    host: Host,
+    target: Target,
+    new: ProcessInfo,
+    old: ProcessInfo | None,
+    stage_port: int,
+    rehearse_failure: bool = False,
 ) -> Cutover:
-    """Tell the new service to take the app's port, stop the old one, wait for the new one to answer there.
+    """Tell the new service (on `stage_port`) to take the app's port, stop the old one, wait for the new one
+    to answer there.
 
     The app's port is watched from a second thread meanwhile, so `seconds` is when the new service answered
     there, not when the old process had finished exiting. `rehearse_failure` (fail_at="cutover"): fail after
@@ -73,7 +79,7 @@ def cut_over(
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="cutover-watch") as pool:
         try:
             tell_take_over(host, new)
-            _wait_taking_over(host, target, min(deadline, time.monotonic() + TOLD_TIMEOUT_S))
+            _wait_taking_over(host, target, stage_port, min(deadline, time.monotonic() + TOLD_TIMEOUT_S))
             watch = pool.submit(_wait_serving, host, target, deadline, done)
             stopped = (
                 stop_process(host, old, target.current.stop_timeout_s) if old else "no old process was found"
@@ -101,18 +107,18 @@ def cut_over(
     return Cutover(stopped_old=stopped, seconds=seconds, health=health)
 
 
-def _wait_taking_over(host: Host, target: Target, deadline: float) -> None:
+def _wait_taking_over(host: Host, target: Target, stage_port: int, deadline: float) -> None:
     """Poll `/health` on the staging port until the new service says it is binding the app's port."""
     health, seen_at = _poll_health(
         host,
-        target.new.staging_port,
+        stage_port,
         lambda h: bool(h.get("taking_over")) or serves_port(h, target),
         deadline,
     )
     if seen_at is None:
         raise CutoverFailed(
             f"the new service did not say it was taking port {target.current.port} over within "
-            f"{TOLD_TIMEOUT_S:.0f} s of SIGUSR1 (/health on port {target.new.staging_port}: {health}); "
+            f"{TOLD_TIMEOUT_S:.0f} s of SIGUSR1 (/health on port {stage_port}: {health}); "
             "the old service was not stopped"
         )
 

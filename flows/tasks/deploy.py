@@ -258,9 +258,9 @@ def stop_service(host: Host, process: ProcessInfo, port: int, timeout_s: float) 
     return outcome
 
 
-def serve_argv(target: Target, python: str | None = None, staged: bool = False) -> list[str]:
-    """The service's command line; `python` is the release's interpreter (default: the target's); `staged`:
-    it listens on the staging port while its own port is held, and takes it over on SIGUSR1."""
+def serve_argv(target: Target, python: str | None = None, stage_port: int | None = None) -> list[str]:
+    """The service's command line; `python` is the release's interpreter (default: the target's); `stage_port`
+    (staged): it listens there while its own port is held, and takes its own port over on SIGUSR1."""
     new = target.new
     return [
         python or new.python,
@@ -273,7 +273,7 @@ def serve_argv(target: Target, python: str | None = None, staged: bool = False) 
         "127.0.0.1",
         "--port",
         str(new.port),
-        *(["--stage-port", str(new.staging_port)] if staged else []),
+        *(["--stage-port", str(stage_port)] if stage_port is not None else []),
         *(["--ready-sizes", ",".join(target.ready_sizes)] if target.ready_sizes else []),  # issue 18
         *new.serve_args,
     ]
@@ -281,17 +281,17 @@ def serve_argv(target: Target, python: str | None = None, staged: bool = False) 
 
 @task(cache_policy=NO_CACHE)
 def start_new_service(
-    host: Host, target: Target, release: Release, staged: bool = False, *, offline: bool = False
+    host: Host, target: Target, release: Release, stage_port: int | None = None, *, offline: bool = False
 ) -> Started:
     """Start the new service from the release, detached under its restart-loop supervisor, with its pid
-    file and log file; its environment (secrets included) goes through a private env file. `staged`: beside
-    the old service, on the staging port until the cut-over (`flows/tasks/cutover.py`). `offline`: its weights
-    are in the box's hub cache (stage `prefetch`), so it starts with HF_HUB_OFFLINE=1."""
+    file and log file; its environment (secrets included) goes through a private env file. `stage_port`
+    (staged): beside the old service, on that port until the cut-over (`flows/tasks/cutover.py`). `offline`:
+    its weights are in the box's hub cache (stage `prefetch`), so it starts with HF_HUB_OFFLINE=1."""
     new = target.new
     offset = file_size(host, new.log_file) or 0
     hub = {"HF_HUB_OFFLINE": "1"} if offline else {}
     launch = Launch(
-        argv=serve_argv(target, release.python, staged),
+        argv=serve_argv(target, release.python, stage_port),
         workdir=release.path,
         env={"PYTHONPATH": "", **new.env, **hub},  # the release's own environment only
         secret_env=new.secret_env,
@@ -300,7 +300,7 @@ def start_new_service(
         pid_file=new.pid_file,
     )
     process = start_supervised(host, launch)
-    port = new.staging_port if staged else new.port
+    port = new.port if stage_port is None else stage_port
     run_logger().info(
         "started %s under its supervisor on port %d, log %s", process.describe(), port, new.log_file
     )

@@ -1,5 +1,5 @@
 """What preflight (the dry run, and the start of a real run) checks of the new service before anything is
-stopped: the model `new.model` names on the box. The box is the real `LocalHost` over temporary folders;
+stopped: the model `new.model` names on the box, and how it starts (staged, or refused with the reason). The box is the real `LocalHost` over temporary folders;
 no Prefect server and no service process, except in the one end-to-end dry run."""
 
 from __future__ import annotations
@@ -12,12 +12,15 @@ from pathlib import Path
 
 import pytest
 
+from flows.capacity import decide_start_mode
 from flows.errors import PreflightRefused
 from flows.hosts import LocalHost
 from flows.model_check import check_model
 from flows.procs import find_service
 from flows.runbook import deploy_sdxl
 from flows.target import NewService, Target
+from flows.tasks.deploy import serve_argv
+from flows.tasks.preflight import GpuInfo, HostFacts
 from service.models import GENERATED_FAMILIES
 
 SDXL_REPOS = (
@@ -154,3 +157,77 @@ def test_a_misspelt_model_fails_the_dry_run_with_the_old_service_untouched(
     assert state.is_failed() and "stage 'preflight' failed: PreflightRefused" in state.message
     assert "new.model: 'sdxll' is not a known model (did you mean 'sdxl'?)" in state.message
     assert find_service(host, target.current.port) == process and not Path(target.paths.backup_root).exists()
+
+
+# --- the start mode: auto stages or refuses, never stop-first by itself ------------------------------
+
+
+def _facts(gpu_free_gb: float | None) -> HostFacts:
+    gpus = [] if gpu_free_gb is None else [GpuInfo(name="RTX 3090 Ti", total_gb=24.0, free_gb=gpu_free_gb)]
+    return HostFacts(
+        free_disk_gb=100,
+        needed_disk_gb=25,
+        gpus=gpus,
+        driver=None,
+        python=sys.executable,
+        python_version="3.11",
+        packages={},
+        torch_cuda=None,
+        cuda_available=None,
+        problems=[],
+    )
+
+
+def _on_ports(target: Target, **new: object) -> Target:
+    """The target with the app's port just below a port nothing listens on (its default staging port)."""
+    port = _closed_port() - 1
+    current = target.current.model_copy(update={"port": port})
+    return target.model_copy(
+        update={"current": current, "new": target.new.model_copy(update={"port": port, **new})}
+    )
+
+
+def test_a_folder_of_the_sdxl_family_needs_what_sdxl_needs(tmp_path: Path) -> None:
+    host = LocalHost()
+    target = _on_ports(_target(str(_diffusers_folder(tmp_path / "my-sdxl", "StableDiffusionXLPipeline"))))
+    model = check_model(host, target)
+    fits = decide_start_mode(host, target, _facts(20.0), model)  # 17.6 + 1.5 GiB margin = 19.1
+    assert fits.mode == "staged" and fits.stage_port == target.new.staging_port
+    assert "measured as sdxl, needs 17.6 + 1.5 GiB margin = 19.1 GiB, fits in 20 GiB" in fits.reason
+    with pytest.raises(PreflightRefused) as refused:
+        decide_start_mode(host, target, _facts(18.0), model)
+    assert "new.start_mode is auto, but the new service cannot start beside the old one" in str(refused.value)
+    assert "does not fit in 18 GiB free VRAM; set new.start_mode: stop-first" in str(refused.value)
+    # No GPU: an SDXL folder's CPU memory need is not measured, so auto refuses rather than guess.
+    with pytest.raises(PreflightRefused, match="no measured CPU memory need for model 'sdxl'"):
+        decide_start_mode(host, target, _facts(None), model)
+    forced = _on_ports(target, start_mode="staged")
+    assert "forced" in decide_start_mode(host, forced, _facts(18.0), model).reason
+    stop_first = target.model_copy(update={"new": target.new.model_copy(update={"start_mode": "stop-first"})})
+    assert decide_start_mode(host, stop_first, _facts(18.0), model).mode == "stop-first"
+
+
+def test_a_taken_staging_port_stages_on_another_one_the_start_command_uses() -> None:
+    host = LocalHost()
+    target = _on_ports(_target("tiny-sdxl"))
+    model = check_model(host, target)
+    with socket.create_server(("127.0.0.1", target.new.staging_port)):
+        decision = decide_start_mode(host, target, _facts(None), model)
+        assert decision.mode == "staged" and decision.stage_port not in (None, target.new.staging_port)
+        assert f"the staging port {target.new.staging_port} is in use on local (PIDs [" in decision.reason
+        assert f"so the new service stages on port {decision.stage_port}" in decision.reason
+        argv = serve_argv(target, stage_port=decision.stage_port)
+        assert argv[argv.index("--stage-port") + 1] == str(decision.stage_port)
+        pinned = target.model_copy(
+            update={"new": target.new.model_copy(update={"stage_port": target.new.staging_port})}
+        )
+        with pytest.raises(PreflightRefused, match=r"new.stage_port: the staging port \d+ is in use"):
+            decide_start_mode(host, pinned, _facts(None), model)
+
+
+def test_a_new_service_on_another_port_than_the_apps_cannot_stage() -> None:
+    host = LocalHost()
+    target = _on_ports(_target("tiny-sdxl"))
+    elsewhere = target.model_copy(update={"new": target.new.model_copy(update={"port": target.new.port + 2})})
+    with pytest.raises(PreflightRefused, match=r"nothing to take over; set new.start_mode: stop-first"):
+        decide_start_mode(host, elsewhere, _facts(None), check_model(host, elsewhere))
