@@ -1,12 +1,13 @@
-"""What `new.model` names on the box: checked in preflight, so a dry run refuses a model the real run would fail
-to load, and a real run refuses it before anything is stopped.
+"""What `new.model` names on the box, and whether the app's requests fit it: checked in preflight, so a dry run
+refuses what the real run would fail on, and a real run refuses it before anything is stopped.
 
 The service loads three kinds of model (`service.models.resolve_model`): a known name (the registry and the
 generated models), a diffusers folder (`model_index.json`, or `MODEL.json` from `sdxl-deploy models build`) or
 a `.safetensors` / `.ckpt` file. A folder or file is looked for on the box and its family read from its own
 files there. A known model loaded from the hub has its repos asked for through the box's own python, hub
 endpoint, environment (`new.env`) and token; on a box set to work offline (HF_HUB_OFFLINE) its hub cache must
-hold them.
+hold them. The app's request and the ready sizes are validated by the service's own request schema and its
+bounds for the model (`service.params.resolve_params`, what `/generate` runs).
 """
 
 from __future__ import annotations
@@ -16,13 +17,14 @@ import json
 from pathlib import PurePosixPath
 from typing import Any, Literal
 
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 
 from flows.errors import PreflightRefused
 from flows.hostfs import home_dir, read_text
 from flows.hosts import Host, q
 from flows.secrets import resolve_secret
 from flows.target import Target, expand_home
+from service.errors import ValidationFailed
 from service.models import (
     GENERATED_FAMILIES,
     REGISTRY,
@@ -31,6 +33,9 @@ from service.models import (
     family_of_pipeline,
     family_spec,
 )
+from service.params import resolve_params
+from service.schema import GenerateRequest
+from service.settings import ServiceSettings
 
 KNOWN_MODELS: tuple[str, ...] = (*REGISTRY, *GENERATED_FAMILIES)
 CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt")
@@ -83,6 +88,14 @@ class NewModel(BaseModel):
     def describe(self) -> str:
         """`sdxl`, or `/models/x (sdxl family)` for a folder or file."""
         return self.spec.name if self.kind == "known" else f"{self.spec.base} ({self.spec.backend} family)"
+
+
+def check_new_model(host: Host, target: Target) -> NewModel:
+    """`new.model` on the box, and the app's requests against it; `PreflightRefused` naming the field and the
+    value, and what would be accepted, when the real run would fail on either."""
+    model = check_model(host, target)
+    check_requests(target, model.spec)
+    return model
 
 
 def check_model(host: Host, target: Target) -> NewModel:
@@ -210,3 +223,50 @@ def check_hub_repos(host: Host, target: Target, repos: list[str]) -> str:
         missing = "; ".join(f"{repo}: {why}" for repo, why in answer["missing"].items())
         raise PreflightRefused(f"new.model: {new.model!r} loads from the {where}{offline}: {missing}")
     return where
+
+
+def check_requests(target: Target, spec: ModelSpec) -> None:
+    """The app's request and `new.ready_sizes` against the model's own request schema and bounds (what
+    `/generate` refuses with 422); `PreflightRefused` naming each field and value."""
+    problems = _app_request_problems(target, spec) + _ready_size_problems(target, spec)
+    if problems:
+        raise PreflightRefused("; ".join(problems))
+
+
+def _app_request_problems(target: Target, spec: ModelSpec) -> list[str]:
+    field = "workload.app_request"
+    try:
+        request = GenerateRequest.model_validate(target.workload.app_request)
+    except ValidationError as exc:
+        return [
+            f"{field}.{'.'.join(str(p) for p in err['loc'])}: {err['msg']} (got {err.get('input')!r})"
+            for err in exc.errors()
+        ]
+    max_chars = target.new.env.get("SDXL_MAX_PROMPT_CHARS", "")
+    try:
+        resolve_params(
+            request,
+            spec,
+            refiner_loaded=spec.refiner is not None,
+            restorer_loaded=False,
+            max_prompt_chars=int(max_chars)
+            if max_chars.isdigit()
+            else ServiceSettings.model_fields["max_prompt_chars"].default,
+        )
+    except ValidationFailed as exc:
+        return [f"{field}.{exc}"]
+    return []
+
+
+def _ready_size_problems(target: Target, spec: ModelSpec) -> list[str]:
+    """Sizes set in `new.ready_sizes` outside the model's range (by default they are the app request's size,
+    checked with the request)."""
+    problems = []
+    for size in target.new.ready_sizes or []:
+        width, height = (int(v) for v in size.lower().split("x"))
+        if not all(spec.min_size <= v <= spec.max_size for v in (width, height)):
+            problems.append(
+                f"new.ready_sizes: {size!r} is outside {spec.min_size}-{spec.max_size} px, the sizes "
+                f"{spec.name} serves"
+            )
+    return problems

@@ -30,7 +30,7 @@ from flows.errors import CutoverFailed, DeployFailed, GateFailed, RollbackFailed
 from flows.hostfs import home_dir
 from flows.hosts import Host
 from flows.lock import host_lock, new_owner
-from flows.model_check import check_model
+from flows.model_check import check_new_model
 from flows.prober import Prober, watch_downtime
 from flows.procs import find_service
 from flows.releases import record_release, release_of
@@ -168,7 +168,7 @@ def deploy_sdxl(
                     "current": current.model_dump(),
                 }
                 require_ready(host_facts, current)
-                model = check_model(host, target)
+                model = check_new_model(host, target)
                 run.summary.facts["model"] = model.model_dump()
                 decision = decide_start_mode(host, target, host_facts, model)
                 run.summary.facts["start"] = decision.model_dump()

@@ -1,5 +1,6 @@
 """What preflight (the dry run, and the start of a real run) checks of the new service before anything is
-stopped: the model `new.model` names on the box, and how it starts (staged, or refused with the reason). The box is the real `LocalHost` over temporary folders;
+stopped: the model `new.model` names on the box, the app's request and ready sizes against that model, and
+how it starts (staged, or refused with the reason). The box is the real `LocalHost` over temporary folders;
 no Prefect server and no service process, except in the one end-to-end dry run."""
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import pytest
 from flows.capacity import decide_start_mode
 from flows.errors import PreflightRefused
 from flows.hosts import LocalHost
-from flows.model_check import check_model
+from flows.model_check import check_model, check_new_model
 from flows.procs import find_service
 from flows.runbook import deploy_sdxl
 from flows.target import NewService, Target
@@ -231,3 +232,50 @@ def test_a_new_service_on_another_port_than_the_apps_cannot_stage() -> None:
     elsewhere = target.model_copy(update={"new": target.new.model_copy(update={"port": target.new.port + 2})})
     with pytest.raises(PreflightRefused, match=r"nothing to take over; set new.start_mode: stop-first"):
         decide_start_mode(host, elsewhere, _facts(None), check_model(host, elsewhere))
+
+
+# --- the app's request and the ready sizes, against the new model's own bounds ---------------------
+
+
+def _with_request(model: str, ready_sizes: list[str] | None = None, **request: object) -> Target:
+    target = _target(model)
+    app = {**target.workload.app_request, **request}
+    return target.model_copy(
+        update={
+            "workload": target.workload.model_copy(update={"app_request": app}),
+            "new": target.new.model_copy(update={"ready_sizes": ready_sizes}),
+        }
+    )
+
+
+def test_the_app_request_is_validated_as_generate_would_for_the_new_model(tmp_path: Path) -> None:
+    host = LocalHost()
+    assert check_new_model(host, _with_request("tiny-sdxl", width=64, height=64)).spec.name == "tiny-sdxl"
+    with pytest.raises(PreflightRefused) as refused:
+        check_new_model(host, _with_request("tiny-sdxl", width=1001, height=64))
+    assert str(refused.value) == "workload.app_request.width: Input should be a multiple of 8 (got 1001)"
+    with pytest.raises(PreflightRefused) as refused:
+        check_new_model(host, _with_request("tiny-sdxl", width=1536, height=64, num_inference_steps=0))
+    assert (
+        "workload.app_request.num_inference_steps: Input should be greater than or equal to 1 (got 0)"
+        in str(refused.value)
+    )
+    with pytest.raises(PreflightRefused) as refused:  # the schema allows it; tiny-sdxl serves up to 1024
+        check_new_model(host, _with_request("tiny-sdxl", width=1536, height=64))
+    assert (
+        str(refused.value)
+        == "workload.app_request.width: must be between 64 and 1024 for tiny-sdxl (got 1536)"
+    )
+    v15 = _diffusers_folder(tmp_path / "my-sd15", "StableDiffusionPipeline")  # SD1.5 serves 256-1024
+    with pytest.raises(PreflightRefused, match=r"workload.app_request.height: must be between 256 and 1024"):
+        check_new_model(host, _with_request(str(v15), width=1024, height=1280))
+
+
+def test_ready_sizes_set_in_the_target_are_checked_against_the_models_range() -> None:
+    host = LocalHost()
+    assert check_new_model(host, _with_request("tiny-sdxl", ["64x64", "1024x512"], width=64, height=64))
+    with pytest.raises(PreflightRefused) as refused:
+        check_new_model(host, _with_request("tiny-sdxl", ["64x64", "2048x2048"], width=64, height=64))
+    assert (
+        str(refused.value) == "new.ready_sizes: '2048x2048' is outside 64-1024 px, the sizes tiny-sdxl serves"
+    )
