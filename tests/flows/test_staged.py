@@ -10,14 +10,11 @@ from pathlib import Path
 import pytest
 
 from bench.launch import free_port
-from flows.capacity import decide_start_mode
 from flows.deploy_state import DeployState, load_state, save_state
-from flows.errors import PreflightRefused
 from flows.hosts import LocalHost
 from flows.procs import find_service, is_running, listener_pids, start_detached
 from flows.runbook import STAGED_STAGES, deploy_sdxl, recover
 from flows.target import Target
-from flows.tasks.preflight import GpuInfo, HostFacts
 from flows.tasks.rollback import current_answers, new_service_process
 from tests.support.flows import fast, is_legacy, legacy_target, summary_of
 
@@ -122,54 +119,6 @@ def test_an_interrupted_staged_deploy_stops_only_its_staged_service(
     assert "stopped" in facts["stopped_staged"] and not is_running(host, staged_process)
     assert find_service(host, target.current.port) == old and is_running(host, old)
     assert load_state(host, target).status == "failed"
-
-
-def _facts(gpu_free_gb: float | None) -> HostFacts:
-    gpus = [] if gpu_free_gb is None else [GpuInfo(name="RTX 3090 Ti", total_gb=24.0, free_gb=gpu_free_gb)]
-    return HostFacts(
-        free_disk_gb=100,
-        needed_disk_gb=25,
-        gpus=gpus,
-        driver=None,
-        python="python3",
-        python_version="3.11",
-        packages={},
-        torch_cuda=None,
-        cuda_available=None,
-        problems=[],
-    )
-
-
-def test_auto_stages_when_the_measured_need_fits_and_says_why(tmp_path: Path) -> None:
-    host = LocalHost()
-    target = legacy_target(tmp_path / "box", free_port(), start_mode="auto")
-    sdxl = target.model_copy(update={"new": target.new.model_copy(update={"model": "sdxl"})})
-    # The old SD1.5 service holds 4 GiB of a 24 GiB card: 20 GiB free >= 17.6 + 1.5 measured need.
-    fits = decide_start_mode(host, sdxl, _facts(20.0))
-    assert fits.mode == "staged" and fits.stage_port == target.current.port + 1 and "19.1" in fits.reason
-    tight = decide_start_mode(host, sdxl, _facts(18.0))
-    assert tight.mode == "stop-first" and "does not fit in 18 GiB" in tight.reason
-    unknown = target.model_copy(update={"new": target.new.model_copy(update={"model": "/models/my-sdxl"})})
-    assert "no measured VRAM need" in decide_start_mode(host, unknown, _facts(80.0)).reason
-    # No GPU: the tiny models run beside each other when the RAM allows (this machine has well over 1 GiB).
-    assert decide_start_mode(host, target, _facts(None)).mode == "staged"
-    forced = target.model_copy(update={"new": target.new.model_copy(update={"start_mode": "stop-first"})})
-    assert decide_start_mode(host, forced, _facts(80.0)).mode == "stop-first"
-
-
-def test_a_taken_staging_port_falls_back_or_refuses(tmp_path: Path) -> None:
-    import socket
-
-    host = LocalHost()
-    target = legacy_target(tmp_path / "box", free_port(), start_mode="auto")
-    with socket.create_server(("127.0.0.1", target.new.staging_port)):
-        auto = decide_start_mode(host, target, _facts(None))
-        assert (
-            auto.mode == "stop-first" and f"staging port {target.new.staging_port} is in use" in auto.reason
-        )
-        forced = target.model_copy(update={"new": target.new.model_copy(update={"start_mode": "staged"})})
-        with pytest.raises(PreflightRefused, match="staging port"):
-            decide_start_mode(host, forced, _facts(None))
 
 
 def test_a_second_staged_deploy_cuts_over_from_the_release_that_serves(
