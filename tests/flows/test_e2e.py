@@ -77,7 +77,13 @@ def test_demo_upgrades_tiny_sd15_to_tiny_sdxl(prefect_api: None, tmp_path: Path)
     assert any("tiny-sdxl" in line for line in result.stopped)
 
 
-@pytest.mark.parametrize("stage", STOP_FIRST_STAGES)
+# One stage for each state a stop-first deploy can leave the box in when it fails (every stage takes the same
+# failure path, tests/flows/test_rundir.py): no backup yet; backed up and shipped, old untouched; failing as it
+# stops the old service; old stopped, new not started; new started; the last stage before the end.
+BOX_STATES = ("backup", "prefetch", "stop_current", "start_new", "warmup", "approval")
+
+
+@pytest.mark.parametrize("stage", BOX_STATES)
 def test_injected_failure_leaves_the_old_service_answering(
     prefect_api: None, legacy: tuple[LocalHost, Target], wheel: str, tmp_path: Path, stage: str
 ) -> None:

@@ -252,24 +252,6 @@ def test_deploy_fleet_command_names_the_bad_field(tmp_path: Path) -> None:
     assert "hosts: List should have at least 1 item" in " ".join(result.output.split())
 
 
-def test_abort_after_canary_rolls_the_canary_back(
-    prefect_api: None, bed: FleetBed, wheel: str, tmp_path: Path
-) -> None:
-    fleet = bed.fleet(canary=1)
-    state, summary, report, _load = run_under_load(bed, tmp_path, wheel, fleet, abort_after_canary=True)
-
-    assert state.is_failed() and summary.aborted == "abort_after_canary"
-    assert [a.verdict for a in summary.analyses] == ["pass"]  # the canary was fine: a person stopped it
-    assert {h.name: h.outcome for h in summary.hosts} == {
-        "h1": "rolled back",
-        "h2": "not reached",
-        "h3": "not reached",
-    }
-    assert summary.rolled_back == ["h1"] and all(answers_legacy(bed, name) for name in NAMES)
-    assert bed.serving("h2") == bed.before["h2"] and bed.serving("h3") == bed.before["h3"]
-    assert all(s.status == "UP" for s in bed.api.stats().values())
-
-
 def test_a_person_promotes_the_canary_then_aborts_the_next_wave(
     prefect_api: None, bed: FleetBed, wheel: str, tmp_path: Path
 ) -> None:

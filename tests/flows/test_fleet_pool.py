@@ -175,6 +175,7 @@ def test_an_abort_rolls_the_canary_back_on_the_pool(
     state, summary = run_fleet(hosts, wheel, tmp_path, abort_after_canary=True)
 
     assert state.is_failed() and summary.aborted == "abort_after_canary"
+    assert [a.verdict for a in summary.analyses] == ["pass"]  # the canary was fine: a person stopped it
     assert {h.name: h.outcome for h in summary.hosts} == {"h1": "rolled back", "h2": "not reached"}
     assert all(is_legacy(current_answers(LocalHost(), t.current)) for t in hosts.values())
     assert find_service(LocalHost(), hosts["h2"].current.port) == before  # never touched

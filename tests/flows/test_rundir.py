@@ -1,0 +1,30 @@
+"""The run record's stage wrapper (flows/rundir.py): the one failure path every stage of the runbook takes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from flows.demo import demo_target
+from flows.errors import StageFailed
+from flows.runbook import STAGES
+from flows.rundir import RunRecord
+
+
+@pytest.mark.parametrize(
+    "stage", [s for s in STAGES if s != "cutover"]
+)  # cutover injects at its worst moment
+def test_fail_at_fails_exactly_its_stage_through_the_one_failure_path(tmp_path: Path, stage: str) -> None:
+    """The rehearsal can fail any stage of either order: the stage before it completes, the named one fails
+    with the rehearsal's reason and is the summary's failed stage. (What the box looks like after a failure
+    at each kind of stage is proven end to end: tests/flows/test_e2e.py, test_staged.py.)"""
+    run = RunRecord("deploy-sdxl", demo_target(tmp_path, 7860), tmp_path / "runs", fail_at=stage)
+    other = next(s for s in STAGES if s != stage)
+    with run.stage(other):
+        pass
+    with pytest.raises(StageFailed, match="fail_at rehearsal") as failed, run.stage(stage):
+        pytest.fail("the stage body ran despite fail_at")
+    assert failed.value.stage == stage
+    assert [(s.name, s.status) for s in run.summary.stages] == [(other, "completed"), (stage, "failed")]
+    assert run.summary.failed_stage == stage
