@@ -194,7 +194,7 @@ def print_summary(summary_path: Path, console: Any = None) -> dict[str, Any]:
     from rich.table import Table
 
     from flows.downtime import Downtime
-    from flows.tasks.gates import shown_verdict
+    from flows.tasks.gates import shown_passed, shown_verdict
 
     console = console or Console()
     summary = json.loads(summary_path.read_text(encoding="utf-8"))
@@ -209,7 +209,9 @@ def print_summary(summary_path: Path, console: Any = None) -> dict[str, Any]:
         )
     console.print(stages)
     if summary["gates"]:
-        gates = Table(title="success criteria", title_justify="left")
+        gates = Table(
+            title=f"success criteria: {shown_passed(summary['gates_passed'])}", title_justify="left"
+        )
         for column in ("criterion", "threshold", "observed", "mode", "verdict"):
             gates.add_column(column, overflow="fold")
         verdict_colour = {

@@ -36,7 +36,7 @@ from flows.procs import find_service
 from flows.releases import record_release, release_of
 from flows.rundir import RunRecord, RunSummary, StageFailed, report_markdown
 from flows.supervisor import Restarts, read_restarts
-from flows.target import Criterion, Target, load_target
+from flows.target import Target, load_target
 from flows.tasks.backup import backup_current
 from flows.tasks.benchmark import run_benchmark, scan_log
 from flows.tasks.cutover import cut_over, discard_staged
@@ -54,7 +54,8 @@ from flows.tasks.gates import (
     GateReport,
     criteria_for_mode,
     evaluate_gates,
-    judge,
+    judge_downtime,
+    publish_gates,
     require_passed,
 )
 from flows.tasks.prefetch import prefetch_weights
@@ -266,7 +267,7 @@ def deploy_sdxl(
                     quality=quality,
                     downtime=prober.downtime() if prober else None,
                 )
-                gates = evaluate_gates(criteria, evidence, artifact_key="sdxl-deploy-gates")
+                gates = evaluate_gates(criteria, evidence)
                 run.record_gates(gates)
                 require_passed(gates)
             with run.stage("approval"):  # an enforced INCONCLUSIVE row: a person (or the target) decides
@@ -286,7 +287,7 @@ def deploy_sdxl(
                         rehearse_failure=fail_at == "cutover",
                     )
                     run.summary.facts["cutover"] = cut.model_dump(exclude={"health"})
-                    check_after_cutover(run, host, target, prober, criteria, gates)
+                    check_after_cutover(run, host, target, prober, gates)
         except StageFailed as failure:
             _after_failure(run, host, target, state, failure, decision.mode if decision else "stop-first")
             raise DeployFailed(f"deploy-sdxl {run.summary.message}", str(run.dir)) from None
@@ -321,12 +322,7 @@ def note_started(host: Host, target: Target, state: DeployState, started: Starte
 
 
 def check_after_cutover(
-    run: RunRecord,
-    host: Host,
-    target: Target,
-    prober: Prober | None,
-    criteria: list[Criterion],
-    gates: GateReport,
+    run: RunRecord, host: Host, target: Target, prober: Prober | None, gates: GateReport
 ) -> None:
     """After the cut-over: the new service answers the app's request the app's way on the app's port, and
     the downtime, now including the cut-over's, is judged again (the gate saw only the time before it)."""
@@ -339,11 +335,11 @@ def check_after_cutover(
     if prober is None:
         return
     prober.wait_for_next_health_probe()
-    after = judge([c for c in criteria if c.name == "max_downtime_s"], Evidence(downtime=prober.downtime()))
-    if after.rows:
-        row = after.rows[0]
+    gates = judge_downtime(gates, prober.downtime())
+    run.record_gates(gates)
+    row = next((r for r in gates.rows if r.criterion == "max_downtime_s"), None)
+    if row is not None:
         run.summary.facts["cutover"]["max_downtime_s"] = row.model_dump()
-        run.record_gates(GateReport(rows=[row if r.criterion == row.criterion else r for r in gates.rows]))
         if row.verdict == "fail":
             raise GateFailed(f"after the cut-over: max_downtime_s ({row.observed})")
 
@@ -445,8 +441,14 @@ def _old_service_answers(host: Host | None, target: Target, port: int) -> bool |
         return None
 
 
+GATES_ARTIFACT = {"deploy-sdxl": "sdxl-deploy-gates", "verify-sdxl": "sdxl-verify-gates"}
+
+
 def _finish(run: RunRecord, status: Literal["completed", "failed", "dry-run"], message: str) -> RunSummary:
+    """Close the run record and publish what it says: the criteria table and the report."""
     summary = run.finish(status, message)
+    if summary.gates and summary.flow in GATES_ARTIFACT:
+        publish_gates(GateReport(rows=summary.gates), summary.gates_passed, GATES_ARTIFACT[summary.flow])
     create_markdown_artifact(
         key=f"{summary.flow}-summary", markdown=report_markdown(summary), description=message[:200]
     )
@@ -561,7 +563,7 @@ def verify_sdxl(
                 app = check_app_path(host, target)
             with run.stage("gate"):
                 evidence = Evidence(health=health, benchmark=bench, app=app, log_scan=log_scan)
-                gates = evaluate_gates(target.criteria, evidence, artifact_key="sdxl-verify-gates")
+                gates = evaluate_gates(target.criteria, evidence)
                 run.record_gates(gates)
                 require_passed(gates)
         except StageFailed as failure:

@@ -22,7 +22,7 @@ from flows.common import run_logger
 from flows.downtime import Downtime
 from flows.errors import RehearsedFailure, StageFailed
 from flows.target import Target
-from flows.tasks.gates import GateReport, GateRow, gates_markdown
+from flows.tasks.gates import GateReport, GateRow, gates_markdown, judge_downtime, shown_passed
 
 RunStatus = Literal["running", "completed", "failed", "dry-run"]
 
@@ -137,7 +137,7 @@ class RunRecord:
 
     def record_gates(self, report: GateReport) -> None:
         self.summary.gates = report.rows
-        self.summary.gates_passed = report.passed
+        self.summary.gates_passed = gates_verdict(self.summary.status, report.rows)
         self.write_text("gates.md", gates_markdown(report) + "\n")
         self.save()
 
@@ -154,6 +154,13 @@ class RunRecord:
             hook()
         self.summary.status = status
         self.summary.message = message
+        if self.summary.gates:  # the downtime gate over the whole run, rollback included
+            self.record_gates(judge_downtime(GateReport(rows=self.summary.gates), self.summary.downtime))
+            if status == "completed" and not self.summary.gates_passed:
+                failed = ", ".join(
+                    f"{r.criterion} ({r.observed})" for r in self.summary.gates if r.verdict == "fail"
+                )
+                self.summary.warnings.append(f"after the last check, enforced criteria failed: {failed}")
         self.summary.finished_at = _now().isoformat(timespec="seconds")
         self.summary.seconds = round(time.monotonic() - self._started, 1)
         self.write_text("report.md", report_markdown(self.summary))
@@ -164,6 +171,14 @@ class RunRecord:
         (self.dir / "summary.json").write_text(
             self.summary.model_dump_json(indent=2) + "\n", encoding="utf-8"
         )
+
+
+def gates_verdict(status: RunStatus, rows: list[GateRow]) -> bool | None:
+    """The run's one verdict on its criteria (`gates_passed`): None when none was judged, False for a failed
+    run whatever its rows say, else whether no enforced row failed."""
+    if not rows:
+        return None
+    return status != "failed" and not any(row.verdict == "fail" for row in rows)
 
 
 def report_markdown(summary: RunSummary) -> str:
@@ -194,7 +209,12 @@ def report_markdown(summary: RunSummary) -> str:
         detail = stage.detail.replace("|", "\\|").replace("\n", " ")[:300]
         lines.append(f"| {stage.name} | {stage.status} | {stage.seconds} | {detail} |")
     if summary.gates:
-        lines += ["", "## Success criteria", "", gates_markdown(GateReport(rows=summary.gates))]
+        lines += [
+            "",
+            f"## Success criteria: {shown_passed(summary.gates_passed)}",
+            "",
+            gates_markdown(GateReport(rows=summary.gates)),
+        ]
     return "\n".join(lines) + "\n"
 
 

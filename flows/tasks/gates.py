@@ -220,21 +220,38 @@ def judge(criteria: list[Criterion], evidence: Evidence) -> GateReport:
     return GateReport(rows=rows)
 
 
+def judge_downtime(report: GateReport, downtime: Downtime | None) -> GateReport:
+    """`report` with its `max_downtime_s` row judged again over `downtime` (by the row's own threshold and
+    mode); unchanged when it has no such row or nothing was measured."""
+    if downtime is None:
+        return report
+    rows = []
+    for row in report.rows:
+        if row.criterion == "max_downtime_s":
+            criterion = Criterion(name="max_downtime_s", threshold=row.threshold, enforce=row.enforce)
+            row = judge([criterion], Evidence(downtime=downtime)).rows[0]
+        rows.append(row)
+    return GateReport(rows=rows)
+
+
 @task(cache_policy=NO_CACHE)
-def evaluate_gates(criteria: list[Criterion], evidence: Evidence, artifact_key: str) -> GateReport:
-    """Judge every success criterion and publish the table as a Prefect artifact."""
+def evaluate_gates(criteria: list[Criterion], evidence: Evidence) -> GateReport:
+    """Judge every success criterion and log each row (the run record publishes the final table)."""
     report = judge(criteria, evidence)
-    create_table_artifact(
-        key=artifact_key,
-        table=report.table(),
-        description="Success criteria of the SDXL deploy: "
-        + ("PASSED" if report.passed else "FAILED")
-        + "".join(f"; {row.criterion} INCONCLUSIVE" for row in report.inconclusive),
-    )
     log = run_logger()
     for row in report.rows:
         log.info("gate %-15s %-4s %s", row.criterion, row.verdict, row.observed)
     return report
+
+
+def publish_gates(report: GateReport, passed: bool | None, artifact_key: str) -> None:
+    """The criteria table as a Prefect table artifact, described by the run's verdict `passed`."""
+    create_table_artifact(
+        key=artifact_key,
+        table=report.table(),
+        description=f"Success criteria: {shown_passed(passed)}"
+        + "".join(f"; {row.criterion} INCONCLUSIVE" for row in report.inconclusive),
+    )
 
 
 def require_passed(report: GateReport) -> None:
@@ -247,6 +264,11 @@ def require_passed(report: GateReport) -> None:
 def shown_verdict(verdict: str) -> str:
     """How a verdict is shown: in capitals when the evidence could not tell, so nobody reads past it."""
     return verdict.upper() if verdict == INCONCLUSIVE else verdict
+
+
+def shown_passed(passed: bool | None) -> str:
+    """How a run's verdict on its criteria (`gates_passed`) is shown."""
+    return {True: "passed", False: "FAILED", None: "not judged"}[passed]
 
 
 def gates_markdown(report: GateReport) -> str:
