@@ -36,6 +36,10 @@ def deploy_fleet(
     abort_after_canary: Annotated[
         bool, typer.Option(help="Stop after the canary's analysis and roll the canary back.")
     ] = False,
+    dry_run: Annotated[
+        bool,
+        typer.Option(help="Run every host's deploy preflight and check the balancer; change nothing."),
+    ] = False,
 ) -> None:
     """Upgrade every host of a fleet behind HAProxy: canary, analysis, waves; a failure rolls back every
     host the rollout upgraded."""
@@ -55,6 +59,7 @@ def deploy_fleet(
         runs_dir=str(runs_dir),
         fail_at=_fail_at(fail_at) or None,
         abort_after_canary=abort_after_canary,
+        dry_run=dry_run,
     )
 
 
@@ -67,7 +72,7 @@ def print_fleet(summary_path: Path, console: Any = None) -> dict[str, Any]:
 
     console = console or Console()
     summary = json.loads(summary_path.read_text(encoding="utf-8"))
-    colour = "green" if summary["status"] == "completed" else "red"
+    colour = {"completed": "green", "dry-run": "cyan"}.get(summary["status"], "red")
     table = Table(title=f"deploy-fleet: [{colour}]{summary['status']}[/]", title_justify="left")
     for column in ("host", "wave", "outcome", "release before", "release at the end"):
         table.add_column(column, overflow="fold")

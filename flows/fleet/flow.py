@@ -42,10 +42,11 @@ from prefect.context import FlowRunContext
 
 from flows.approval import wait_for_person
 from flows.deploy_state import interrupted_deploy
-from flows.errors import BalancerError, FleetFailed, FleetFileError
+from flows.errors import BalancerError, FleetFailed, FleetFileError, HostError, PreflightRefused
 from flows.fleet.analysis import AnalysisResult, analyse
-from flows.fleet.haproxy import HAProxyAPI
+from flows.fleet.haproxy import HAProxyAPI, ServerStat
 from flows.fleet.pool import run_on_pool
+from flows.fleet.preflight import check_hosts
 from flows.fleet.report import fleet_markdown
 from flows.fleet.summary import Event, FleetSummary, HostRecord
 from flows.fleet.target import Fleet, FleetHost, load_fleet
@@ -88,7 +89,7 @@ class Rollout:
     def __init__(
         self,
         fleet: Fleet,
-        wheel: Path,
+        wheel: Path | None,
         run_dir: Path,
         fail_at: dict[str, str],
         summary: FleetSummary | None = None,
@@ -104,7 +105,7 @@ class Rollout:
             return
         self.summary = FleetSummary(
             run_dir=str(run_dir),
-            release_id=release_id_of(wheel),
+            release_id=release_id_of(wheel) if wheel else "",
             started_at=_now(),
             waves=[[h.name for h in wave] for wave in fleet.waves()],
             hosts=[
@@ -294,16 +295,23 @@ class Rollout:
 
     # --- the rollout ---------------------------------------------------------------------------------
 
-    def preflight(self) -> None:
-        """Every server is in the backend; what each host serves now; hosts already upgraded are skipped."""
+    def require_servers(self) -> dict[str, ServerStat]:
+        """The backend's servers, by name; `FleetFileError` naming a host the backend lacks."""
         stats = self.api.stats()
         for host in self.fleet.hosts:
-            record = self.record(host)
             if host.server_name not in stats:
                 raise FleetFileError(
                     f"host {host.name!r}: HAProxy backend {self.balancer.backend!r} has no server "
                     f"{host.server_name!r} (servers: {sorted(stats)})"
                 )
+        return stats
+
+    def preflight(self) -> None:
+        """Every server is in the backend; what each host serves now; hosts already upgraded are skipped; every
+        other host passes its deploy's preflight (`check_hosts`) before the canary is touched."""
+        stats = self.require_servers()
+        for host in self.fleet.hosts:
+            record = self.record(host)
             record.release_before, release_id = serving_release(self.target(host))
             if release_id == self.summary.release_id:
                 record.outcome = "already upgraded"
@@ -316,7 +324,30 @@ class Rollout:
                     self.api.wait_up(host.server_name, self.balancer.up_timeout_s)
                 except BalancerError as exc:
                     self.event("warning", f"{host.name} is down before the rollout: {exc}")
+        todo = [h for h in self.fleet.hosts if self.record(h).outcome != "already upgraded"]
+        for plan in check_hosts(self.fleet, todo):
+            self.event(f"{plan.host}: preflight passed", plan.describe())
         self.event("preflight", f"release {self.summary.release_id}; waves {self.summary.waves}")
+
+    def dry_run(self) -> FleetSummary:
+        """Every host's deploy preflight, then the balancer's servers and what each host serves; read-only.
+        `FleetFailed` naming each host (and field) that would refuse its deploy."""
+        try:
+            plans = check_hosts(self.fleet)
+            self.require_servers()
+        except (PreflightRefused, FleetFileError, BalancerError, HostError) as exc:
+            self.event("preflight refused", str(exc))
+            summary = self.finish("failed", f"dry run refused: {exc}")
+            raise FleetFailed(f"deploy-fleet {summary.message}", str(self.run_dir)) from None
+        for plan in plans:
+            host = next(h for h in self.fleet.hosts if h.name == plan.host)
+            self.record(host).release_before, _ = serving_release(self.target(host))
+            self.record(host).message = f"would deploy {plan.describe()}"
+            self.event(f"{plan.host}: preflight passed", plan.describe())
+        return self.finish(
+            "dry-run",
+            f"dry run: preflight passed on {len(plans)} host(s), waves {self.summary.waves}; nothing was changed",
+        )
 
     def run_wave(self, number: int, wave: list[FleetHost]) -> list[str]:
         """Upgrade the wave's hosts (in parallel up to the limit); the names of those that failed."""
@@ -402,7 +433,7 @@ class Rollout:
             for future in [pool.submit(contextvars.copy_context().run, self.roll_back, h) for h in hosts]:
                 future.result()
 
-    def finish(self, status: Literal["completed", "failed"], message: str) -> FleetSummary:
+    def finish(self, status: Literal["completed", "failed", "dry-run"], message: str) -> FleetSummary:
         for host in self.fleet.hosts:
             record = self.record(host)
             try:
@@ -507,6 +538,7 @@ def deploy_fleet(
     runs_dir: str = "runs",
     fail_at: dict[str, str] | None = None,
     abort_after_canary: bool = False,
+    dry_run: bool = False,
 ) -> FleetSummary:
     """Upgrade every host of the fleet behind HAProxy: canary, analysis, waves; any failure rolls back
     every host this rollout upgraded.
@@ -520,6 +552,8 @@ def deploy_fleet(
         fail_at: Rehearsal only: host name -> the deploy stage to fail on that host.
         abort_after_canary: Stop after the canary's analysis and roll the canary back (a rehearsal of a
             person's abort, or a canary to look at only).
+        dry_run: Run every host's deploy preflight (its model, app request, facts, current service and start
+            mode) and check the balancer's servers; build, ship and change nothing.
     """
     if fleet_file:
         fleet = load_fleet(fleet_file)
@@ -529,6 +563,12 @@ def deploy_fleet(
     if unknown:
         raise FleetFileError(f"fail_at: {unknown} are not hosts of this fleet")
     run_dir = make_run_dir(runs_dir, "deploy-fleet")
+    if dry_run:
+        checking = Rollout(fleet, Path(wheel) if wheel else None, run_dir, {})
+        try:
+            return checking.dry_run()
+        finally:
+            checking.close()
     wheel_path = Path(wheel) if wheel else build_wheel(run_dir / "wheel")
     rollout = Rollout(fleet, wheel_path, run_dir, dict(fail_at or {}))
     flow_run_id = _label_run(run_dir)

@@ -49,7 +49,7 @@ class Event(BaseModel):
 class FleetSummary(BaseModel):
     flow: str = "deploy-fleet"
     run_dir: str
-    status: Literal["running", "completed", "failed"] = "running"
+    status: Literal["running", "completed", "failed", "dry-run"] = "running"
     message: str = ""
     release_id: str = ""
     started_at: str
