@@ -71,6 +71,9 @@ def resolve_params(
             )
 
     warnings: list[str] = []
+    unknown = req.unknown_fields()
+    if unknown:
+        warnings.append(f"unknown fields ignored: {', '.join(unknown)}")
     use_refiner = refiner_loaded if req.use_refiner is None else req.use_refiner
     if use_refiner and not refiner_loaded:
         why = "SD1.5 has no refiner" if spec.backend == "sd15" else "no refiner is loaded"

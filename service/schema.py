@@ -7,6 +7,7 @@ The app written against the old SD1.5 script sends `prompt`, `num_inference_step
 
 from __future__ import annotations
 
+import difflib
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -22,9 +23,10 @@ MAX_BATCH = 8
 
 
 class GenerateRequest(BaseModel):
-    """Body of `POST /generate`. Unknown fields are accepted and ignored (older apps send them)."""
+    """Body of `POST /generate`. Unknown fields are accepted (older apps send them), not used, and named in
+    the answer's `warnings` (`unknown_fields`)."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="allow")
 
     prompt: str = Field(..., min_length=1, description="What to draw.")
     negative_prompt: str | None = Field(None, description="What to avoid.")
@@ -54,6 +56,15 @@ class GenerateRequest(BaseModel):
     batch_size: int = Field(
         1, ge=1, le=MAX_BATCH, description="Images in one batch; image i uses seed + i (as in A1111)."
     )
+
+    def unknown_fields(self) -> list[str]:
+        """The fields sent that this schema does not have, each with the nearest known name if one is close."""
+        known = list(type(self).model_fields)
+        named = []
+        for name in sorted(self.model_extra or {}):
+            near = difflib.get_close_matches(name, known, n=1, cutoff=0.75)
+            named.append(f"{name} (did you mean {near[0]}?)" if near else name)
+        return named
 
 
 class GenerateResponse(BaseModel):

@@ -104,9 +104,10 @@ def test_output_formats(sdxl: ServiceClient, fmt: str, pil_format: str) -> None:
     assert decode_image(answer.image).format == pil_format
 
 
-def test_unknown_fields_from_older_apps_are_ignored(sdxl: ServiceClient) -> None:
+def test_unknown_fields_from_older_apps_are_ignored_and_named(sdxl: ServiceClient) -> None:
     response = post(sdxl, {"prompt": "x", "sampler": "k_euler", "codeformer_fidelity": 0.7, **SMALL})
     assert response.status_code == 200, response.text
+    assert "unknown fields ignored: codeformer_fidelity" in response.json()["warnings"]
 
 
 def test_sd15_defaults_and_warnings(sd15: ServiceClient) -> None:
