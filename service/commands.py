@@ -29,6 +29,7 @@ def serve(
     hold_takeover_signal()  # before torch is imported (it starts threads): the cut-over signal is never lost
     from pydantic import ValidationError
 
+    from service.models import require_model_exists
     from service.server import PortInUse
     from service.server import serve as run_server
     from service.settings import ServiceSettings
@@ -39,13 +40,29 @@ def serve(
         settings = ServiceSettings(**overrides)
     except ValidationError as exc:
         for err in exc.errors():
-            typer.echo(f"invalid setting {'.'.join(map(str, err['loc']))}: {err['msg']}", err=True)
+            name = ".".join(map(str, err["loc"]))
+            reason = err["msg"].removeprefix("Value error, ")
+            got = "" if repr(err["input"]) in reason else f" (got {err['input']!r})"
+            typer.echo(f"invalid setting {_setting_source(name, given)}: {reason}{got}", err=True)
+        raise typer.Exit(2) from None
+    try:  # a name that is no model fails here, not in a load behind a server that is already up
+        require_model_exists(settings.model)
+    except ValueError as exc:
+        typer.echo(f"invalid setting {_setting_source('model', given)}: {exc}", err=True)
         raise typer.Exit(2) from None
     try:
         run_server(settings)
     except PortInUse as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(1) from None
+
+
+def _setting_source(setting: str, options: dict[str, object]) -> str:
+    """A service setting as the user sets it: `model (--model / SDXL_MODEL)`, or the env var alone."""
+    env = f"SDXL_{setting.upper()}"
+    return (
+        f"{setting} (--{setting.replace('_', '-')} / {env})" if setting in options else f"{setting} ({env})"
+    )
 
 
 @models_app.command("list")

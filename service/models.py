@@ -6,6 +6,7 @@ models, local folders for generated ones (written once with `save_pretrained`) a
 
 from __future__ import annotations
 
+import difflib
 import json
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -92,12 +93,23 @@ def resolve_model(name: str, cache_dir: Path, refiner: str | None = None) -> Mod
         spec = REGISTRY[name]
     elif name in GENERATED_MODELS:
         spec = spec_from_path(ensure_model(name, cache_dir, **_build_options(name)))
-    elif Path(name).expanduser().exists():
-        spec = spec_from_path(Path(name).expanduser())
     else:
-        valid = ", ".join(sorted(known_models()))
-        raise ValueError(f"model={name!r} is neither a known model ({valid}) nor an existing path")
+        require_model_exists(name)
+        spec = spec_from_path(Path(name).expanduser())
     return replace(spec, refiner=refiner) if refiner else spec
+
+
+def require_model_exists(name: str) -> None:
+    """`ValueError` naming `name`, the known models and the nearest one, when it is neither a known model nor
+    an existing path: what `resolve_model` refuses, found without building or reading a model."""
+    if name in REGISTRY or name in GENERATED_FAMILIES or Path(name).expanduser().exists():
+        return
+    known = sorted([*REGISTRY, *GENERATED_FAMILIES])
+    near = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
+    hint = f"; did you mean {near[0]!r}?" if near else ""
+    raise ValueError(
+        f"model={name!r} is neither a known model ({', '.join(known)}) nor an existing path{hint}"
+    )
 
 
 def family_spec(name: str, backend: Backend, base: str, *, generated: bool = False) -> ModelSpec:

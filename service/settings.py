@@ -6,7 +6,7 @@ import ipaddress
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic import Field, SecretStr, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 Toggle = Literal["auto", "on", "off"]
@@ -35,7 +35,8 @@ class ServiceSettings(BaseSettings):
     load_refiner: bool = Field(True, description="Load the SDXL refiner when the model has one.")
     cache_dir: Path = Field(default_factory=default_cache_dir, description="Folder for generated models.")
 
-    # Where to listen
+    # Where to listen (allow_public_bind first: the host's validator reads it)
+    allow_public_bind: bool = Field(False, description="Allow binding a non-loopback address on purpose.")
     host: str = Field("127.0.0.1", description="Bind address. Anything but loopback needs allow_public_bind.")
     port: int = Field(7860, ge=0, le=65535)
     stage_port: int | None = Field(
@@ -45,7 +46,6 @@ class ServiceSettings(BaseSettings):
         description="When `port` is held by another process at start, listen here instead (staged beside the "
         "old service) and take `port` over on SIGUSR1 (the deploy's cut-over). Unset: `port` only.",
     )
-    allow_public_bind: bool = Field(False, description="Allow binding a non-loopback address on purpose.")
     api_key: SecretStr | None = Field(
         None, description="If set, requests need `Authorization: Bearer <key>`."
     )
@@ -242,14 +242,15 @@ class ServiceSettings(BaseSettings):
             raise ValueError("model must name a registry model or a path, got an empty string")
         return value.strip()
 
-    @model_validator(mode="after")
-    def _refuse_unsafe_bind(self) -> ServiceSettings:
-        if not self.allow_public_bind and not _is_loopback(self.host):
+    @field_validator("host")
+    @classmethod
+    def _refuse_unsafe_bind(cls, value: str, info: ValidationInfo) -> str:
+        if not info.data.get("allow_public_bind") and not _is_loopback(value):
             raise ValueError(
-                f"host={self.host!r} is not a loopback address; set SDXL_ALLOW_PUBLIC_BIND=true to expose "
+                f"host={value!r} is not a loopback address; set SDXL_ALLOW_PUBLIC_BIND=true to expose "
                 "the service on purpose (and set SDXL_API_KEY)"
             )
-        return self
+        return value
 
 
 def _is_loopback(host: str) -> bool:
