@@ -216,13 +216,25 @@ class SSHHost(Host):
             transport = self._transport()
             if self._sftp is None:
                 try:
-                    self._sftp = paramiko.SFTPClient.from_transport(
+                    sftp = paramiko.SFTPClient.from_transport(
                         transport, window_size=8 * 1024 * 1024, max_packet_size=32 * 1024
                     )
-                    assert self._sftp is not None
-                    self._home = self._sftp.normalize(".")
                 except (paramiko.SSHException, OSError, EOFError) as exc:
+                    error = self._lost(exc, "opening SFTP")
+                    if isinstance(error, HostUnreachable):
+                        raise error from None
+                    raise HostError(  # the link is up: the subsystem request was refused
+                        f"opening SFTP on {self.name} failed ({exc or type(exc).__name__}): the server offers "
+                        "no SFTP subsystem, which file transfers need (sshd_config on the box: `Subsystem sftp "
+                        "internal-sftp`, or the path of its sftp-server; then reload sshd)"
+                    ) from None
+                assert sftp is not None
+                try:
+                    self._home = sftp.normalize(".")
+                except (paramiko.SSHException, OSError, EOFError) as exc:
+                    sftp.close()
                     raise self._lost(exc, "opening SFTP") from None
+                self._sftp = sftp
             return self._sftp
 
     def _remote_path(self, remote: str) -> str:
