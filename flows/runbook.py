@@ -25,6 +25,7 @@ from prefect.artifacts import create_markdown_artifact
 
 from flows.approval import decide, require_promoted
 from flows.capacity import StartDecision, StartMode, decide_start_mode
+from flows.common import run_logger
 from flows.deploy_state import DeployState, interrupted_deploy, load_state, save_state
 from flows.errors import CutoverFailed, DeployFailed, GateFailed, RollbackFailed, VerifyFailed
 from flows.hostfs import home_dir
@@ -35,6 +36,7 @@ from flows.prober import Prober, watch_downtime
 from flows.procs import find_service
 from flows.releases import record_release, release_of
 from flows.rundir import RunRecord, RunSummary, StageFailed, report_markdown
+from flows.runlog import CLOSING_LINE
 from flows.supervisor import Restarts, read_restarts
 from flows.target import Target, load_target
 from flows.tasks.backup import backup_current
@@ -452,7 +454,14 @@ def _finish(run: RunRecord, status: Literal["completed", "failed", "dry-run"], m
     create_markdown_artifact(
         key=f"{summary.flow}-summary", markdown=report_markdown(summary), description=message[:200]
     )
-    print(f"{summary.flow} {status}: {message}\nrun directory: {summary.run_dir}")
+    run_logger().info(
+        "%s %s: %s\nrun directory: %s",
+        summary.flow,
+        status,
+        message,
+        summary.run_dir,
+        extra={CLOSING_LINE: True},  # the CLI prints the summary instead
+    )
     return summary
 
 

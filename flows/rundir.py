@@ -3,7 +3,8 @@ stages with status and timings, the gate table, and whether the old service answ
 
 `RunRecord.stage(name)` wraps each runbook stage: it times it, logs it, records it, turns any error into
 `StageFailed` (whose message names the stage), and, for rehearsals, raises an injected failure at the
-start of the stage named by `fail_at`.
+start of the stage named by `fail_at`. From its start to `finish` the run logs into `run.log` in its
+directory (`flows/runlog.py`): a failed stage's traceback is there, not on the console.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from pydantic import BaseModel, Field
 from flows.common import run_logger
 from flows.downtime import Downtime
 from flows.errors import RehearsedFailure, StageFailed
+from flows.runlog import close_run_log, open_run_log
 from flows.target import Target
 from flows.tasks.gates import GateReport, GateRow, gates_markdown, judge_downtime, shown_passed
 
@@ -84,6 +86,7 @@ class RunRecord:
 
     def __init__(self, flow: str, target: Target, runs_dir: str | Path, fail_at: str | None = None) -> None:
         self.dir = make_run_dir(runs_dir, flow)
+        self.log_file = open_run_log(self.dir)
         self.fail_at = fail_at
         self.on_stage: Callable[[str], None] | None = None
         self.before_finish: list[Callable[[], None]] = []  # e.g. the downtime prober's last record
@@ -114,7 +117,7 @@ class RunRecord:
         except Exception as exc:
             reason = exc.reason if isinstance(exc, StageFailed) else f"{type(exc).__name__}: {exc}"
             self._record(name, "failed", started_at, t0, reason)
-            log.error("stage %s: failed after %.1f s: %s", name, time.monotonic() - t0, reason)
+            log.error("stage %s: failed after %.1f s: %s", name, time.monotonic() - t0, reason, exc_info=exc)
             raise StageFailed(name, reason) from exc
         self._record(name, "completed", started_at, t0)
         log.info("stage %s: done in %.1f s", name, time.monotonic() - t0)
@@ -165,6 +168,7 @@ class RunRecord:
         self.summary.seconds = round(time.monotonic() - self._started, 1)
         self.write_text("report.md", report_markdown(self.summary))
         self.save()
+        close_run_log(self.log_file)
         return self.summary
 
     def save(self) -> None:

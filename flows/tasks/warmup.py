@@ -1,8 +1,9 @@
-"""Warm-up: stream the new service's log into the flow's log while it loads, wait for `/ready`, then send
-warm-up requests (the first real generation compiles kernels and fills caches).
+"""Warm-up: follow the new service's log while it loads, wait for `/ready`, then send warm-up requests (the
+first real generation compiles kernels and fills caches).
 
-The log is for people reading the run; what the flow learns about the service's start (compiling or not,
-the compile time) comes from its `/health` (`startup`, `service.schema.StartupFacts`)."""
+The service's log lines go to the run directory's `run.log` (`flows.runlog.service_log`), not the flow's log,
+and its last lines into the error when it fails to start; what the flow learns about the service's start
+(compiling or not, the compile time) comes from its `/health` (`startup`, `service.schema.StartupFacts`)."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from flows.errors import HostUnreachable, ServiceDidNotStart
 from flows.hostfs import tail_bytes
 from flows.hosts import Host
 from flows.procs import is_running
+from flows.runlog import service_log
 from flows.secrets import api_key
 from flows.supervisor import read_restarts
 from flows.target import Target
@@ -42,7 +44,7 @@ class WarmupResult(BaseModel):
 
 @task(cache_policy=NO_CACHE)
 def warm_up(host: Host, target: Target, started: Started) -> WarmupResult:
-    """Stream the service log while it loads, poll `/ready` (long timeout), then send warm-up requests.
+    """Follow the service log while it loads, poll `/ready` (long timeout), then send warm-up requests.
 
     Fails fast, with the last log lines, when the service exits or crashes while loading (the
     supervisor recorded a restart), or says its model failed to load. A dropped SSH link is not a
@@ -91,7 +93,13 @@ def warm_up(host: Host, target: Target, started: Started) -> WarmupResult:
             time.sleep(POLL_S)
         ready_after = time.monotonic() - began
         health = client.health()
-        log.info("new service ready after %.1f s: %s", ready_after, health)
+        log.info(
+            "new service ready after %.1f s: %s %s on %s",
+            ready_after,
+            health.get("model"),
+            health.get("status"),
+            health.get("device"),
+        )
         compile_s = (health.get("startup") or {}).get("warmup_s")
         if compile_s is not None:
             log.info(
@@ -121,7 +129,7 @@ def warm_up(host: Host, target: Target, started: Started) -> WarmupResult:
 
 
 class _Watch:
-    """The starting service as seen from here: its log (streamed) and its supervisor's restart record."""
+    """The starting service as seen from here: its log (into the run log) and its supervisor's restart record."""
 
     def __init__(self, host: Host, started: Started, log: Any) -> None:
         self.host, self.started, self.log = host, started, log
@@ -132,7 +140,7 @@ class _Watch:
     def follow_log(self) -> None:
         text, self.offset = tail_bytes(self.host, self.started.log_file, self.offset)
         for line in text.splitlines():
-            self.log.info("[service] %s", line)
+            service_log().info("%s", line)
             self.recent = (self.recent + [line])[-20:]
 
     def saw(self, health: dict[str, Any] | None) -> None:
