@@ -161,13 +161,15 @@ def demo(
     from rich.console import Console
 
     from flows.demo import run_demo
+    from flows.runlog import console_view
 
     console = Console()
     console.print(
         "[bold]demo:[/] tiny-sd15 plays the current service; deploy-sdxl upgrades it to tiny-sdxl"
         + (f", with a failure injected at stage [bold]{stage}[/]" if stage else "")
     )
-    result = run_demo(simulate_failure=stage, runs_dir=str(runs_dir), keep_box=keep_box)
+    with console_view(summary_follows=True):
+        result = run_demo(simulate_failure=stage, runs_dir=str(runs_dir), keep_box=keep_box)
     summary = print_summary(result.summary_path, console)
     if result.old_answering_after is not None:
         console.print(
@@ -186,6 +188,16 @@ def demo(
     expected = "failed" if stage else "completed"
     if summary["status"] != expected or (stage and not result.old_answering_after):
         raise typer.Exit(1)
+
+
+def _outcome(summary: dict[str, Any]) -> str:
+    """The run's message; for a failed stage, its cause (the stage table's detail) not said again."""
+    message, stage = summary["message"], summary["failed_stage"]
+    details = [s["detail"] for s in summary["stages"] if s["name"] == stage and s["status"] == "failed"]
+    cause = f"stage {stage!r} failed: {details[-1]}" if details else None
+    if cause and message.startswith(cause):
+        return f"stage {stage!r} failed (why: the table above){message[len(cause) :]}"
+    return message
 
 
 def print_summary(summary_path: Path, console: Any = None) -> dict[str, Any]:
@@ -234,7 +246,7 @@ def print_summary(summary_path: Path, console: Any = None) -> dict[str, Any]:
         console.print(gates)
     if summary.get("downtime"):
         console.print(f"downtime: {Downtime.model_validate(summary['downtime']).describe()}", markup=False)
-    console.print(summary["message"], markup=False)
+    console.print(_outcome(summary), markup=False)
     if summary["rolled_back"] or summary["failed_stage"]:
         console.print(
             f"rolled back: {summary['rolled_back']}; old service answering: {summary['old_service_answering']}"

@@ -44,6 +44,19 @@ def checkout_only(name: str) -> Callable[[typer.Context], None]:
 
 
 app = typer.Typer(help=__doc__, no_args_is_help=True, pretty_exceptions_show_locals=False)
+# The commands that run Prefect: they start with its defaults (no telemetry) unless the user chose otherwise.
+PREFECT_COMMANDS = frozenset({"deploy", "verify", "rollback", "approve", "demo", "deploy-fleet"})
+
+
+@app.callback()
+def prefect_settings(ctx: typer.Context) -> None:
+    """Prefect's defaults for the commands that run it (`flows.cli_run.prefect_defaults`)."""
+    if ctx.invoked_subcommand in PREFECT_COMMANDS:
+        from flows.cli_run import prefect_defaults
+
+        prefect_defaults()
+
+
 app.command("serve")(service_commands.serve)
 _bench = bench_commands()
 for _name in BENCH_COMMANDS:

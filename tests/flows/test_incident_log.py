@@ -1,0 +1,130 @@
+"""The console of a run reads in one screen: each failure once, no traceback, repeated transport errors
+folded, no Prefect telemetry, none of the service's own output; the run log keeps all of it."""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import typer
+from prefect import flow, task
+
+from flows.cli_run import prefect_defaults, run_flow
+from flows.commands import print_summary
+from flows.errors import DeployFailed, RehearsedFailure, StageFailed
+from flows.rundir import RunRecord, RunSummary
+from flows.runlog import RUN_LOG, console_view, service_log
+from flows.target import Target
+
+CAUSE = "failure injected at stage 'cutover' (fail_at rehearsal)"
+
+
+@pytest.fixture
+def stream() -> Iterator[io.StringIO]:
+    """A console handler on the root logger, as Prefect's is; what it wrote."""
+    text = io.StringIO()
+    handler = logging.StreamHandler(text)
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s - %(message)s"))
+    root = logging.getLogger()
+    root.addHandler(handler)
+    try:
+        yield text
+    finally:
+        root.removeHandler(handler)
+
+
+@pytest.fixture
+def console(stream: io.StringIO) -> Iterator[io.StringIO]:
+    """The root's console handlers seen through `console_view`, as the CLI runs a flow."""
+    with console_view(summary_follows=True):
+        yield stream
+
+
+def test_fifty_refused_channels_are_one_console_line_with_the_count(
+    console: io.StringIO, tmp_path: Path
+) -> None:
+    run = RunRecord("deploy-sdxl", Target(), tmp_path)
+    forward, transport = logging.getLogger("flows.hosts.forward"), logging.getLogger("paramiko.transport")
+    for channel in range(50):
+        transport.error("Secsh channel %d open FAILED: Connection refused: Connect failed", channel)
+        forward.warning(
+            "port forward to %s: cannot open a channel: %s",
+            "root@box:22 port 7860",
+            f"ChannelException(2, 'Connect failed') from 127.0.0.1:{40000 + channel}",
+        )
+    logging.getLogger("flows").warning("rollback: restarted the old service")
+    run.finish("failed", "done")
+
+    lines = console.getvalue().splitlines()
+    assert len(lines) == 2, lines
+    assert "cannot open a channel" in lines[0] and "[50 times in" in lines[0]
+    assert "rollback: restarted" in lines[1]
+    assert not any("paramiko" in line for line in lines)
+    kept = (tmp_path / run.dir.name / RUN_LOG).read_text()
+    assert kept.count("open FAILED") == 50 and kept.count("cannot open a channel") == 50
+
+
+def test_a_failed_stage_is_told_once_and_its_traceback_is_in_the_run_log(
+    console: io.StringIO, tmp_path: Path
+) -> None:
+    run = RunRecord("deploy-sdxl", Target(), tmp_path)
+    with pytest.raises(StageFailed), run.stage("cutover"):
+        raise RehearsedFailure(CAUSE)
+    service_log().info("Loading pipeline components...:  29%%|██▊       | 2/7")
+    logging.getLogger("flows").warning("deploy-sdxl failed", extra={"closing_line": True})
+    run.finish("failed", f"stage 'cutover' failed: RehearsedFailure: {CAUSE}; rolled back")
+
+    text = console.getvalue()
+    assert text.count(CAUSE) == 1 and "stage cutover: failed" in text
+    assert "Traceback" not in text and "Loading pipeline" not in text and "deploy-sdxl failed" not in text
+    kept = (run.dir / RUN_LOG).read_text()
+    assert "Traceback (most recent call last)" in kept and f"RehearsedFailure: {CAUSE}" in kept
+    assert "Loading pipeline components" in kept
+
+
+@task
+def _cut_over() -> None:
+    raise RehearsedFailure(CAUSE)
+
+
+@flow(name="deploy-sdxl")
+def _failing_deploy(runs_dir: str) -> RunSummary:
+    run = RunRecord("deploy-sdxl", Target(), runs_dir)
+    try:
+        with run.stage("cutover"):
+            _cut_over()
+    except StageFailed as failure:
+        run.finish("failed", f"{failure}; rolled back: restarted the old service")
+        raise DeployFailed(f"deploy-sdxl {failure}", str(run.dir)) from None
+    return run.finish("completed", "")
+
+
+def test_a_real_flow_failure_is_told_once_by_the_cli(
+    stream: io.StringIO, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """Prefect's engines report the task's and the flow's failure again, with tracebacks, and each
+    final state: the CLI's console leaves those out; the stage's line tells the cause, the summary's table
+    and closing line what was done."""
+    with pytest.raises(typer.Exit):
+        run_flow(_failing_deploy, print_summary, runs_dir=str(tmp_path))
+    log, summary = stream.getvalue(), " ".join(capsys.readouterr().out.split())
+    assert [line for line in log.splitlines() if CAUSE in line] == [
+        f"ERROR prefect.flow_runs - stage cutover: failed after 0.0 s: RehearsedFailure: {CAUSE}"
+    ]
+    assert "Traceback" not in log and "Finished in state" not in log and "deploy-sdxl failed" not in log
+    assert "stage 'cutover' failed (why: the table above); rolled back: restarted the old service" in summary
+    (run_dir,) = tmp_path.iterdir()
+    assert "Traceback (most recent call last)" in (run_dir / RUN_LOG).read_text()
+
+
+def test_prefect_telemetry_is_off_unless_the_user_chose(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("PREFECT_SERVER_ANALYTICS_ENABLED", raising=False)
+    prefect_defaults()
+    assert os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] == "false"
+    monkeypatch.setenv("PREFECT_SERVER_ANALYTICS_ENABLED", "true")
+    prefect_defaults()
+    assert os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] == "true"
