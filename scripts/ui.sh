@@ -56,7 +56,9 @@ cat <<MSG
 
   Prefect UI: http://127.0.0.1:$PORT
   Deployments: deploy-sdxl (dry run unless you untick dry_run), verify-sdxl, rollback-sdxl,
-  regression-benchmark (nightly). Open one, "Run" -> "Custom run", fill in target or target_file.
+  deploy-fleet (dry run unless you untick dry_run; set fleet_file), regression-benchmark (nightly
+  once you set its target_file and turn its schedule on). Open one, "Run" -> "Custom run", fill in
+  target or target_file.
   Press Ctrl-C to stop the server and the worker.
 
 MSG

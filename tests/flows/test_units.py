@@ -250,7 +250,11 @@ def test_prefect_yaml_declares_the_deployments() -> None:
     }
     assert {d["work_pool"]["name"] for d in deployments.values()} == {"sdxl-runbook"}
     assert deployments["deploy-sdxl"]["parameters"]["dry_run"] is True
-    assert deployments["regression-benchmark"]["schedules"][0]["cron"] == "0 3 * * *"
+    nightly_schedule = deployments["regression-benchmark"]["schedules"][0]
+    assert nightly_schedule["cron"] == "0 3 * * *"
+    assert nightly_schedule["active"] is False  # no target by default: it would probe localhost every night
+    closing = (REPO / "scripts" / "ui.sh").read_text().split("Deployments:")[1].split("Ctrl-C")[0]
+    assert all(name in closing for name in deployments)  # make ui's closing message names every deployment
     import flows.runbook as runbook
 
     for name in ("deploy-sdxl", "verify-sdxl", "rollback-sdxl"):
@@ -266,6 +270,7 @@ def test_prefect_yaml_declares_the_deployments() -> None:
     fleet = deployments["deploy-fleet"]
     assert fleet["entrypoint"] == "flows/fleet/flow.py:deploy_fleet" and deploy_fleet.name == "deploy-fleet"
     assert set(fleet["parameters"]) <= set(deploy_fleet.parameters.properties)
+    assert fleet["parameters"]["dry_run"] is True
 
 
 def test_the_ui_shows_the_target_field_by_field() -> None:
