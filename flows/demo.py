@@ -99,6 +99,18 @@ def demo_target(
     )
 
 
+def rehearsal_target(target: Target, simulate_failure: str | None) -> Target:
+    """`target` as the rehearsal of a failure at `simulate_failure` needs it: a stage only the stop-first
+    order has (stopping the old service, starting the new one in its place) is rehearsed in that order, since
+    the demo's box has room to stage and `auto` would never reach it."""
+    from flows.runbook import STAGED_STAGES, STOP_FIRST_STAGES
+
+    if simulate_failure not in set(STOP_FIRST_STAGES) - set(STAGED_STAGES):
+        return target
+    print(f"{simulate_failure} is a stage of the stop-first order: this rehearsal deploys stop-first")
+    return target.model_copy(update={"new": target.new.model_copy(update={"start_mode": "stop-first"})})
+
+
 def start_current(host: Host, target: Target) -> None:
     """Start the current service the way a rollback does, and wait until it answers."""
     from flows.tasks.rollback import restart_current, wait_healthy
@@ -135,14 +147,14 @@ def run_demo(
     simulate_failure: str | None = None, runs_dir: str = "runs", keep_box: bool = False
 ) -> DemoResult:
     """Start tiny-sd15, run deploy-sdxl to tiny-sdxl (staged beside it: both fit on a CPU; optionally failing at
-    a stage), stop everything."""
+    a stage, stop-first for a stage only that order has), stop everything."""
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     from flows.runbook import deploy_sdxl
     from flows.tasks.rollback import current_answers
 
     box = Path(tempfile.mkdtemp(prefix="sdxl-demo-box-"))
-    target = demo_target(box, free_port())
+    target = rehearsal_target(demo_target(box, free_port()), simulate_failure)
     host = LocalHost()
     old_untouched = None
     try:

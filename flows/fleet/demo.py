@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from flows.demo import TINY_REQUEST, demo_target, stop_all
+from flows.demo import TINY_REQUEST, demo_target, rehearsal_target, stop_all
 from flows.fleet.haproxy import HAProxyAPI
 from flows.fleet.load import SteadyLoad
 from flows.fleet.local_lb import LocalHAProxy
@@ -95,6 +95,7 @@ def run_fleet_demo(
         raise ValueError(f"--fleet: a fleet needs at least 2 hosts, got {hosts}")
     box = Path(tempfile.mkdtemp(prefix="sdxl-fleet-demo-"))
     targets = {f"host{i}": fleet_demo_target(box / f"host{i}") for i in range(1, hosts + 1)}
+    targets["host1"] = rehearsal_target(targets["host1"], simulate_failure)  # the canary fails, if asked
     local = LocalHost()
     stopped: list[str] = []
     prefect_up = threading.Thread(target=_api_up, name="prefect-api", daemon=True)
