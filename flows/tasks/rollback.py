@@ -110,7 +110,7 @@ def roll_back(host: Host, target: Target, backup: str | None = None) -> Rollback
             log.warning("rollback: %s; restoring the current service from its backup instead", exc)
             fallback = f"could not start {previous.describe()} again ({str(exc).splitlines()[0]}); "
         else:
-            log.info("rollback: %s; health %s", result.restarted, result.health)
+            log.info("rollback: %s; %s", result.restarted, _answers(result.health))
             mark_rolled_back(host, target)
             return result
 
@@ -133,7 +133,7 @@ def roll_back(host: Host, target: Target, backup: str | None = None) -> Rollback
             health = wait_healthy(host, service, process)
             restarted = f"restarted {process.describe()} from {backup_dir}"
     restarted = fallback + restarted
-    log.info("rollback: %s; health %s", restarted, health)
+    log.info("rollback: %s; %s", restarted, _answers(health))
     mark_rolled_back(host, target)
     return RollbackResult(
         backup_dir=backup_dir,
@@ -236,3 +236,8 @@ def wait_healthy(host: Host, service: CurrentService, process: ProcessInfo) -> d
     raise RollbackError(
         f"the restarted service did not answer {service.health_path} within {service.health_timeout_s:.0f} s"
     )
+
+
+def _answers(health: dict[str, Any] | None) -> str:
+    """A service's `/health` answer in a few words: its model and status."""
+    return f"{health.get('model')} answers {health.get('status')}" if health else "no health answer"
