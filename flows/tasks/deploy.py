@@ -83,11 +83,26 @@ def build_wheel(out_dir: Path) -> Path:
         raise DeployError(f"no pyproject.toml in {PROJECT_ROOT}: pass a prebuilt wheel instead")
     out_dir.mkdir(parents=True, exist_ok=True)
     import shutil
+    import tempfile
 
-    # setuptools packs whatever its staging folder holds: a module moved or deleted since an earlier build
-    # (service/bench.py) would ship again
-    shutil.rmtree(PROJECT_ROOT / "build", ignore_errors=True)
-    command = [
+    from filelock import FileLock
+
+    # setuptools stages every build of this checkout in its one `build/` folder: two builds at once (a fleet
+    # beside a deploy, parallel test processes) take turns, and each starts from an empty folder, since
+    # setuptools packs whatever that folder holds (a module moved or deleted since an earlier build would
+    # ship again)
+    key = hashlib.sha256(str(PROJECT_ROOT).encode()).hexdigest()[:12]
+    with FileLock(str(Path(tempfile.gettempdir()) / f"sdxl-deploy-wheel-{key}.lock")):
+        shutil.rmtree(PROJECT_ROOT / "build", ignore_errors=True)
+        result = subprocess.run(_wheel_command(out_dir), capture_output=True, text=True, timeout=600)
+    wheels = sorted(out_dir.glob("sdxl_deploy-*.whl"))
+    if result.returncode != 0 or not wheels:
+        raise DeployError(f"building the wheel failed: {(result.stderr or result.stdout).strip()[-800:]}")
+    return wheels[-1]
+
+
+def _wheel_command(out_dir: Path) -> list[str]:
+    return [
         sys.executable,
         "-m",
         "pip",
@@ -99,11 +114,6 @@ def build_wheel(out_dir: Path) -> Path:
         str(out_dir),
         str(PROJECT_ROOT),
     ]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=600)
-    wheels = sorted(out_dir.glob("sdxl_deploy-*.whl"))
-    if result.returncode != 0 or not wheels:
-        raise DeployError(f"building the wheel failed: {(result.stderr or result.stdout).strip()[-800:]}")
-    return wheels[-1]
 
 
 # Run by the box's python: make `<release>/venv` (no pip of its own: the box's pip runs in it) whose
