@@ -371,7 +371,8 @@ NEW_SERVICE_FAULTS: dict[str, tuple[dict, str]] = {
         {"env_add": {"SDXL_INJECT_FAULT": "crash:1"}},
         "crashed during warm-up request 1 (exit code 70",
     ),
-    "model_load_failure": ({"model": "/nonexistent/sdxl-model"}, "could not load its model"),
+    # a model folder that passes preflight and prefetch (its MODEL.json and model_index.json) but holds no weights
+    "model_load_failure": ({"model": "{tmp}/weightless-model"}, "could not load its model"),
     "warmup_timeout": ({"ready_timeout_s": 1}, "was not ready after 1 s"),
 }
 
@@ -390,6 +391,14 @@ def test_a_failing_new_service_is_rolled_back(
     change = dict(change)
     if "env_add" in change:
         change["env"] = {**target.new.env, **change.pop("env_add")}
+    if "model" in change:
+        change["model"] = change["model"].format(tmp=tmp_path)
+        built = {"name": "tiny-sdxl", "backend": "sdxl", "generated": True}
+        (Path(change["model"]) / "base").mkdir(parents=True)
+        (Path(change["model"]) / "MODEL.json").write_text(json.dumps(built))
+        (Path(change["model"]) / "base" / "model_index.json").write_text(
+            '{"_class_name": "StableDiffusionXLPipeline"}'
+        )
     target = fast(target, **change)
     state = deploy_sdxl(target=target, wheel=wheel, runs_dir=str(tmp_path / "runs"), return_state=True)
     assert state.is_failed() and "stage 'warmup' failed: ServiceDidNotStart" in state.message
@@ -455,8 +464,10 @@ def test_the_supervisor_restarts_a_crash_gives_up_on_a_crash_loop_and_stops_with
     files = {"workdir": install, "log_file": f"{install}/svc.log", "pid_file": f"{install}/svc.pid"}
     prefix = prepare_supervisor(host, install, {"GREETING": "it's private"})
     supervisor = start_detached(host, [*prefix, "sh", "-c", flaky], **files)
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline and len(group_members(host, supervisor.pid)) < 2:
+    deadline = time.monotonic() + 20  # restarted: the record says so and the second child runs
+    while time.monotonic() < deadline and not (
+        read_restarts(host, install).count and len(group_members(host, supervisor.pid)) >= 2
+    ):
         time.sleep(0.1)
     restarts = read_restarts(host, install)
     assert restarts.count == 1 and restarts.last_exit == 3 and not restarts.gave_up

@@ -6,6 +6,8 @@ from __future__ import annotations
 import io
 import logging
 import os
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -13,12 +15,14 @@ import pytest
 import typer
 from prefect import flow, task
 
-from flows.cli_run import prefect_defaults, run_flow
+from flows.cli_run import run_flow
 from flows.commands import print_summary
 from flows.errors import DeployFailed, RehearsedFailure, StageFailed
 from flows.rundir import RunRecord, RunSummary
 from flows.runlog import RUN_LOG, console_view, service_log
 from flows.target import Target
+
+REPO = Path(__file__).resolve().parents[2]
 
 CAUSE = "failure injected at stage 'cutover' (fail_at rehearsal)"
 
@@ -121,10 +125,20 @@ def test_a_real_flow_failure_is_told_once_by_the_cli(
     assert "Traceback (most recent call last)" in (run_dir / RUN_LOG).read_text()
 
 
-def test_prefect_telemetry_is_off_unless_the_user_chose(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv("PREFECT_SERVER_ANALYTICS_ENABLED", raising=False)
-    prefect_defaults()
-    assert os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] == "false"
-    monkeypatch.setenv("PREFECT_SERVER_ANALYTICS_ENABLED", "true")
-    prefect_defaults()
-    assert os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] == "true"
+_TELEMETRY = (
+    "import os; from flows.cli_run import prefect_defaults; prefect_defaults(); "
+    "print(os.environ['PREFECT_SERVER_ANALYTICS_ENABLED'])"
+)
+
+
+@pytest.mark.parametrize(("chosen", "expected"), [(None, "false"), ("true", "true")])
+def test_prefect_telemetry_is_off_unless_the_user_chose(chosen: str | None, expected: str) -> None:
+    """A CLI process as a user starts it: Prefect's settings read at import, then `prefect_defaults`."""
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_SERVER_ANALYTICS_ENABLED"}
+    if chosen is not None:
+        env["PREFECT_SERVER_ANALYTICS_ENABLED"] = chosen
+    done = subprocess.run(
+        [sys.executable, "-c", _TELEMETRY], env=env, cwd=REPO, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split()[-1] == expected

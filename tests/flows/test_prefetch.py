@@ -272,6 +272,10 @@ def test_a_disk_too_small_is_refused_before_anything_stops(
     try:
         before = find_service(host, target.current.port)
         deploy = fast(target, model="sdxl", env={**target.new.env, **hub_mirror.env(home), **BF16})
+        request = deploy.workload.app_request | {"width": 1024, "height": 1024}  # within sdxl's bounds
+        deploy = deploy.model_copy(
+            update={"workload": deploy.workload.model_copy(update={"app_request": request})}
+        )
 
         state = deploy_sdxl(target=deploy, wheel=wheel, runs_dir=str(tmp_path / "runs"), return_state=True)
 
