@@ -15,8 +15,13 @@ export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 120
 export HF_HUB_OFFLINE ?= 1
 export SDXL_DEPLOY_CACHE ?= $(CURDIR)/.cache/models
+# pytest-xdist processes: many tests wait on services they started, so three keep 2 cores busy; a module's
+# tests stay in one process (module-scoped engines and servers are built once), in the order tests/conftest.py
+# puts them (the longest modules first).
+TEST_WORKERS ?= 3
+PYTEST     := -m pytest -q -p no:cacheprovider -n $(TEST_WORKERS) --dist loadscope --no-loadscope-reorder
 
-.PHONY: setup setup-seed demo test test-seed lint ui clean system-deps
+.PHONY: setup setup-seed demo test test-seed coverage lint ui clean system-deps
 
 setup: $(STAMP)
 	@mkdir -p "$(PREFECT_HOME)" "$(SDXL_DEPLOY_CACHE)"
@@ -50,12 +55,20 @@ demo: setup
 
 test: setup
 	$(PY) -m ruff check --no-cache .
-	$(PY) -m pytest -q -p no:cacheprovider
+	$(PY) $(PYTEST)
 	@$(MAKE) --no-print-directory test-seed
 
 # Its own model cache: the generated models are written by that stack's diffusers.
 test-seed: setup $(SEED_STAMP)
-	SDXL_DEPLOY_CACHE=$(CURDIR)/.cache/models-seed $(SEED_PY) -m pytest -q -p no:cacheprovider $(SEED_TESTS) $(SEED_SKIP)
+	SDXL_DEPLOY_CACHE=$(CURDIR)/.cache/models-seed $(SEED_PY) $(PYTEST) $(SEED_TESTS) $(SEED_SKIP)
+
+# The main suite under coverage (every Python process the tests start too), then one report of what ships.
+COVERAGE := COVERAGE_FILE=$(CURDIR)/.cache/coverage/data $(PY) -m coverage
+coverage: setup
+	rm -rf .cache/coverage && mkdir -p .cache/coverage
+	$(COVERAGE) run $(PYTEST) $(PYTEST_ARGS) || true
+	$(COVERAGE) combine -q && $(COVERAGE) report > .cache/coverage/report.txt
+	@tail -n 1 .cache/coverage/report.txt
 
 lint: setup
 	$(PY) -m ruff check --no-cache .

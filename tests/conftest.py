@@ -11,9 +11,21 @@ import pytest
 
 from tests.support.servers import settings_for, thread_server
 
-pytest_plugins = ["tests.support.sshd", "tests.support.flows", "tests.support.hub_mirror"]
+pytest_plugins = [
+    "tests.support.sshd",
+    "tests.support.flows",
+    "tests.support.hub_mirror",
+    "tests.support.fleet",
+]
 
 REPO = Path(__file__).resolve().parents[1]
+
+# Under pytest-xdist each worker process has a Prefect home of its own (a flow run outside the `prefect_api`
+# fixture starts a temporary server on that home's SQLite database). Set before anything imports Prefect.
+if worker := os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ["PREFECT_HOME"] = str(
+        Path(os.environ.get("PREFECT_HOME", REPO / ".cache" / "prefect")) / worker
+    )
 
 
 @pytest.fixture(scope="session")
@@ -36,3 +48,35 @@ def service_url(model_cache: Path) -> Iterator[Callable[..., str]]:
             return servers[model]
 
         yield get
+
+
+# The modules that take longest (measured under xdist): started first, so that none of them starts last
+LONGEST_FIRST = (
+    "tests/flows/test_fleet.py",
+    "tests/service/test_compile_aside.py",
+    "tests/flows/test_fleet_failures.py",
+    "tests/service/test_saved_compile.py",
+    "tests/flows/test_e2e.py",
+    "tests/flows/test_staged.py",
+    "tests/flows/test_fleet_pool.py",
+    "tests/bench/test_bench.py",
+    "tests/flows/test_faults.py",
+    "tests/service/test_hub_mirror.py",
+)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Under pytest-xdist a long module that starts last keeps one process busy while the others have
+    nothing left to do: the longest modules first, then the other tests marked `slow` (they start services,
+    deploys or CPU compiles), then the rest, each group in file order."""
+    for item in items:  # schemathesis gives each operation's test its name but one node id for all,
+        if not item.nodeid.endswith(f"::{item.name}") and item.parent is not None:  # xdist needs them apart
+            item._id = item.parent.id.child(item.name)  # the id pytest itself gives a node (nodes.Node)
+
+    def rank(item: pytest.Item) -> tuple[int, int]:
+        path = item.nodeid.partition("::")[0]
+        if path in LONGEST_FIRST:
+            return 0, LONGEST_FIRST.index(path)
+        return (1 if item.get_closest_marker("slow") else 2), 0
+
+    items.sort(key=rank)

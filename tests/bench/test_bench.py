@@ -208,7 +208,8 @@ def test_bench_unet_times_each_variant_and_compares_outputs_with_eager(tmp_path)
     }
 
 
-@pytest.mark.timeout(1800)  # six service starts and the baseline: minutes on a CPU that other work shares
+@pytest.mark.slow
+@pytest.mark.timeout(900)  # six service starts and the baseline: minutes on a CPU that other work shares
 def test_bench_gpu_times_opt_in_variants_beside_the_default_service(tmp_path) -> None:  # type: ignore[no-untyped-def]
     from bench.harness import BenchConfig
     from bench.run import run_bench

@@ -170,6 +170,7 @@ print(json.dumps({c.label: {"loaded": c.loaded, "compiled": c.compiled} for c in
 """
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_a_restart_loads_the_saved_unet_and_vae_decoder_and_draws_the_same_image(
     model_cache: Path, tmp_path: Path
