@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from flows.errors import HostError
-from tests.support.sshd import SSHServer
+from tests.support.sshd import SSHServer, running
 
 
 class NoSftpServer(SSHServer):
@@ -22,12 +22,7 @@ class NoSftpServer(SSHServer):
 
 @pytest.fixture
 def no_sftp(tmp_path: Path) -> Iterator[SSHServer]:
-    server = NoSftpServer(tmp_path)
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
+    yield from running(tmp_path, NoSftpServer)
 
 
 def test_no_sftp_subsystem_says_what_to_set_in_sshd_config(no_sftp: SSHServer, tmp_path: Path) -> None:

@@ -164,8 +164,9 @@ def _children(pid: int) -> list[int]:
     return children
 
 
-def _server(root: Path) -> Iterator[SSHServer]:
-    server = SSHServer(root)
+def running(root: Path, server_class: type[SSHServer] = SSHServer) -> Iterator[SSHServer]:
+    """A started server of `server_class` with its files under `root`, stopped when the generator closes."""
+    server = server_class(root)
     server.start()
     try:
         yield server
@@ -176,13 +177,13 @@ def _server(root: Path) -> Iterator[SSHServer]:
 @pytest.fixture(scope="session")
 def sshd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SSHServer]:
     """A real sshd on 127.0.0.1, shared by the whole session. Do not change it: see `private_sshd`."""
-    yield from _server(tmp_path_factory.mktemp("sshd"))
+    yield from running(tmp_path_factory.mktemp("sshd"))
 
 
 @pytest.fixture
 def private_sshd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SSHServer]:
     """A real sshd of this test's own (restart it, drop its connections)."""
-    yield from _server(tmp_path_factory.mktemp("private-sshd"))
+    yield from running(tmp_path_factory.mktemp("private-sshd"))
 
 
 @pytest.fixture
