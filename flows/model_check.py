@@ -4,10 +4,12 @@ refuses what the real run would fail on, and a real run refuses it before anythi
 The service loads three kinds of model (`service.models.resolve_model`): a known name (the registry and the
 generated models), a diffusers folder (`model_index.json`, or `MODEL.json` from `sdxl-deploy models build`) or
 a `.safetensors` / `.ckpt` file. A folder or file is looked for on the box and its family read from its own
-files there. A known model loaded from the hub has its repos asked for through the box's own python, hub
-endpoint, environment (`new.env`) and token; on a box set to work offline (HF_HUB_OFFLINE) its hub cache must
-hold them. The app's request and the ready sizes are validated by the service's own request schema and its
-bounds for the model (`service.params.resolve_params`, what `/generate` runs).
+files there. What it loads from the hub (a known model's repos, a refiner or tiny VAE `new.env` names) is asked
+for through the box's own python, hub endpoint, environment (`new.env`) and token; on a box set to work offline
+(HF_HUB_OFFLINE) its hub cache must hold it. The app's request and the ready sizes are validated by the service's
+own request schema and its bounds for the model (`service.params.resolve_params`, what `/generate` runs), the
+settings `new.env` passes by the service's settings model (`flows/service_env.py`), the criteria's thresholds
+by their ranges (`flows.tasks.gates.criteria_problems`).
 """
 
 from __future__ import annotations
@@ -17,13 +19,16 @@ import json
 from pathlib import PurePosixPath
 from typing import Any, Literal
 
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, Field, ValidationError
 
+from flows.common import run_logger
 from flows.errors import PreflightRefused
 from flows.hostfs import home_dir, read_text
 from flows.hosts import Host, q
 from flows.secrets import resolve_secret
+from flows.service_env import service_settings
 from flows.target import Target, expand_home
+from flows.tasks.gates import criteria_problems
 from service.errors import ValidationFailed
 from service.models import (
     GENERATED_FAMILIES,
@@ -84,6 +89,7 @@ class NewModel(BaseModel):
     spec: ModelSpec
     measured_as: str
     hub: str | None = None  # where its hub repos were found: the box's hub endpoint, or its hub cache
+    warnings: list[str] = Field(default_factory=list)  # what /generate would warn the app's request of
 
     def describe(self) -> str:
         """`sdxl`, or `/models/x (sdxl family)` for a folder or file."""
@@ -91,25 +97,45 @@ class NewModel(BaseModel):
 
 
 def check_new_model(host: Host, target: Target) -> NewModel:
-    """`new.model` on the box, and the app's requests against it; `PreflightRefused` naming the field and the
-    value, and what would be accepted, when the real run would fail on either."""
-    model = check_model(host, target)
-    check_requests(target, model.spec)
+    """`new.model` on the box, the app's requests against it, the settings `new.env` passes the service and
+    the criteria's thresholds; `PreflightRefused` naming each field and value, and what would be accepted, when
+    the real run would fail on any (or judge a gate no deploy can pass). What `/generate` would warn the app's
+    request of (unknown fields, ignored options) is logged and kept in `NewModel.warnings`."""
+    settings, problems = service_settings(target.new)
+    problems += criteria_problems(target.criteria, target.workload.size)
+    try:
+        model = check_model(host, target, settings)
+    except PreflightRefused as refused:
+        raise PreflightRefused("; ".join([str(refused), *problems])) from None
+    request_problems, model.warnings = check_requests(target, model.spec, settings)
+    problems = request_problems + problems
+    if problems:
+        raise PreflightRefused("; ".join(problems))
+    for warning in model.warnings:
+        run_logger().warning(warning)
     return model
 
 
-def check_model(host: Host, target: Target) -> NewModel:
-    """What `new.model` is on the box: a known name (its hub repos reachable), or a folder or file there."""
+def check_model(host: Host, target: Target, settings: ServiceSettings | None = None) -> NewModel:
+    """What `new.model` is on the box: a known name, or a folder or file there; and what the service loads
+    besides with `settings` (default: those `new.env` sets) found on the box's hub or disk."""
+    settings = settings or service_settings(target.new)[0]
     name = target.new.model
     if name in REGISTRY:
-        spec = REGISTRY[name]
-        hub = check_hub_repos(host, target, [s for s in (spec.base, spec.refiner, spec.vae) if s])
-        return NewModel(kind="known", spec=spec, measured_as=name, hub=hub)
-    if name in GENERATED_FAMILIES:
+        model = NewModel(kind="known", spec=REGISTRY[name], measured_as=name)
+    elif name in GENERATED_FAMILIES:
         spec = family_spec(name, GENERATED_FAMILIES[name], name, generated=True)
-        return NewModel(kind="known", spec=spec, measured_as=name)
-    if not name.startswith(("/", "~/")):
+        model = NewModel(kind="known", spec=spec, measured_as=name)
+    elif not name.startswith(("/", "~/")):
         raise PreflightRefused(_not_known(name, host))
+    else:
+        model = _path_model(host, target, name)
+    model.hub = check_sources(host, target, model, settings)
+    return model
+
+
+def _path_model(host: Host, target: Target, name: str) -> NewModel:
+    """A folder or checkpoint file on the box, its family read from its own files."""
     path = expand_home(name, home_dir(host)) if name.startswith("~") else name
     found = host.run(f"if [ -d {q(path)} ]; then echo folder; elif [ -f {q(path)} ]; then echo file; fi")
     kind = found.stdout.strip()
@@ -124,6 +150,40 @@ def check_model(host: Host, target: Target) -> NewModel:
         )
     measured = spec.name if spec.generated and spec.name in GENERATED_FAMILIES else spec.backend
     return NewModel(kind=kind, spec=spec, measured_as=measured)
+
+
+def loaded_sources(model: NewModel, settings: ServiceSettings) -> dict[str, str]:
+    """What the service loads besides a folder's or file's own weights, as it chooses with `settings`
+    (`service.prefetch.hub_sources`): a registry model's repos, and the refiner and tiny VAE `new.env` names;
+    each with the target's field that names it."""
+    spec, registry = model.spec, model.spec.name in REGISTRY and model.kind == "known"
+    tiny = {"off": None, "on": spec.tiny_vae}.get(settings.tiny_vae, settings.tiny_vae)
+    sources: dict[str, str] = {spec.base: "new.model"} if registry else {}
+    if tiny:
+        sources[tiny] = "new.env.SDXL_TINY_VAE"
+    elif registry and spec.vae:
+        sources[spec.vae] = "new.model"
+    if spec.backend == "sdxl" and settings.load_refiner:
+        if settings.refiner:
+            sources[settings.refiner] = "new.env.SDXL_REFINER"
+        elif registry and spec.refiner:
+            sources[spec.refiner] = "new.model"
+    return sources
+
+
+def check_sources(host: Host, target: Target, model: NewModel, settings: ServiceSettings) -> str | None:
+    """`loaded_sources` on the box: a path must exist there, a hub repo on its hub (`check_hub_repos`).
+    Returns where the hub repos were found (None when none is loaded from the hub)."""
+    sources = loaded_sources(model, settings)
+    for source, field in sources.items():
+        if source.startswith(("/", "~")):
+            path = expand_home(source, home_dir(host)) if source.startswith("~") else source
+            if not host.run(f"test -e {q(path)}").ok:
+                raise PreflightRefused(
+                    f"{field}: {source!r} does not exist on {host.name}; accepted: a hub repo id, or a folder there"
+                )
+    hub = {source: field for source, field in sources.items() if not source.startswith(("/", "~"))}
+    return check_hub_repos(host, target, hub) if hub else None
 
 
 def _not_known(name: str, host: Host) -> str:
@@ -194,11 +254,14 @@ def _file_spec(host: Host, target: Target, path: str) -> ModelSpec:
     return family_spec(file.stem, "sdxl" if answer == ["true"] else "sd15", path)
 
 
-def check_hub_repos(host: Host, target: Target, repos: list[str]) -> str:
-    """Where the box finds these hub repos: its hub endpoint (asked with its own env and `new.hub_token`), or
-    its hub cache when it works offline; `PreflightRefused` naming each repo it lacks, or the hub it cannot
-    reach. Returns "hub <endpoint>" or "hub cache <folder>"."""
+def check_hub_repos(host: Host, target: Target, repos: dict[str, str]) -> str:
+    """Where the box finds these hub repos (each with the target's field that names it): its hub endpoint
+    (asked with its own env and `new.hub_token`), or its hub cache when it works offline; `PreflightRefused`
+    naming each repo it lacks and its field, or the hub it cannot reach. Returns "hub <endpoint>" or
+    "hub cache <folder>"."""
     new = target.new
+    fields = list(dict.fromkeys(repos.values()))
+    named = f"new.model: {new.model!r}" if "new.model" in fields else f"{fields[0]}: the service"
     token = resolve_secret(new.hub_token) if new.hub_token else None
     env = q(*(f"{k}={v}" for k, v in new.env.items()))
     command = f"env -u PYTHONPATH {env} {q(new.python)} -c {q(_HUB_SCRIPT)} {q(*repos)}"
@@ -208,54 +271,55 @@ def check_hub_repos(host: Host, target: Target, repos: list[str]) -> str:
     except (IndexError, ValueError):
         detail = (result.stderr or result.stdout).strip()[-300:]
         raise PreflightRefused(
-            f"new.model: {new.model!r} loads from the hub, but asking the hub with {new.python} on {host.name} "
+            f"{named} loads from the hub, but asking the hub with {new.python} on {host.name} "
             f"failed (exit {result.exit_code}): {detail}"
         ) from None
     where = f"hub cache {answer['cache']}" if answer["offline"] else f"hub {answer['endpoint']}"
     if answer["error"]:
         raise PreflightRefused(
-            f"new.model: {new.model!r} loads {', '.join(repos)} from the hub, which {host.name} cannot reach "
+            f"{named} loads {', '.join(repos)} from the hub, which {host.name} cannot reach "
             f"at {answer['endpoint']} ({answer['error']}); set HF_ENDPOINT in new.env to a hub it reaches, "
             "or HF_HUB_OFFLINE=1 with the files in its hub cache"
         )
     if answer["missing"]:
         offline = " (the box works offline: HF_HUB_OFFLINE)" if answer["offline"] else ""
-        missing = "; ".join(f"{repo}: {why}" for repo, why in answer["missing"].items())
-        raise PreflightRefused(f"new.model: {new.model!r} loads from the {where}{offline}: {missing}")
+        subjects = {"new.model": repr(new.model), "new.env.SDXL_REFINER": "its refiner"}
+        problems = []
+        for field in fields:
+            lacks = [f"{repo}: {why}" for repo, why in answer["missing"].items() if repos[repo] == field]
+            if lacks:
+                subject = subjects.get(field, "its tiny VAE")
+                problems.append(f"{field}: {subject} loads from the {where}{offline}: {'; '.join(lacks)}")
+        raise PreflightRefused("; ".join(problems))
     return where
 
 
-def check_requests(target: Target, spec: ModelSpec) -> None:
-    """The app's request and `new.ready_sizes` against the model's own request schema and bounds (what
-    `/generate` refuses with 422); `PreflightRefused` naming each field and value."""
-    problems = _app_request_problems(target, spec) + _ready_size_problems(target, spec)
-    if problems:
-        raise PreflightRefused("; ".join(problems))
-
-
-def _app_request_problems(target: Target, spec: ModelSpec) -> list[str]:
+def check_requests(target: Target, spec: ModelSpec, settings: ServiceSettings) -> tuple[list[str], list[str]]:
+    """The app's request and `new.ready_sizes` against the model's own request schema and bounds, with the
+    service's `settings`: the problems (what `/generate` refuses with 422), each naming the field and value,
+    and the warnings `/generate` would answer the request with, each naming `workload.app_request`."""
     field = "workload.app_request"
     try:
         request = GenerateRequest.model_validate(target.workload.app_request)
     except ValidationError as exc:
-        return [
+        problems = [
             f"{field}.{'.'.join(str(p) for p in err['loc'])}: {err['msg']} (got {err.get('input')!r})"
             for err in exc.errors()
         ]
-    max_chars = target.new.env.get("SDXL_MAX_PROMPT_CHARS", "")
+        return problems + _ready_size_problems(target, spec), []
+    refiner = spec.refiner is not None or settings.refiner is not None or spec.generated
     try:
-        resolve_params(
+        params = resolve_params(
             request,
             spec,
-            refiner_loaded=spec.refiner is not None,
-            restorer_loaded=False,
-            max_prompt_chars=int(max_chars)
-            if max_chars.isdigit()
-            else ServiceSettings.model_fields["max_prompt_chars"].default,
+            refiner_loaded=spec.backend == "sdxl" and settings.load_refiner and refiner,
+            restorer_loaded=settings.face_restorer is not None,
+            max_prompt_chars=settings.max_prompt_chars,
+            cfg_cutoff=settings.cfg_cutoff,
         )
     except ValidationFailed as exc:
-        return [f"{field}.{exc}"]
-    return []
+        return [f"{field}.{exc}", *_ready_size_problems(target, spec)], []
+    return _ready_size_problems(target, spec), [f"{field}: {warning}" for warning in params.warnings]
 
 
 def _ready_size_problems(target: Target, spec: ModelSpec) -> list[str]:

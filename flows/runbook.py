@@ -159,6 +159,9 @@ def deploy_sdxl(
                 interrupted = interrupted_deploy(host, target)
                 if interrupted and not dry_run:
                     run.summary.facts["recovered"] = recover(host, target, interrupted)
+                model = check_new_model(host, target)  # the target's own errors first: refused at once
+                run.summary.facts["model"] = model.model_dump()
+                run.summary.warnings += model.warnings
                 host_facts = inspect_host(host, target)
                 current = inspect_current(host, target)
                 if interrupted and dry_run and current.problems:
@@ -171,8 +174,6 @@ def deploy_sdxl(
                     "current": current.model_dump(),
                 }
                 require_ready(host_facts, current)
-                model = check_new_model(host, target)
-                run.summary.facts["model"] = model.model_dump()
                 decision = decide_start_mode(host, target, host_facts, model)
                 run.summary.facts["start"] = decision.model_dump()
                 print(f"start mode: {decision.mode} ({decision.reason})")

@@ -3,6 +3,7 @@ other stages collected, published as a Prefect table artifact and written to the
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any, Literal
 
@@ -187,6 +188,42 @@ CHECKS: dict[str, Check] = {
     "quality": _quality,
     "max_downtime_s": _max_downtime,
 }
+
+
+# The criteria judged against a threshold: its unit, and the lowest value it may take (and whether that value
+# itself is allowed). The others have no threshold.
+THRESHOLDS: dict[str, tuple[str, float, bool]] = {
+    "resolution": ("px", 0.0, False),
+    "p95_seconds": ("seconds", 0.0, False),
+    "peak_vram_gb": ("GB", 0.0, False),
+    "quality": ("CLIP points", 0.0, True),
+    "max_downtime_s": ("seconds", 0.0, True),
+}
+
+
+def criteria_problems(criteria: list[Criterion], app_size: tuple[int, int]) -> list[str]:
+    """Thresholds the gate cannot judge as meant, each naming `criteria.<name>.threshold`, the value and what
+    would be accepted: one on a criterion that has none, one out of its range, and a resolution above the
+    app's requested size `app_size` (that gate would fail every deploy)."""
+    problems = []
+    for criterion in criteria:
+        value, field = criterion.threshold, f"criteria.{criterion.name}.threshold"
+        if value is None:
+            continue
+        if criterion.name not in THRESHOLDS:
+            problems.append(f"{field}: {criterion.name} has no threshold (got {value:g}); leave it out")
+            continue
+        unit, lowest, allowed = THRESHOLDS[criterion.name]
+        if not math.isfinite(value) or value < lowest or (value == lowest and not allowed):
+            problems.append(
+                f"{field}: {value:g} is out of range; accepted: {'at least' if allowed else 'above'} {lowest:g} {unit}"
+            )
+        elif criterion.name == "resolution" and value > min(app_size):
+            problems.append(
+                f"{field}: {value:g} px is above the app's request ({app_size[0]}x{app_size[1]}, "
+                f"workload.app_request), so the gate would fail every deploy; accepted: at most {min(app_size)}"
+            )
+    return problems
 
 
 def criteria_for_mode(criteria: list[Criterion], mode: DowntimeMode) -> list[Criterion]:

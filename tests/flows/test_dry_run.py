@@ -1,7 +1,9 @@
 """What preflight (the dry run, and the start of a real run) checks of the new service before anything is
 stopped: the model `new.model` names on the box, the app's request and ready sizes against that model, and
-how it starts (staged, or refused with the reason). The box is the real `LocalHost` over temporary folders;
-no Prefect server and no service process, except in the one end-to-end dry run."""
+how it starts (staged, or refused with the reason), the settings `new.env` passes the service and the criteria's
+thresholds. The box is the real `LocalHost` over temporary folders; no Prefect server and no service process,
+except in the one test through the flow: each configuration error as a dry run and as a real run, against one
+old service."""
 
 from __future__ import annotations
 
@@ -9,20 +11,24 @@ import json
 import socket
 import struct
 import sys
+from functools import partial
 from pathlib import Path
 
 import pytest
 
 from flows.capacity import decide_start_mode
+from flows.common import service_url
 from flows.errors import PreflightRefused
 from flows.hosts import LocalHost
 from flows.model_check import check_model, check_new_model
+from flows.prober import Prober
 from flows.procs import find_service
 from flows.runbook import deploy_sdxl
 from flows.target import NewService, Target
 from flows.tasks.deploy import serve_argv
 from flows.tasks.preflight import GpuInfo, HostFacts
 from service.models import GENERATED_FAMILIES
+from tests.support.flows import summary_of
 
 SDXL_REPOS = (
     "stabilityai/stable-diffusion-xl-base-1.0",
@@ -147,17 +153,74 @@ def test_a_hub_the_box_cannot_reach_is_the_error() -> None:
         check_model(LocalHost(), _target("sd15", env))
 
 
-def test_a_misspelt_model_fails_the_dry_run_with_the_old_service_untouched(
+def _bad_targets(target: Target, box: Path) -> dict[str, tuple[Target, str]]:
+    """The target with each configuration error of issue 25, and the words of its refusal (field and value)."""
+
+    def changed(workload: dict[str, object] | None = None, **new: object) -> Target:
+        app = {**target.workload.app_request, **(workload or {})}
+        return target.model_copy(
+            update={
+                "new": target.new.model_copy(update=new),
+                "workload": target.workload.model_copy(update={"app_request": app}),
+            }
+        )
+
+    offline_empty_hub = {"HF_HOME": str(box / "empty-hf"), "HF_HUB_OFFLINE": "1"}
+    no_such_repo = "sdxl-deploy-tests/no-such-refiner"
+    xl = _diffusers_folder(box / "my-sdxl", "StableDiffusionXLPipeline")
+    return {
+        "misspelt model": (
+            changed(model="tiny-sdxll"),
+            "new.model: 'tiny-sdxll' is not a known model (did you mean 'tiny-sdxl'?)",
+        ),
+        "unknown hub repo": (
+            changed(env={**target.new.env, **offline_empty_hub, "SDXL_REFINER": no_such_repo}),
+            f"new.env.SDXL_REFINER: its refiner loads from the hub cache {box / 'empty-hf' / 'hub'} (the box "
+            f"works offline: HF_HUB_OFFLINE): {no_such_repo}: not in the hub cache",
+        ),
+        "missing local path": (
+            changed(model=str(box / "no-such-model")),
+            f"new.model: '{box / 'no-such-model'}' does not exist on local",
+        ),
+        "app request outside the model's bounds": (
+            changed({"width": 2048}),
+            "workload.app_request.width: must be between 64 and 1024 for tiny-sdxl (got 2048)",
+        ),
+        "start mode that cannot stage": (  # an SDXL folder, and no room for it beside the old service
+            changed({"width": 512, "height": 512}, model=str(xl), start_mode="auto", vram_margin_gb=1000),
+            "new.start_mode is auto, but the new service cannot start beside the old one",
+        ),
+    }
+
+
+def test_each_configuration_error_fails_the_dry_run_and_the_real_run_before_anything_stops(
     prefect_api: None, legacy: tuple[LocalHost, Target], tmp_path: Path
 ) -> None:
-    """The one run through the flow: the check is part of preflight, which the real run shares."""
+    """One old service, probed from outside the flow for the whole test; each bad target through the flow as a
+    dry run and as a real run: both refused in preflight naming the field and value, the old service's process
+    the same one, no request of the outside prober or of the run's own prober failed, nothing shipped."""
     host, target = legacy
-    target = target.model_copy(update={"new": target.new.model_copy(update={"model": "sdxll"})})
-    process = find_service(host, target.current.port)
-    state = deploy_sdxl(target=target, dry_run=True, runs_dir=str(tmp_path / "runs"), return_state=True)
-    assert state.is_failed() and "stage 'preflight' failed: PreflightRefused" in state.message
-    assert "new.model: 'sdxll' is not a known model (did you mean 'sdxl'?)" in state.message
-    assert find_service(host, target.current.port) == process and not Path(target.paths.backup_root).exists()
+    old = find_service(host, target.current.port)
+    settings = target.probe.model_copy(update={"app_pause_s": 0.05})
+    prober = Prober(partial(service_url, host, target.current.port), target.workload.app_request, settings)
+    prober.start()
+    try:
+        for case, (bad, refusal) in _bad_targets(target, tmp_path / "bad").items():
+            for dry_run in (True, False):
+                runs = tmp_path / "runs" / case.replace(" ", "-") / ("dry" if dry_run else "real")
+                state = deploy_sdxl(target=bad, dry_run=dry_run, runs_dir=str(runs), return_state=True)
+                assert state.is_failed(), (case, dry_run, state.message)
+                assert "stage 'preflight' failed: PreflightRefused: " in state.message, (case, state.message)
+                assert refusal in state.message, (case, dry_run, state.message)
+                assert find_service(host, target.current.port) == old, (case, dry_run)
+                if not dry_run:  # the run's own prober, on the app's port from the run's start to its end
+                    seen = summary_of(state)["downtime"]
+                    assert seen["probes"] > 0 and seen["failed_requests"] == 0, (case, seen)
+    finally:
+        outside = prober.stop()
+    assert outside.app_requests > 0 and outside.failed_requests == 0, outside
+    assert not Path(target.paths.backup_root).exists()
+    assert not (Path(target.new.install_dir) / "releases").exists()
 
 
 # --- the start mode: auto stages or refuses, never stop-first by itself ------------------------------
@@ -238,12 +301,17 @@ def test_a_new_service_on_another_port_than_the_apps_cannot_stage() -> None:
 
 
 def _with_request(model: str, ready_sizes: list[str] | None = None, **request: object) -> Target:
+    """The target with the app's request changed, and no least size for the resolution gate."""
     target = _target(model)
     app = {**target.workload.app_request, **request}
+    criteria = [
+        c.model_copy(update={"threshold": None}) if c.name == "resolution" else c for c in target.criteria
+    ]
     return target.model_copy(
         update={
             "workload": target.workload.model_copy(update={"app_request": app}),
             "new": target.new.model_copy(update={"ready_sizes": ready_sizes}),
+            "criteria": criteria,
         }
     )
 
@@ -279,3 +347,108 @@ def test_ready_sizes_set_in_the_target_are_checked_against_the_models_range() ->
     assert (
         str(refused.value) == "new.ready_sizes: '2048x2048' is outside 64-1024 px, the sizes tiny-sdxl serves"
     )
+
+
+def test_unknown_app_request_fields_are_warned_of_as_generate_does(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Accepted, as /generate accepts them, and named with the field they resemble (its `warnings`)."""
+    with caplog.at_level("WARNING"):
+        model = check_new_model(LocalHost(), _with_request("tiny-sdxl", width=64, height=64, widht=64))
+    expected = "workload.app_request: unknown fields ignored: widht (did you mean width?)"
+    assert model.warnings == [expected] and expected in caplog.messages
+    assert not check_new_model(LocalHost(), _with_request("tiny-sdxl", width=64, height=64)).warnings
+
+
+# --- the settings new.env passes the service, and the criteria's thresholds -----------------------------
+
+
+def test_new_env_is_read_by_the_services_own_settings_model() -> None:
+    host = LocalHost()
+    fine = {"SDXL_COMPILE": "off", "SDXL_MAX_QUEUE": "4", "SDXL_DEPLOY_CACHE": "/x", "HF_HOME": "/y"}
+    assert check_new_model(host, _target("tiny-sdxl", fine)).spec.name == "tiny-sdxl"
+    refused = {
+        "SDXL_COMPIEL": "on",
+        "SDXL_MAX_QUEUE": "0",
+        "SDXL_COMPILE": "sometimes",
+        "SDXL_PORT": "7000",
+    }
+    with pytest.raises(PreflightRefused) as problems:
+        check_new_model(host, _target("tiny-sdxl", refused))
+    assert str(problems.value) == "; ".join(
+        [
+            "new.env.SDXL_COMPIEL: not a setting of the service (did you mean SDXL_COMPILE?), which would ignore "
+            "it; accepted: SDXL_<setting> for a setting of service/settings.py, or SDXL_DEPLOY_CACHE",
+            "new.env.SDXL_PORT: the deploy sets the service's port on its command line, which wins over the "
+            "environment; set new.port instead",
+            "new.env.SDXL_COMPILE: Input should be 'auto', 'on' or 'off' (got 'sometimes')",
+            "new.env.SDXL_MAX_QUEUE: Input should be greater than or equal to 1 (got '0')",
+        ]
+    )
+    secret = Target(
+        new=NewService(model="tiny-sdxl", python=sys.executable, secret_env={"SDXL_APIKEY": "env:K"})
+    )
+    with pytest.raises(PreflightRefused, match=r"^new.secret_env.SDXL_APIKEY: .*did you mean SDXL_API_KEY\?"):
+        check_new_model(host, secret)
+    # A setting the service starts with is the one the app's request is checked against.
+    with pytest.raises(PreflightRefused, match=r"workload.app_request.prompt: .*longer than 10 characters"):
+        check_new_model(host, _target("tiny-sdxl", {"SDXL_MAX_PROMPT_CHARS": "10"}))
+    # Every problem of the target at once: the model's first.
+    with pytest.raises(PreflightRefused) as both:
+        check_new_model(host, _target("sdxll", {"SDXL_COMPIEL": "on"}))
+    assert str(both.value).startswith("new.model: 'sdxll' is not a known model") and "SDXL_COMPIEL" in str(
+        both.value
+    )
+
+
+def _with_thresholds(**thresholds: float) -> Target:
+    target = _target("tiny-sdxl")
+    criteria = [
+        c.model_copy(update={"threshold": thresholds[c.name]}) if c.name in thresholds else c
+        for c in target.criteria
+    ]
+    return target.model_copy(update={"criteria": criteria})
+
+
+def test_criteria_thresholds_are_checked_against_their_ranges() -> None:
+    host = LocalHost()
+    assert check_new_model(host, _with_thresholds(quality=0, max_downtime_s=0, resolution=1024))
+    bad = _with_thresholds(p95_seconds=0, quality=-1, max_downtime_s=float("nan"), tunnel=5)
+    with pytest.raises(PreflightRefused) as refused:
+        check_new_model(host, bad)
+    assert str(refused.value) == "; ".join(
+        [
+            "criteria.p95_seconds.threshold: 0 is out of range; accepted: above 0 seconds",
+            "criteria.tunnel.threshold: tunnel has no threshold (got 5); leave it out",
+            "criteria.quality.threshold: -1 is out of range; accepted: at least 0 CLIP points",
+            "criteria.max_downtime_s.threshold: nan is out of range; accepted: at least 0 seconds",
+        ]
+    )
+    with pytest.raises(PreflightRefused) as refused:  # the app asks for 1024x1024 (the default request)
+        check_new_model(host, _with_thresholds(resolution=2048))
+    assert str(refused.value) == (
+        "criteria.resolution.threshold: 2048 px is above the app's request (1024x1024, workload.app_request), "
+        "so the gate would fail every deploy; accepted: at most 1024"
+    )
+
+
+def test_a_refiner_or_tiny_vae_new_env_names_is_looked_for_where_the_service_loads_it(tmp_path: Path) -> None:
+    """On the box's hub (here its hub cache: the box works offline) or, for a folder, on its disk; the
+    registry's own refiner is not asked for when another replaces it or none is loaded."""
+    hf = {"HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1"}
+    _cache_repos(tmp_path / "hf", (SDXL_REPOS[0], SDXL_REPOS[2]))  # base and VAE, not the refiner
+    unknown = "sdxl-deploy-tests/no-such-refiner"
+    with pytest.raises(PreflightRefused) as refused:
+        check_model(LocalHost(), _target("sdxl", {**hf, "SDXL_REFINER": unknown}))
+    assert str(refused.value) == (
+        f"new.env.SDXL_REFINER: its refiner loads from the hub cache {tmp_path / 'hf' / 'hub'} (the box works "
+        f"offline: HF_HUB_OFFLINE): {unknown}: not in the hub cache"
+    )
+    assert check_model(LocalHost(), _target("sdxl", {**hf, "SDXL_LOAD_REFINER": "false"})).hub
+    with pytest.raises(PreflightRefused, match=rf"^new.env.SDXL_TINY_VAE: '{tmp_path}/taesd' does not exist"):
+        check_model(LocalHost(), _target("tiny-sdxl", {"SDXL_TINY_VAE": str(tmp_path / "taesd")}))
+    folder = str(_diffusers_folder(tmp_path / "my-sdxl", "StableDiffusionXLPipeline"))  # on: its family's
+    with pytest.raises(
+        PreflightRefused, match=r"^new.env.SDXL_TINY_VAE: its tiny VAE loads from the hub cache"
+    ):
+        check_model(LocalHost(), _target(folder, {**hf, "SDXL_TINY_VAE": "on"}))

@@ -17,7 +17,11 @@ from flows.target import NewService, Target
 def _target(box: Path, model: str, **request: object) -> Target:
     target = Target(new=NewService(model=model, python=sys.executable, install_dir=str(box / "sdxl-deploy")))
     app = {**target.workload.app_request, "width": 64, "height": 64, **request}
-    return target.model_copy(update={"workload": target.workload.model_copy(update={"app_request": app})})
+    criteria = [
+        c.model_copy(update={"threshold": 64}) if c.name == "resolution" else c for c in target.criteria
+    ]
+    workload = target.workload.model_copy(update={"app_request": app})
+    return target.model_copy(update={"workload": workload, "criteria": criteria})
 
 
 def test_a_misspelt_model_on_any_host_refuses_the_whole_rollout_naming_the_host(tmp_path: Path) -> None:
