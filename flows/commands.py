@@ -201,7 +201,9 @@ def _outcome(summary: dict[str, Any]) -> str:
 
 
 def print_summary(summary_path: Path, console: Any = None) -> dict[str, Any]:
-    """Print a run's stages and gate table (rich) and where its report is; return the summary."""
+    """Print a run's stages and gate table (rich), what was done and where its report is; return the summary.
+    Each thing once: a failed stage's cause and a failed row whole in their tables, the downtime below them
+    only when no row tells it, what was done in the closing line."""
     from rich.console import Console
     from rich.table import Table
 
@@ -216,9 +218,8 @@ def print_summary(summary_path: Path, console: Any = None) -> dict[str, Any]:
         stages.add_column(column, overflow="fold")
     for stage in summary["stages"]:
         mark = "green" if stage["status"] == "completed" else "red"
-        stages.add_row(
-            stage["name"], f"[{mark}]{stage['status']}[/]", f"{stage['seconds']:.1f}", stage["detail"][:200]
-        )
+        detail = stage["detail"] if stage["status"] == "failed" else stage["detail"][:200]
+        stages.add_row(stage["name"], f"[{mark}]{stage['status']}[/]", f"{stage['seconds']:.1f}", detail)
     console.print(stages)
     if summary["gates"]:
         gates = Table(
@@ -239,17 +240,14 @@ def print_summary(summary_path: Path, console: Any = None) -> dict[str, Any]:
             gates.add_row(
                 row["criterion"],
                 threshold,
-                row["observed"][:120],
+                row["observed"] if verdict == "fail" else row["observed"][:120],
                 "enforce" if row["enforce"] else "warn",
                 f"[{verdict_colour[verdict]}]{shown_verdict(verdict)}[/]",
             )
         console.print(gates)
-    if summary.get("downtime"):
-        console.print(f"downtime: {Downtime.model_validate(summary['downtime']).describe()}", markup=False)
-    console.print(_outcome(summary), markup=False)
-    if summary["rolled_back"] or summary["failed_stage"]:
-        console.print(
-            f"rolled back: {summary['rolled_back']}; old service answering: {summary['old_service_answering']}"
-        )
+    downtime = Downtime.model_validate(summary["downtime"]).describe() if summary.get("downtime") else None
+    if downtime and not any(row["observed"] == downtime for row in summary["gates"]):
+        console.print(f"downtime: {downtime}", markup=False)
+    console.print(_outcome(summary), markup=False)  # the runbook's closing line: what was done
     console.print(f"report: {Path(summary['run_dir']) / 'report.md'}  (summary.json beside it)")
     return summary

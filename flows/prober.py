@@ -21,6 +21,7 @@ import httpx
 
 from flows.common import is_healthy, run_logger, service_url
 from flows.downtime import Downtime, DowntimeMode, Probe, ProbeKind, summarize
+from flows.runlog import TOLD_BY_SUMMARY
 from flows.secrets import api_key
 
 if TYPE_CHECKING:
@@ -212,7 +213,7 @@ def watch_downtime(
         run.write_json(
             "downtime.json", {**downtime.model_dump(), "probe_list": [p.model_dump() for p in prober.probes]}
         )
-        run_logger().info("downtime: %s", downtime.describe())
+        run_logger().info("downtime: %s", downtime.describe(), extra={TOLD_BY_SUMMARY: True})
 
     run.before_finish.append(record)
     prober.start()

@@ -36,7 +36,7 @@ from flows.prober import Prober, watch_downtime
 from flows.procs import find_service
 from flows.releases import record_release, release_of
 from flows.rundir import RunRecord, RunSummary, StageFailed, report_markdown
-from flows.runlog import CLOSING_LINE
+from flows.runlog import TOLD_BY_SUMMARY
 from flows.supervisor import Restarts, read_restarts
 from flows.target import Target, load_target
 from flows.tasks.backup import backup_current
@@ -344,7 +344,7 @@ def check_after_cutover(
     if row is not None:
         run.summary.facts["cutover"]["max_downtime_s"] = row.model_dump()
         if row.verdict == "fail":
-            raise GateFailed(f"after the cut-over: max_downtime_s ({row.observed})")
+            raise GateFailed("after the cut-over: max_downtime_s failed (observed: the criteria table)")
 
 
 def quiet(prober: Prober | None) -> AbstractContextManager[None]:
@@ -461,7 +461,7 @@ def _finish(run: RunRecord, status: Literal["completed", "failed", "dry-run"], m
         status,
         message,
         summary.run_dir,
-        extra={CLOSING_LINE: True},  # the CLI prints the summary instead
+        extra={TOLD_BY_SUMMARY: True},  # the CLI prints the summary instead
     )
     return summary
 

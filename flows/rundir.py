@@ -22,7 +22,7 @@ from pydantic import BaseModel, Field
 from flows.common import run_logger
 from flows.downtime import Downtime
 from flows.errors import RehearsedFailure, StageFailed
-from flows.runlog import close_run_log, open_run_log
+from flows.runlog import TOLD_BY_SUMMARY, close_run_log, open_run_log
 from flows.target import Target
 from flows.tasks.gates import GateReport, GateRow, gates_markdown, judge_downtime, shown_passed
 
@@ -117,7 +117,14 @@ class RunRecord:
         except Exception as exc:
             reason = exc.reason if isinstance(exc, StageFailed) else f"{type(exc).__name__}: {exc}"
             self._record(name, "failed", started_at, t0, reason)
-            log.error("stage %s: failed after %.1f s: %s", name, time.monotonic() - t0, reason, exc_info=exc)
+            took = f"stage {name}: failed after {time.monotonic() - t0:.1f} s"
+            log.error(  # a console the summary follows leaves the cause to the summary's stage table
+                "%s: %s",
+                took,
+                reason,
+                exc_info=exc,
+                extra={TOLD_BY_SUMMARY: f"{took} (why: the summary below)"},
+            )
             raise StageFailed(name, reason) from exc
         self._record(name, "completed", started_at, t0)
         log.info("stage %s: done in %.1f s", name, time.monotonic() - t0)

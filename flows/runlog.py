@@ -3,8 +3,9 @@
 - The run directory's `run.log` (`open_run_log`): everything the run logged, tracebacks included, and the
   new service's own log lines as the flow read them (`service_log`).
 - The console a person reads (`console_view`): each failure once (the runbook reports it; Prefect's engine
-  echoes of it and of every state are left out), no tracebacks, a transport error repeated by every probe
-  folded into one line with its count, and none of the service's own output.
+  echoes of it and of every state are left out; where the CLI's summary follows, the failed stage's line
+  leaves its cause to that summary), no tracebacks, a transport error repeated by every probe folded into
+  one line with its count, and none of the service's own output.
 """
 
 from __future__ import annotations
@@ -26,7 +27,10 @@ TRANSPORT_LOGGERS = ("paramiko", "flows.hosts")
 _PARAMIKO_ECHOES = re.compile(r"Secsh channel \d+ open FAILED")
 # Prefect's run engines log every failure again with its traceback, and every final state.
 _ENGINE_MODULES = frozenset({"task_engine", "flow_engine"})
-CLOSING_LINE = "closing_line"  # `extra` key of a flow's closing line, which the CLI's summary repeats
+# `extra` key of a record whose content the summary the CLI prints after the run tells (a flow's closing line,
+# the gate's rows, the downtime, a failed stage's cause): a console followed by that summary leaves the record
+# out (True), or shows the shorter line it holds instead (a str).
+TOLD_BY_SUMMARY = "told_by_summary"
 _FOLDED = "folded_repeats"
 
 
@@ -82,9 +86,9 @@ def _current_flow_run_id() -> str | None:
 
 
 class ConsoleView(logging.Filter):
-    """A console handler's filter: leaves out what the console need not repeat and folds repeated transport
-    errors; a run of them is written as one line, with its count, when something else is logged or at
-    `flush`."""
+    """A console handler's filter: leaves out what the console need not repeat (and, with `summary_follows`,
+    what the summary tells: `TOLD_BY_SUMMARY`) and folds repeated transport errors; a run of them is written
+    as one line, with its count, when something else is logged or at `flush`."""
 
     def __init__(self, handler: logging.Handler, summary_follows: bool = False) -> None:
         super().__init__()
@@ -96,6 +100,11 @@ class ConsoleView(logging.Filter):
         if getattr(record, _FOLDED, False):
             return True
         if self.left_out(record):
+            return False
+        shorter = getattr(record, TOLD_BY_SUMMARY, None) if self.summary_follows else None
+        if isinstance(shorter, str):
+            self.flush()
+            self._write(record, shorter)
             return False
         if record.name.startswith(TRANSPORT_LOGGERS):
             key = (record.name, record.levelno, re.sub(r"\d+", "#", record.getMessage()))
@@ -112,19 +121,25 @@ class ConsoleView(logging.Filter):
             return bool(record.exc_info) or str(record.msg).startswith("Finished in state")
         if record.name.startswith("paramiko") and _PARAMIKO_ECHOES.search(record.getMessage()):
             return True
-        return self.summary_follows and bool(getattr(record, CLOSING_LINE, False))
+        return self.summary_follows and getattr(record, TOLD_BY_SUMMARY, None) is True
 
     def flush(self) -> None:
         """Write the held transport errors: each kind once, with how often and over how long it repeated."""
         with self._lock:
             held, self._held = self._held, {}
         for first, count, last in held.values():
-            line = copy.copy(first)
             if count > 1:
-                line.msg = f"{first.getMessage()} [{count} times in {last - first.created:.1f} s]"
-                line.args = None
-            setattr(line, _FOLDED, True)
-            self.handler.handle(line)
+                self._write(first, f"{first.getMessage()} [{count} times in {last - first.created:.1f} s]")
+            else:
+                self._write(first)
+
+    def _write(self, record: logging.LogRecord, message: str | None = None) -> None:
+        """Write a copy of `record` (with `message` instead of its own) to this console only."""
+        line = copy.copy(record)
+        if message is not None:
+            line.msg, line.args = message, None
+        setattr(line, _FOLDED, True)
+        self.handler.handle(line)
 
 
 class NoTraceback(logging.Formatter):

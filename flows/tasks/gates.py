@@ -15,6 +15,7 @@ from pydantic import BaseModel
 from flows.common import run_logger
 from flows.downtime import Downtime, DowntimeMode
 from flows.errors import GateFailed
+from flows.runlog import TOLD_BY_SUMMARY
 from flows.target import Criterion
 from flows.tasks.benchmark import BenchmarkResult, LogScan
 from flows.tasks.tunnel import AppCheck
@@ -276,8 +277,10 @@ def evaluate_gates(criteria: list[Criterion], evidence: Evidence) -> GateReport:
     """Judge every success criterion and log each row (the run record publishes the final table)."""
     report = judge(criteria, evidence)
     log = run_logger()
-    for row in report.rows:
-        log.info("gate %-15s %-4s %s", row.criterion, row.verdict, row.observed)
+    for row in report.rows:  # the CLI's summary shows them as its criteria table
+        log.info(
+            "gate %-15s %-4s %s", row.criterion, row.verdict, row.observed, extra={TOLD_BY_SUMMARY: True}
+        )
     return report
 
 
@@ -292,10 +295,11 @@ def publish_gates(report: GateReport, passed: bool | None, artifact_key: str) ->
 
 
 def require_passed(report: GateReport) -> None:
-    """Raise `GateFailed` naming every enforced criterion that failed, with what was observed."""
+    """Raise `GateFailed` naming every enforced criterion that failed (what was observed is in the criteria
+    table, which the run records: said once)."""
     if not report.passed:
-        failed = ", ".join(f"{row.criterion} ({row.observed})" for row in report.failures)
-        raise GateFailed(f"enforced success criteria failed: {failed}")
+        failed = ", ".join(row.criterion for row in report.failures)
+        raise GateFailed(f"enforced success criteria failed: {failed} (observed: the criteria table)")
 
 
 def shown_verdict(verdict: str) -> str:

@@ -7,14 +7,20 @@ Every test stops what it started, by PID.
 
 from __future__ import annotations
 
+import io
 import json
+import logging
 import re
 import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+from rich.console import Console
 
 from bench.launch import free_port
+from flows.commands import print_summary
 from flows.demo import run_demo, start_current, stop_all
 from flows.deploy_state import DeployState, load_state, save_state
 from flows.hosts import LocalHost
@@ -27,6 +33,7 @@ from flows.runbook import (
     touches_old_service,
     verify_sdxl,
 )
+from flows.runlog import console_view
 from flows.target import Target
 from flows.tasks.backup import backup_current, list_backups, verify_backup
 from flows.tasks.deploy import ship_release, start_new_service, stop_service
@@ -83,19 +90,53 @@ def test_demo_upgrades_tiny_sd15_to_tiny_sdxl(prefect_api: None, tmp_path: Path)
 BOX_STATES = ("backup", "prefetch", "stop_current", "start_new", "warmup", "approval")
 
 
+@contextmanager
+def cli_console() -> Iterator[io.StringIO]:
+    """What a console handler on the root logger writes while the block runs, seen as the CLI shows a run
+    (`console_view`: the summary follows)."""
+    text = io.StringIO()
+    handler = logging.StreamHandler(text)
+    logging.getLogger().addHandler(handler)
+    try:
+        with console_view([handler], summary_follows=True):
+            yield text
+    finally:
+        logging.getLogger().removeHandler(handler)
+
+
 @pytest.mark.parametrize("stage", BOX_STATES)
 def test_injected_failure_leaves_the_old_service_answering(
-    prefect_api: None, legacy: tuple[LocalHost, Target], wheel: str, tmp_path: Path, stage: str
+    prefect_api: None,
+    legacy: tuple[LocalHost, Target],
+    wheel: str,
+    tmp_path: Path,
+    stage: str,
+    request: pytest.FixtureRequest,
 ) -> None:
+    """And the console as the CLI shows the run (log and summary): the failure once, no traceback. Failing
+    to start the new one, the old service is down until the rollback: over SSH there, so the prober's port
+    forwards are refused meanwhile, and no paramiko line reaches the console."""
     host, target = legacy
+    if stage == "start_new":
+        sshd: SSHServer = request.getfixturevalue("sshd")
+        target = target.model_copy(update={"connection": ssh_connection(sshd)})
     before = find_service(host, target.current.port)
-    state = deploy_sdxl(
-        target=target, fail_at=stage, wheel=wheel, runs_dir=str(tmp_path / "runs"), return_state=True
-    )
+    with cli_console() as log:
+        state = deploy_sdxl(
+            target=target, fail_at=stage, wheel=wheel, runs_dir=str(tmp_path / "runs"), return_state=True
+        )
 
     assert state.is_failed()
     assert f"stage '{stage}' failed" in state.message and "fail_at rehearsal" in state.message
     summary = summary_of(state)
+    shown = Console(record=True, width=250)
+    print_summary(Path(summary["run_dir"]) / "summary.json", shown)
+    console = log.getvalue() + shown.export_text()
+    assert console.count(f"failure injected at stage {stage!r}") == 1, console
+    assert "Traceback" not in console and "paramiko" not in console and "Secsh" not in console, console
+    if stage == "start_new":  # the outage was there: the run log keeps every refused channel
+        kept = (Path(summary["run_dir"]) / "run.log").read_text()
+        assert "open FAILED" in kept and summary["downtime"]["failed_requests"] > 0
     assert summary["failed_stage"] == stage and summary["old_service_answering"] is True
     assert summary["rolled_back"] == touches_old_service("stop-first", stage)
     assert is_legacy(current_answers(host, target.current))

@@ -1,5 +1,6 @@
-"""The console of a run reads in one screen: each failure once, no traceback, repeated transport errors
-folded, no Prefect telemetry, none of the service's own output; the run log keeps all of it."""
+"""The console of a run reads in one screen: each failure once (where the CLI's summary follows, the cause in
+its stage table, what was done in its closing line), no traceback, repeated transport errors folded, no
+Prefect telemetry, none of the service's own output; the run log keeps all of it."""
 
 from __future__ import annotations
 
@@ -14,13 +15,15 @@ from pathlib import Path
 import pytest
 import typer
 from prefect import flow, task
+from rich.console import Console
 
 from flows.cli_run import run_flow
 from flows.commands import print_summary
 from flows.errors import DeployFailed, RehearsedFailure, StageFailed
 from flows.rundir import RunRecord, RunSummary
-from flows.runlog import RUN_LOG, console_view, service_log
-from flows.target import Target
+from flows.runlog import RUN_LOG, TOLD_BY_SUMMARY, console_view, service_log
+from flows.target import Criterion, Target
+from flows.tasks.gates import Evidence, evaluate_gates
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -73,21 +76,43 @@ def test_fifty_refused_channels_are_one_console_line_with_the_count(
 
 
 def test_a_failed_stage_is_told_once_and_its_traceback_is_in_the_run_log(
-    console: io.StringIO, tmp_path: Path
+    console: io.StringIO, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
+    """The stage's line says it failed and leaves the cause to the summary that follows (its stage table);
+    what the summary tells again (the gate's rows, the downtime, the closing line) is left out too."""
+    caplog.set_level(logging.INFO, logger="flows")  # the gate's rows are INFO
     run = RunRecord("deploy-sdxl", Target(), tmp_path)
     with pytest.raises(StageFailed), run.stage("cutover"):
         raise RehearsedFailure(CAUSE)
     service_log().info("Loading pipeline components...:  29%%|██▊       | 2/7")
-    logging.getLogger("flows").warning("deploy-sdxl failed", extra={"closing_line": True})
+    evaluate_gates.fn([Criterion(name="max_downtime_s", threshold=5)], Evidence())
+    logging.getLogger("flows").warning("deploy-sdxl failed", extra={TOLD_BY_SUMMARY: True})
     run.finish("failed", f"stage 'cutover' failed: RehearsedFailure: {CAUSE}; rolled back")
 
     text = console.getvalue()
-    assert text.count(CAUSE) == 1 and "stage cutover: failed" in text
-    assert "Traceback" not in text and "Loading pipeline" not in text and "deploy-sdxl failed" not in text
+    assert text.splitlines() == [
+        "INFO flows - stage cutover: start",
+        "ERROR flows - stage cutover: failed after 0.0 s (why: the summary below)",
+    ]
+    shown = Console(record=True, width=250)
+    print_summary(run.dir / "summary.json", shown)
+    assert shown.export_text().count(CAUSE) == 1  # in the stage table; the closing line points there
     kept = (run.dir / RUN_LOG).read_text()
     assert "Traceback (most recent call last)" in kept and f"RehearsedFailure: {CAUSE}" in kept
-    assert "Loading pipeline components" in kept
+    assert "Loading pipeline components" in kept and "gate max_downtime_s" in kept
+
+
+def test_without_a_summary_to_follow_the_stages_line_tells_the_cause(
+    stream: io.StringIO, tmp_path: Path
+) -> None:
+    """A worker's console (a run started from the UI): no summary follows, so the line says why."""
+    with console_view(summary_follows=False):
+        run = RunRecord("deploy-sdxl", Target(), tmp_path)
+        with pytest.raises(StageFailed), run.stage("cutover"):
+            raise RehearsedFailure(CAUSE)
+        run.finish("failed", "done")
+    assert f"stage cutover: failed after 0.0 s: RehearsedFailure: {CAUSE}" in stream.getvalue()
+    assert "Traceback" not in stream.getvalue()
 
 
 @task
@@ -108,18 +133,19 @@ def _failing_deploy(runs_dir: str) -> RunSummary:
 
 
 def test_a_real_flow_failure_is_told_once_by_the_cli(
-    stream: io.StringIO, capsys: pytest.CaptureFixture[str], tmp_path: Path
+    stream: io.StringIO, capsys: pytest.CaptureFixture[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Prefect's engines report the task's and the flow's failure again, with tracebacks, and each
-    final state: the CLI's console leaves those out; the stage's line tells the cause, the summary's table
-    and closing line what was done."""
+    final state: the CLI's console leaves those out; the stage's line says that it failed, the summary's
+    stage table why, its closing line what was done."""
+    monkeypatch.setenv("COLUMNS", "250")  # the summary's tables unwrapped, so the cause is one line
     with pytest.raises(typer.Exit):
         run_flow(_failing_deploy, print_summary, runs_dir=str(tmp_path))
-    log, summary = stream.getvalue(), " ".join(capsys.readouterr().out.split())
-    assert [line for line in log.splitlines() if CAUSE in line] == [
-        f"ERROR prefect.flow_runs - stage cutover: failed after 0.0 s: RehearsedFailure: {CAUSE}"
-    ]
+    log, summary = stream.getvalue(), capsys.readouterr().out
+    assert "ERROR prefect.flow_runs - stage cutover: failed after 0.0 s (why: the summary below)" in log
+    assert (log + summary).count(CAUSE) == 1 and CAUSE in summary
     assert "Traceback" not in log and "Finished in state" not in log and "deploy-sdxl failed" not in log
+    summary = " ".join(summary.split())
     assert "stage 'cutover' failed (why: the table above); rolled back: restarted the old service" in summary
     (run_dir,) = tmp_path.iterdir()
     assert "Traceback (most recent call last)" in (run_dir / RUN_LOG).read_text()
