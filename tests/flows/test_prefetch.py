@@ -19,16 +19,18 @@ import pytest
 from pydantic import ValidationError
 
 from flows.capacity import StartDecision
+from flows.errors import PreflightRefused
 from flows.hosts import LocalHost, SSHHost
+from flows.model_check import check_model
 from flows.procs import find_service
 from flows.runbook import deploy_plan, deploy_sdxl
-from flows.target import PrefetchSettings, Target
+from flows.target import NewService, PrefetchSettings, Target
 from flows.tasks.deploy import Release
 from flows.tasks.prefetch import prefetch_weights
 from service.prefetch import XET_CHUNK_CACHE, Event, HubFile, Meter
 from service.prefetch import main as prefetch_main
 from tests.support.flows import fast, summary_of
-from tests.support.hub_mirror import SDXL_BASE, SDXL_REFINER, SDXL_VAE, Mirror
+from tests.support.hub_mirror import NO_SUCH_REPO, SDXL_BASE, SDXL_REFINER, SDXL_VAE, Mirror
 from tests.support.relay import relay
 
 REPO = Path(__file__).resolve().parents[2]
@@ -291,3 +293,25 @@ def test_a_disk_too_small_is_refused_before_anything_stops(
         assert not any(f.endswith(".safetensors") for f in cached_files(home, SDXL_BASE))
     finally:
         subprocess.run(["umount", str(home)], check=False)
+
+
+def test_preflight_asks_the_boxs_own_hub_for_each_repo_the_service_would_load(
+    hub_mirror: Mirror, tmp_path: Path
+) -> None:
+    """sdxl's repos and a tiny VAE `new.env` names, asked for through the box's python and hub endpoint (the
+    mirror) without downloading anything: a repo the hub does not have is refused naming the variable, before
+    anything stops (the service itself would fail at start: tests/service/test_hub_mirror.py)."""
+    home = tmp_path / "hf-home"
+
+    def target(**env: str) -> Target:
+        new = NewService(model="sdxl", python=sys.executable, env={**hub_mirror.env(home), **BF16, **env})
+        return Target(new=new)
+
+    assert check_model(LocalHost(), target()).hub == f"hub {hub_mirror.url}"
+    with pytest.raises(PreflightRefused) as refused:
+        check_model(LocalHost(), target(SDXL_TINY_VAE=NO_SUCH_REPO))
+    assert str(refused.value) == (
+        f"new.env.SDXL_TINY_VAE: its tiny VAE loads from the hub {hub_mirror.url}: {NO_SUCH_REPO}: no such "
+        "repo (or new.hub_token may not read it)"
+    )
+    assert not list(home.rglob("*.safetensors"))  # asked, not downloaded
