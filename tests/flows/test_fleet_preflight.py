@@ -3,12 +3,14 @@ touched, on real `LocalHost` boxes in temporary folders; no balancer, no service
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
 import pytest
 
 from flows.errors import PreflightRefused
+from flows.fleet.flow import deploy_fleet
 from flows.fleet.preflight import check_hosts
 from flows.fleet.target import Fleet, FleetHost, LoadBalancer
 from flows.target import NewService, Target
@@ -24,9 +26,8 @@ def _target(box: Path, model: str, **request: object) -> Target:
     return target.model_copy(update={"workload": workload, "criteria": criteria})
 
 
-def test_a_misspelt_model_on_any_host_refuses_the_whole_rollout_naming_the_host(tmp_path: Path) -> None:
-    """A misspelt model on the second host and an app request outside the model's bounds on the third both
-    refuse the rollout, each named with its host, field and value, before any host's facts are read."""
+def _fleet(tmp_path: Path) -> tuple[Fleet, dict[str, Target]]:
+    """Three hosts: the second's model misspelt, the third's app request outside the model's bounds."""
     hosts = {
         "h1": _target(tmp_path / "h1", "tiny-sdxl"),
         "h2": _target(tmp_path / "h2", "sdxll"),
@@ -36,6 +37,13 @@ def test_a_misspelt_model_on_any_host_refuses_the_whole_rollout_naming_the_host(
         hosts=[FleetHost(name=name, target=target) for name, target in hosts.items()],
         load_balancer=LoadBalancer(socket=str(tmp_path / "haproxy.sock")),
     )
+    return fleet, hosts
+
+
+def test_a_misspelt_model_on_any_host_refuses_the_whole_rollout_naming_the_host(tmp_path: Path) -> None:
+    """A misspelt model on the second host and an app request outside the model's bounds on the third both
+    refuse the rollout, each named with its host, field and value, before any host's facts are read."""
+    fleet, hosts = _fleet(tmp_path)
     with pytest.raises(PreflightRefused) as refused:
         check_hosts(fleet)
     problems = str(refused.value).split("; host ")
@@ -43,3 +51,19 @@ def test_a_misspelt_model_on_any_host_refuses_the_whole_rollout_naming_the_host(
     assert problems[1] == "'h3': workload.app_request.width: Input should be a multiple of 8 (got 1001)"
     assert "'h1'" not in str(refused.value)
     assert not any((tmp_path / name).exists() for name in hosts)  # nothing was written on any box
+
+
+def test_the_fleet_dry_run_refuses_a_misspelt_model_before_the_canary(
+    prefect_api: None, tmp_path: Path
+) -> None:
+    """deploy-fleet's dry run through the flow: refused in its preflight, before the balancer is asked (its
+    socket does not even exist here) and before any host, the canary first, is touched."""
+    fleet, hosts = _fleet(tmp_path)
+    state = deploy_fleet(fleet=fleet, dry_run=True, runs_dir=str(tmp_path / "runs"), return_state=True)
+    assert state.is_failed()
+    assert "dry run refused: host 'h2': new.model: 'sdxll' is not a known model" in state.message
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "failed"
+    assert {record["outcome"] for record in summary["hosts"]} == {"not reached"}  # the canary included
+    assert not any((tmp_path / name).exists() for name in hosts)

@@ -11,6 +11,7 @@ import pytest
 
 from bench.launch import free_port
 from flows.deploy_state import DeployState, load_state, save_state
+from flows.downtime import Downtime
 from flows.hosts import LocalHost
 from flows.procs import find_service, is_running, listener_pids, start_detached
 from flows.runbook import STAGED_STAGES, deploy_sdxl, recover
@@ -71,6 +72,7 @@ def test_a_staged_deploy_failing_before_the_cut_over_never_touches_the_old_servi
     summary = summary_of(state)
     assert not summary["rolled_back"] and summary["old_service_answering"] is True
     assert "the old service was not touched" in summary["message"]
+    assert summary["gates_passed"] is None and summary["gates"] == []  # failed before any was judged
     assert summary["downtime"]["failed_requests"] == 0 and summary["downtime"]["probes"] > 0
     assert find_service(host, target.current.port) == old and is_running(host, old)  # never restarted
     assert is_legacy(current_answers(host, target.current))
@@ -91,6 +93,10 @@ def test_a_failed_cut_over_puts_the_old_service_back(
     assert state.is_failed() and "after the old service stopped" in state.message
     summary = summary_of(state)
     assert summary["rolled_back"] and summary["old_service_answering"] is True
+    # One verdict: failed, whatever the gate said before the cut-over; the downtime row is the whole run's.
+    downtime = next(row for row in summary["gates"] if row["criterion"] == "max_downtime_s")
+    assert summary["gates_passed"] is False
+    assert downtime["observed"] == Downtime.model_validate(summary["downtime"]).describe()
     assert not is_running(host, old)  # it was stopped at the cut-over, and started again
     assert is_legacy(current_answers(host, target.current))
     new = new_service_process(host, target)
