@@ -11,6 +11,11 @@ box without a GPU (the demo, the tests) the tiny models run on the CPU, and free
 moves the staged service to the next free port, and where staging cannot work (no room, no measured need, the
 new service meant for another port than the app's) preflight refuses, saying why and that
 `new.start_mode: stop-first` is the way to deploy anyway.
+
+The compile step (stage `compile`, `flows/tasks/compile.py`) loads the model and compiles in a process of its
+own, needing what the new service needs. Staged, it runs beside the old service before the new one starts. A
+stop-first deploy runs it before the old service stops where the same room test says both fit; else after the
+stop, and its time adds to the app's downtime (the plan says so).
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ from flows.hosts import Host
 from flows.model_check import NewModel
 from flows.procs import listener_pids, listening_ports
 from flows.target import Target
-from flows.tasks.preflight import HostFacts
+from flows.tasks.preflight import GpuInfo, HostFacts
 
 StartMode = Literal["staged", "stop-first"]
 
@@ -56,6 +61,8 @@ class StartDecision(BaseModel):
     stage_port: int | None = None  # where the staged service listens until cut-over (staged only)
     need_gb: float | None = None
     free_gb: float | None = None
+    compile_beside: bool = True  # the compile step runs while the old service serves (else after it stopped)
+    compile_reason: str = ""
 
 
 def free_ram_gb(host: Host) -> float | None:
@@ -69,11 +76,27 @@ def room_for_both(
     host: Host, target: Target, facts: HostFacts, model: NewModel
 ) -> tuple[bool, str, float | None, float | None]:
     """(fits, why, need, free): whether the new service fits beside the old one on this box."""
-    margin, measured = target.new.vram_margin_gb, model.measured_as
+    measured = model.measured_as
     who = model.spec.name if model.kind == "known" else f"{model.describe()}, measured as {measured},"
-    if facts.gpus:
+    return _room(host, facts.gpus, measured, who, target.new.vram_margin_gb)
+
+
+def step_room(host: Host, model: str, margin: float) -> tuple[bool, str]:
+    """(fits, why): whether a compile step of `model` (a recorded release's) fits beside what runs on the box
+    now (`sdxl-deploy compile`, beside the serving release)."""
+    from flows.tasks.preflight import _gpus
+
+    fits, why, _, _ = _room(host, _gpus(host)[0], model, model, margin)
+    return fits, why
+
+
+def _room(
+    host: Host, gpus: list[GpuInfo], measured: str, who: str, margin: float
+) -> tuple[bool, str, float | None, float | None]:
+    """(fits, why, need, free) of a process of model `measured` beside what the box runs now."""
+    if gpus:
         need = VRAM_NEED_GIB.get(measured)
-        free = facts.gpus[0].free_gb
+        free = gpus[0].free_gb
         if need is None:
             return (
                 False,
@@ -142,7 +165,14 @@ def decide_start_mode(host: Host, target: Target, facts: HostFacts, model: NewMo
     the room is unknown or too small, and says so."""
     new, requested = target.new, target.new.start_mode
     if requested == "stop-first":
-        return StartDecision(mode="stop-first", requested=requested, reason="new.start_mode is stop-first")
+        beside, why = compile_placement(host, target, facts, model)
+        return StartDecision(
+            mode="stop-first",
+            requested=requested,
+            reason="new.start_mode is stop-first",
+            compile_beside=beside,
+            compile_reason=why,
+        )
     if new.port != target.current.port:
         raise cannot_stage(
             requested,
@@ -161,4 +191,17 @@ def decide_start_mode(host: Host, target: Target, facts: HostFacts, model: NewMo
         stage_port=port,
         need_gb=need,
         free_gb=free,
+        compile_reason="it runs beside the old service, before the new one starts",
+    )
+
+
+def compile_placement(host: Host, target: Target, facts: HostFacts, model: NewModel) -> tuple[bool, str]:
+    """(beside, why) for a stop-first deploy: the compile step runs before the old service stops where the box
+    has room for it beside the old one (the room test of staging), else after the stop."""
+    fits, why, _, _ = room_for_both(host, target, facts, model)
+    if fits:
+        return True, f"it runs before the old service stops: {why}"
+    return False, (
+        f"it runs after the old service stopped, adding its time to the app's downtime: no room for it beside "
+        f"the old service ({why})"
     )

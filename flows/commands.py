@@ -1,4 +1,5 @@
-"""CLI commands of the runbook: `deploy`, `verify`, `rollback`, `releases`, `demo` (heavy imports inside)."""
+"""CLI commands of the runbook: `deploy`, `verify`, `rollback`, `releases`, `compile`, `demo` (heavy imports
+inside)."""
 
 from __future__ import annotations
 
@@ -12,8 +13,8 @@ from flows.cli_run import run_flow
 
 # Every stage of either order: staged (start_staged ... cutover) and stop-first (stop_current, start_new).
 STAGE_NAMES = (
-    "preflight, backup, baseline, ship, prefetch, stop_current, start_new, start_staged, warmup, benchmark, tunnel, gate, "
-    "approval, cutover"
+    "preflight, backup, baseline, ship, prefetch, compile, stop_current, start_new, start_staged, warmup, benchmark, "
+    "tunnel, gate, approval, cutover"
 )
 
 TargetOption = Annotated[Path, typer.Option("--target", "-t", help="Target file (YAML or JSON).")]
@@ -139,6 +140,50 @@ def releases(target_file: TargetOption) -> None:
         console.print(
             f"no recorded release serves now: the current service ({target.current.name}) or nothing"
         )
+
+
+def compile_release(
+    target_file: TargetOption,
+    force: Annotated[
+        bool,
+        typer.Option(
+            help="Run it even where the box's room for it beside the serving release is too small or not known."
+        ),
+    ] = False,
+    force_unlock: ForceUnlockOption = False,
+) -> None:
+    """Run the compile step on the box for the release that serves now, beside it: build the compiled functions
+    it loads at its next start (those on disk are reused); print them. Exit 1 when the step fails."""
+    import logging
+    from contextlib import ExitStack
+
+    from rich.console import Console
+    from rich.logging import RichHandler
+
+    from flows.errors import FlowError
+    from flows.hostfs import home_dir
+    from flows.lock import host_lock, new_owner
+    from flows.tasks.compile import compile_serving_release, functions_table
+
+    target = _load(target_file)
+    console = Console()
+    progress = RichHandler(console=console, show_path=False, markup=False)
+    logger = logging.getLogger("flows")  # the step's progress (outside a flow run)
+    logger.addHandler(progress)
+    logger.setLevel(logging.INFO)
+    try:
+        with ExitStack() as stack:
+            host = stack.enter_context(target.connection.open())
+            target = target.on_host(home_dir(host))
+            owner = new_owner("compile", "sdxl-deploy compile")
+            stack.enter_context(host_lock(host, target.new.install_dir, owner, force_unlock))
+            result = compile_serving_release(host, target, force)
+    except FlowError as exc:
+        console.print(f"compile failed: {exc}", markup=False)
+        raise typer.Exit(1) from None
+    finally:
+        logger.removeHandler(progress)
+    console.print(functions_table(result))
 
 
 def demo(

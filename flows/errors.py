@@ -83,6 +83,11 @@ class PrefetchInterrupted(PrefetchFailed):
     transient = True
 
 
+class CompileFailed(FlowError):
+    """The compile step (`serve --compile-only`) exited non-zero, ran past `new.compile_timeout_s` or gave no
+    report; the message carries its last log lines. Nothing that serves was touched by it."""
+
+
 class ServiceDidNotStart(FlowError):
     """The new service exited, or was not ready in time; the message carries its last log lines."""
 

@@ -41,8 +41,10 @@ from flows.supervisor import Restarts, read_restarts
 from flows.target import Target, load_target
 from flows.tasks.backup import backup_current
 from flows.tasks.benchmark import run_benchmark, scan_log
+from flows.tasks.compile import compile_argv, compile_functions, step_pid_file, stop_leftover
 from flows.tasks.cutover import cut_over, discard_staged
 from flows.tasks.deploy import (
+    Release,
     Started,
     build_wheel,
     check_compile,
@@ -73,6 +75,7 @@ Stage = Literal[
     "baseline",
     "ship",
     "prefetch",
+    "compile",
     "stop_current",
     "start_new",
     "start_staged",
@@ -86,18 +89,35 @@ Stage = Literal[
 STAGES: tuple[str, ...] = Stage.__args__  # every stage of either order (what fail_at accepts)
 # The two orders: the same stages before the new service starts and after it is warm; they differ in
 # how it starts (beside the old one, or after stopping it) and in the staged order's cut-over at the end.
+# The compile step runs before the old service stops, except in a stop-first deploy whose box has no room for
+# it beside the old service (flows/capacity.py): there it runs after the stop.
 _BEFORE_START = ("preflight", "backup", "baseline", "ship", "prefetch")
 _AFTER_START = ("warmup", "benchmark", "tunnel", "gate", "approval")
-STOP_FIRST_STAGES: tuple[str, ...] = (*_BEFORE_START, "stop_current", "start_new", *_AFTER_START)
-STAGED_STAGES: tuple[str, ...] = (*_BEFORE_START, "start_staged", *_AFTER_START, "cutover")
+STOP_FIRST_STAGES: tuple[str, ...] = (*_BEFORE_START, "compile", "stop_current", "start_new", *_AFTER_START)
+STAGED_STAGES: tuple[str, ...] = (*_BEFORE_START, "compile", "start_staged", *_AFTER_START, "cutover")
 STAGES_OF: dict[str, tuple[str, ...]] = {"stop-first": STOP_FIRST_STAGES, "staged": STAGED_STAGES}
+STOP_FIRST_COMPILE_AFTER_STOP: tuple[str, ...] = (
+    *_BEFORE_START,
+    "stop_current",
+    "compile",
+    "start_new",
+    *_AFTER_START,
+)
 # From this stage on the old service may be down: a failure puts it back.
 TOUCHES_OLD_FROM: dict[str, str] = {"stop-first": "stop_current", "staged": "cutover"}
 
 
-def touches_old_service(mode: StartMode, stage: str) -> bool:
-    """Whether a failure at `stage` of a deploy in `mode` may have left the old service down."""
-    order = STAGES_OF[mode]
+def stages_of(decision: StartDecision) -> tuple[str, ...]:
+    """The stages of the order preflight chose, the compile step where it runs."""
+    if decision.mode == "stop-first" and not decision.compile_beside:
+        return STOP_FIRST_COMPILE_AFTER_STOP
+    return STAGES_OF[decision.mode]
+
+
+def touches_old_service(mode: StartMode, stage: str, order: tuple[str, ...] | None = None) -> bool:
+    """Whether a failure at `stage` of a deploy in `mode` (its stages `order`, default the mode's) may have
+    left the old service down."""
+    order = order or STAGES_OF[mode]
     return stage in order and order.index(stage) >= order.index(TOUCHES_OLD_FROM[mode])
 
 
@@ -177,12 +197,13 @@ def deploy_sdxl(
                 decision = decide_start_mode(host, target, host_facts, model)
                 run.summary.facts["start"] = decision.model_dump()
                 print(f"start mode: {decision.mode} ({decision.reason})")
+                print(f"compile step: {decision.compile_reason}")
                 if prober:
                     prober.mode = decision.mode
-                if fail_at and fail_at not in STAGES_OF[decision.mode]:
+                if fail_at and fail_at not in stages_of(decision):
                     raise ValueError(
                         f"fail_at {fail_at!r} is not a stage of a {decision.mode} deploy "
-                        f"({', '.join(STAGES_OF[decision.mode])}); set new.start_mode to rehearse it"
+                        f"({', '.join(stages_of(decision))}); set new.start_mode to rehearse it"
                     )
             if dry_run:
                 plan = deploy_plan(target, current.process.describe() if current.process else "?", decision)
@@ -228,6 +249,11 @@ def deploy_sdxl(
             with run.stage("prefetch"):  # the weights onto the box while the old service serves
                 fetched = prefetch_weights(host, target, release)
                 run.summary.facts["prefetch"] = fetched.model_dump()
+            compile_first = staged or decision.compile_beside
+            if compile_first:  # while the old service serves: the new one only loads what the step built
+                with run.stage("compile"):
+                    where = "beside the old service" if staged else "before the old service stops"
+                    build_compiled(run, host, target, release, fetched.offline_ready, where)
             if staged:
                 with run.stage("start_staged"):  # beside the old service, on the staging port
                     started = start_new_service(
@@ -237,6 +263,10 @@ def deploy_sdxl(
             else:
                 with run.stage("stop_current"):
                     stop_service(host, current.process, target.current.port, target.current.stop_timeout_s)
+                if not compile_first:
+                    with run.stage("compile"):  # no room for it beside the old service: the app waits for it
+                        where = "after the old service stopped (no room beside it)"
+                        build_compiled(run, host, target, release, fetched.offline_ready, where)
                 with run.stage("start_new"):
                     started = start_new_service(host, target, release, offline=fetched.offline_ready)
                     note_started(host, target, state, started)
@@ -292,7 +322,15 @@ def deploy_sdxl(
                     run.summary.facts["cutover"] = cut.model_dump(exclude={"health"})
                     check_after_cutover(run, host, target, prober, gates)
         except StageFailed as failure:
-            _after_failure(run, host, target, state, failure, decision.mode if decision else "stop-first")
+            _after_failure(
+                run,
+                host,
+                target,
+                state,
+                failure,
+                decision.mode if decision else "stop-first",
+                stages_of(decision) if decision else None,
+            )
             raise DeployFailed(f"deploy-sdxl {run.summary.message}", str(run.dir)) from None
 
         if started.launch is not None:
@@ -316,6 +354,16 @@ def deploy_sdxl(
             "completed",
             f"deployed {target.new.model} on port {target.new.port} ({decision.mode}); {how}all gates passed",
         )
+
+
+def build_compiled(
+    run: RunRecord, host: Host, target: Target, release: Release, offline: bool, where: str
+) -> None:
+    """Run the compile step for the release's new service; its report is the stage's evidence (`summary.json`
+    facts `compile`, report.md), its problems the run's warnings."""
+    result = compile_functions(host, target, release, offline=offline, where=where)
+    run.summary.facts["compile"] = result.model_dump()
+    run.summary.warnings += result.warnings()
 
 
 def note_started(host: Host, target: Target, state: DeployState, started: Started) -> None:
@@ -376,6 +424,7 @@ def recover(host: Host, target: Target, interrupted: DeployState) -> dict[str, A
         "run_id": interrupted.run_id,
         "stage": interrupted.stage,
         "mode": interrupted.mode,
+        "stopped_compile": stop_leftover(host, step_pid_file(target.new.install_dir)),
     }
     if interrupted.mode == "staged" and not interrupted.cut_over:
         facts["stopped_staged"] = discard_staged(host, target, interrupted.new_process)
@@ -399,10 +448,11 @@ def _after_failure(
     state: DeployState | None,
     failure: StageFailed,
     mode: StartMode,
+    order: tuple[str, ...] | None = None,
 ) -> None:
     """Put the old service back when it may have been touched; before that (a staged deploy before its
     cut-over) stop only the staged new service. Record whether the old service answers afterwards."""
-    touched = touches_old_service(mode, failure.stage)
+    touched = touches_old_service(mode, failure.stage, order)
     outcome = ""
     port = target.current.port
     if host is not None and touched:
@@ -478,6 +528,22 @@ def deploy_plan(target: Target, current_process: str, decision: StartDecision) -
         + f"; log {new.log_file}, pid file {new.pid_file}"
     )
     port = new.port if stage_port is None else stage_port
+    compile_step = (
+        f"build the compiled functions the new service loads: `{' '.join(compile_argv(serve_argv(target, python)))}` "
+        f"in the release folder with the service's environment (up to {new.compile_timeout_s:.0f} s; functions "
+        f"already on disk for the same model structure, GPU, torch and diffusers are reused); "
+        f"{decision.compile_reason}"
+        + (
+            ""
+            if staged or decision.compile_beside
+            else "; a first SDXL build takes minutes (10-20 on a 24 GiB card), seconds when an earlier release "
+            "built its functions"
+        )
+    )
+    if staged:
+        starting = [compile_step, start]
+    else:
+        starting = [compile_step, stop, start] if decision.compile_beside else [stop, compile_step, start]
     steps = [
         f"start mode: {decision.mode} ({decision.reason})",
         f"back up {', '.join(cur.files) or '(no files)'}, the start command, process info, {cur.log_file} and "
@@ -500,7 +566,7 @@ def deploy_plan(target: Target, current_process: str, decision: StartDecision) -
             if new.prefetch.enabled
             else "no prefetch (new.prefetch.enabled is off): the new service downloads its weights itself"
         ),
-        *([start] if staged else [stop, start]),
+        *starting,
         f"stream the log and wait for /ready on port {port} (up to {new.ready_timeout_s:.0f} s), "
         f"{target.workload.warmup_requests} warm-up request(s)",
         f"benchmark {target.workload.benchmark_runs} generations at "
@@ -619,6 +685,8 @@ def rollback_sdxl(
                 host, target = connect(stack, target)
                 take_lock(stack, host, target, run, force_unlock)
                 stack.enter_context(watch_downtime(run, host, target))
+                # an interrupted deploy's compile step would hold memory beside the service put back
+                stop_leftover(host, step_pid_file(target.new.install_dir))
                 result = roll_back(host, target, backup)
                 run.summary.facts["rollback"] = result.model_dump()
                 run.summary.backup_dir = result.backup_dir

@@ -209,6 +209,9 @@ def report_markdown(summary: RunSummary) -> str:
             lines.append(f"- {row.criterion}: **INCONCLUSIVE**, a person should look: {row.observed}")
     if summary.downtime:
         lines.append(f"- downtime: {summary.downtime.describe()}")
+    compiled = summary.facts.get("compile")  # the compile step's report (flows/tasks/compile.py)
+    if isinstance(compiled, dict) and compiled.get("summary"):
+        lines.append(f"- compile step ({compiled.get('where')}): {compiled['summary']}")
     if summary.failed_stage or summary.rolled_back:
         lines.append(
             f"- rolled back: {'yes' if summary.rolled_back else 'no'}; old service answering afterwards: "

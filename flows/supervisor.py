@@ -83,11 +83,17 @@ def supervisor_paths(install_dir: str) -> tuple[str, str, str]:
     return f"{install_dir}/supervise.sh", f"{install_dir}/sdxl-api.env", f"{install_dir}/sdxl-api.restarts"
 
 
+def write_env_file(host: Host, path: str, env: dict[str, str]) -> None:
+    """A private env file (0600) that `sh` sources (`. FILE`): how a service's environment, secrets included,
+    reaches it without a command line (the supervisor's; the compile step's)."""
+    write_text(host, path, "".join(f"export {name}={q(value)}\n" for name, value in env.items()))
+
+
 def prepare_supervisor(host: Host, install_dir: str, env: dict[str, str]) -> list[str]:
     """Write the script and the private env file, reset the restart count; the argv prefix to start it."""
     script, env_file, restarts = supervisor_paths(install_dir)
     write_text(host, script, SUPERVISOR_SCRIPT)
-    write_text(host, env_file, "".join(f"export {name}={q(value)}\n" for name, value in env.items()))
+    write_env_file(host, env_file, env)
     run_checked(host, f"rm -f -- {q(restarts)}", f"resetting {restarts}")
     return ["sh", script, str(MAX_QUICK_CRASHES)]
 
@@ -105,10 +111,14 @@ class Launch(BaseModel):
     pid_file: str
 
 
+def resolved_env(launch: Launch) -> dict[str, str]:
+    """The launch's whole environment: `env` plus its `secret_env` references resolved now."""
+    return {**launch.env, **{name: resolve_secret(source) for name, source in launch.secret_env.items()}}
+
+
 def start_supervised(host: Host, launch: Launch) -> ProcessInfo:
     """Start `launch.argv` detached under the restart-loop supervisor, secrets resolved now."""
-    env = {**launch.env, **{name: resolve_secret(source) for name, source in launch.secret_env.items()}}
-    supervisor = prepare_supervisor(host, launch.install_dir, env)
+    supervisor = prepare_supervisor(host, launch.install_dir, resolved_env(launch))
     return start_detached(
         host,
         [*supervisor, *launch.argv],

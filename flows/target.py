@@ -216,6 +216,12 @@ class NewService(_Model):
         2400.0, gt=0, description="How long loading may take (a first download of SDXL takes ~30 min)."
     )
     stop_timeout_s: float = Field(30.0, gt=0, description="Seconds between TERM and KILL when stopping it.")
+    compile_timeout_s: float = Field(
+        2700.0,
+        gt=0,
+        description="Stage compile: how long the compile step (`serve --compile-only`) may run before it is "
+        "stopped and the stage fails (a first SDXL build on a 24 GiB card: 10-20 min; seconds when reused).",
+    )
     prefetch: PrefetchSettings = Field(default_factory=PrefetchSettings)
     hub_token: str | None = Field(
         None,

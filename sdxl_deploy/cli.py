@@ -1,4 +1,4 @@
-"""The `sdxl-deploy` command line: serve, models, deploy/verify/rollback, deploy-fleet, demo, evaluate, report; and, from a
+"""The `sdxl-deploy` command line: serve, models, deploy/verify/rollback, compile, deploy-fleet, demo, evaluate, report; and, from a
 checkout of the repository, the benchmarks bench-gpu, bench-unet and bench-beside."""
 
 from __future__ import annotations
@@ -74,6 +74,7 @@ for _name in BENCH_COMMANDS:
 app.add_typer(service_commands.models_app, name="models")
 for _name in ("deploy", "verify", "rollback", "approve", "releases", "demo"):
     app.command(_name)(getattr(flow_commands, _name))
+app.command("compile")(flow_commands.compile_release)
 app.command("deploy-fleet")(fleet_commands.deploy_fleet)
 app.command("evaluate")(evaluation_commands.evaluate)
 app.command("report")(evaluation_commands.report)

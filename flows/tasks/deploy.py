@@ -289,6 +289,24 @@ def serve_argv(target: Target, python: str | None = None, stage_port: int | None
     ]
 
 
+def service_launch(
+    target: Target, release: Release, stage_port: int | None = None, *, offline: bool = False
+) -> Launch:
+    """How the new service starts from the release: its argv, folder, environment and secret references (the
+    compile step, `flows/tasks/compile.py`, runs with the very same). `offline`: HF_HUB_OFFLINE=1."""
+    new = target.new
+    hub = {"HF_HUB_OFFLINE": "1"} if offline else {}
+    return Launch(
+        argv=serve_argv(target, release.python, stage_port),
+        workdir=release.path,
+        env={"PYTHONPATH": "", **new.env, **hub},  # the release's own environment only
+        secret_env=new.secret_env,
+        install_dir=new.install_dir,
+        log_file=new.log_file,
+        pid_file=new.pid_file,
+    )
+
+
 @task(cache_policy=NO_CACHE)
 def start_new_service(
     host: Host, target: Target, release: Release, stage_port: int | None = None, *, offline: bool = False
@@ -299,16 +317,7 @@ def start_new_service(
     its weights are in the box's hub cache (stage `prefetch`), so it starts with HF_HUB_OFFLINE=1."""
     new = target.new
     offset = file_size(host, new.log_file) or 0
-    hub = {"HF_HUB_OFFLINE": "1"} if offline else {}
-    launch = Launch(
-        argv=serve_argv(target, release.python, stage_port),
-        workdir=release.path,
-        env={"PYTHONPATH": "", **new.env, **hub},  # the release's own environment only
-        secret_env=new.secret_env,
-        install_dir=new.install_dir,
-        log_file=new.log_file,
-        pid_file=new.pid_file,
-    )
+    launch = service_launch(target, release, stage_port, offline=offline)
     process = start_supervised(host, launch)
     port = new.port if stage_port is None else stage_port
     run_logger().info(
