@@ -6,9 +6,10 @@ from pathlib import Path
 
 import pytest
 
+from flows.commands import STAGE_NAMES
 from flows.demo import demo_target
 from flows.errors import StageFailed
-from flows.runbook import STAGES
+from flows.runbook import STAGES, STAGES_OF, STOP_FIRST_COMPILE_AFTER_STOP
 from flows.rundir import RunRecord
 
 
@@ -28,3 +29,16 @@ def test_fail_at_fails_exactly_its_stage_through_the_one_failure_path(tmp_path: 
     assert failed.value.stage == stage
     assert [(s.name, s.status) for s in run.summary.stages] == [(other, "completed"), (stage, "failed")]
     assert run.summary.failed_stage == stage
+
+
+def test_every_order_is_made_of_the_stages_fail_at_and_the_cli_accept() -> None:
+    """Both orders, and the stop-first order whose compile step runs after the stop (no room beside the old
+    service), use only the stages fail_at (UI) and --fail-at (CLI) accept, and together every one of them; the
+    compile step always comes after prefetch (the weights on the box) and before the new service starts."""
+    orders = [*STAGES_OF.values(), STOP_FIRST_COMPILE_AFTER_STOP]
+    assert set().union(*orders) == set(STAGES) == set(STAGE_NAMES.split(", "))
+    for order in orders:
+        start = "start_staged" if "start_staged" in order else "start_new"
+        assert order.index("prefetch") < order.index("compile") < order.index(start)
+    after_stop = STOP_FIRST_COMPILE_AFTER_STOP
+    assert after_stop.index("stop_current") < after_stop.index("compile")
