@@ -19,6 +19,9 @@ export SDXL_DEPLOY_CACHE ?= $(CURDIR)/.cache/models
 # tests stay in one process (module-scoped engines and servers are built once), in the order tests/conftest.py
 # puts them (the longest modules first).
 TEST_WORKERS ?= 3
+# Python compiles each module the first time it is imported; compiling all of torch's at install is minutes of
+# a 2-core machine for files no test imports.
+PIP_FAST   := --no-compile
 PYTEST     := -m pytest -q -p no:cacheprovider -n $(TEST_WORKERS) --dist loadscope --no-loadscope-reorder
 
 .PHONY: setup setup-seed demo test test-seed coverage lint ui clean system-deps
@@ -30,8 +33,8 @@ $(STAMP): pyproject.toml constraints.txt service/requirements.txt
 	@$(MAKE) --no-print-directory system-deps
 	test -x $(PY) || python3 -m venv .venv
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -c constraints.txt torch torchvision
-	$(PY) -m pip install -q -c constraints.txt -c service/requirements.txt -e '.[test]'
+	$(PY) -m pip install -q $(PIP_FAST) -c constraints.txt torch torchvision
+	$(PY) -m pip install -q $(PIP_FAST) -c constraints.txt -c service/requirements.txt -e '.[test]'
 	touch $(STAMP)
 
 setup-seed: $(SEED_STAMP)
@@ -41,7 +44,7 @@ setup-seed: $(SEED_STAMP)
 $(SEED_STAMP): pyproject.toml constraints-seed.txt service/requirements.txt
 	test -x $(SEED_PY) || python3 -m venv .venv-seed
 	$(SEED_PY) -m pip install -q --upgrade pip
-	$(SEED_PY) -m pip install -q -c constraints-seed.txt -c service/requirements.txt -e '.[test]'
+	$(SEED_PY) -m pip install -q $(PIP_FAST) -c constraints-seed.txt -c service/requirements.txt -e '.[test]'
 	touch $(SEED_STAMP)
 
 # Debian packages the tests use: a real OpenSSH server, a real Chromium and a real HAProxy (fleet tests, demo --fleet).
@@ -53,9 +56,14 @@ system-deps:
 demo: setup
 	$(PY) -m sdxl_deploy.cli demo
 
+# The seed environment is installed while the main suite runs (its tests wait on processes much of the time);
+# its output goes to .cache/setup-seed.log, shown if it fails.
 test: setup
 	$(PY) -m ruff check --no-cache .
-	$(PY) $(PYTEST)
+	@nice -n 10 $(MAKE) --no-print-directory setup-seed > .cache/setup-seed.log 2>&1 & seed=$$!; \
+	$(PY) $(PYTEST); status=$$?; \
+	wait $$seed || { tail -n 40 .cache/setup-seed.log; echo "make setup-seed failed (.cache/setup-seed.log)"; exit 1; }; \
+	exit $$status
 	@$(MAKE) --no-print-directory test-seed
 
 # Its own model cache: the generated models are written by that stack's diffusers.
