@@ -3,12 +3,13 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 import httpx
 
@@ -134,6 +135,31 @@ class ServiceProcess:
 
     def log_tail(self, lines: int = 30) -> str:
         return log_tail(self.log, lines)
+
+
+def run_compile_step(
+    model: str | Path, env: dict[str, str], log: Path, timeout_s: float = 3600.0
+) -> dict[str, Any]:
+    """`sdxl-deploy serve --model MODEL --compile-only` (the compile step) with the environment `ServiceProcess`
+    gives the service plus `env`; its JSON report, with `wall_s` added. Its log (stderr) goes to `log`."""
+    inherited = {k: v for k, v in os.environ.items() if k != "TORCHINDUCTOR_CACHE_DIR"}
+    pythonpath = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
+    command = [sys.executable, "-m", "sdxl_deploy.cli", "serve", "--model", str(model), "--compile-only"]
+    started = time.perf_counter()
+    with open(log, "wb") as err:
+        done = subprocess.run(
+            command,
+            cwd=REPO,
+            env={**inherited, "PYTHONPATH": pythonpath, **env},
+            stdout=subprocess.PIPE,
+            stderr=err,
+            timeout=timeout_s,
+        )
+    if done.returncode != 0:
+        raise RuntimeError(f"the compile step exited {done.returncode}{_tail_suffix(log)}")
+    report: dict[str, Any] = json.loads(done.stdout.decode().strip().splitlines()[-1])
+    report["wall_s"] = round(time.perf_counter() - started, 1)
+    return report
 
 
 def log_tail(log: Path | None, lines: int = 30) -> str:

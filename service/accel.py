@@ -11,17 +11,18 @@ by the benchmark (`sdxl-deploy bench-gpu`, docs/BENCHMARKS.md), not assumed here
 - cudnn_benchmark: cuDNN times its convolution algorithms once per shape and keeps the fastest.
 - compile: `torch.compile` of the UNets (and the VAE decoder), with Inductor's cache persisted in
   `compile_cache_dir` so a restart reuses the compiled kernels instead of compiling for minutes.
-- save_compiled: with compile, each compiled module is kept whole on disk (its traced graph, guards and
-  kernels: torch's ahead-of-time compile, `service/saved_compile.py`), so a restart loads it instead of
-  tracing the model again.
+- save_compiled: with compile, compiled modules are functions built by the compile step (`sdxl-deploy serve
+  --compile-only`, `service/compile_step.py`) and kept on disk: static ones for the warm-up's sizes and one
+  dynamic-shape function per call form for every other size (`service/saved_compile.py`); the service only
+  loads them, and never compiles once ready.
 - compile_text_encoders: with compile, the text encoders too (each text is encoded alone, batch 1, so one
   compiled shape; `service/embeddings.py` keeps the embeddings of recent texts).
 - cuda_graphs: compile mode `reduce-overhead`: each UNet call is replayed as one CUDA graph, removing the
   CPU launch overhead (what limits SD1.5 at 512 px).
 - warmup_on_load: short generations at the default size and the `ready_sizes` before `/ready`
-  (`service/warmup.py`), so those compiles happen then and not in a client's request. Once ready, a size
-  with no compiled function runs uncompiled at once and compiles on a compile thread (with save_compiled:
-  `saved_compile.BackgroundCompiler`); later requests at that size use the compiled function.
+  (`service/warmup.py`): they load the compiled functions' kernels and record their CUDA graphs (and build
+  the functions when no compile step ran). Once ready, a shape no compiled function accepts runs uncompiled
+  and is counted; nothing compiles in the serving process (`torch.compiler.set_stance`).
 - coalesce: compatible requests waiting in the queue run as one batched call (`service/worker.py`), in
   batches of 2, 4, ... images up to `coalesce_max_images`; with compile on, each of those sizes is warmed up
   too (static shapes: each batch size is its own compiled graph).
@@ -43,7 +44,7 @@ import torch
 
 from service import saved_compile
 from service.compile_check import compile_problem
-from service.schema import CompileStatus
+from service.schema import CompiledFunction, CompileStatus
 from service.settings import ServiceSettings, Toggle
 
 log = logging.getLogger(__name__)
@@ -198,8 +199,9 @@ def _indexed_modules(
                 yield name, module, index
 
 
-def apply_speed(plan: SpeedPlan, pipes: Iterable[Any]) -> list[str]:
-    """Apply `plan` to the pipelines' UNets and VAEs in place (shared modules once); return what was done."""
+def apply_speed(plan: SpeedPlan, pipes: Iterable[Any], *, build: bool = False) -> list[str]:
+    """Apply `plan` to the pipelines' UNets and VAEs in place (shared modules once); return what was done.
+    `build`: the compile step's load (saved-compile calls compile what they meet; the service's only load)."""
     from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
 
     done: list[str] = []
@@ -224,9 +226,9 @@ def apply_speed(plan: SpeedPlan, pipes: Iterable[Any]) -> list[str]:
         # shapes the refiner's first call turned into a slow symbolic-shape recompile (> 6 min on SDXL);
         # static shapes compile each (model, size) once, cached on disk.
         if plan.compile and name == "unet":  # the engine passes (base, refiner, img2img)
-            _compile(plan, module, name, "refiner unet" if index == 1 else "unet")
+            _compile(plan, module, name, "refiner unet" if index == 1 else "unet", build=build)
         elif plan.compile_vae and name == "vae":
-            _compile(plan, module.decoder, "vae-decoder")
+            _compile(plan, module.decoder, "vae-decoder", build=build)
         done.append(f"{name}:{'sdpa' if plan.sdpa else 'classic-attn'}{'+fused' if plan.fuse_qkv else ''}")
     if plan.compile_text_encoders:
         for name, module in _modules(pipes, ("text_encoder", "text_encoder_2")):
@@ -238,11 +240,13 @@ def apply_speed(plan: SpeedPlan, pipes: Iterable[Any]) -> list[str]:
     return done
 
 
-def _compile(plan: SpeedPlan, module: torch.nn.Module, label: str, name: str | None = None) -> None:
+def _compile(
+    plan: SpeedPlan, module: torch.nn.Module, label: str, name: str | None = None, *, build: bool = False
+) -> None:
     """Compile `module`'s calls: saved whole on disk with `save_compiled`, else plain torch.compile."""
     if plan.save_compiled and plan.cache_dir:
         saved_compile.saved_compile(
-            module, Path(plan.cache_dir) / saved_compile.FOLDER, label, plan.compile_mode, name
+            module, Path(plan.cache_dir) / saved_compile.FOLDER, label, plan.compile_mode, name, build=build
         )
     else:
         module.compile(mode=plan.compile_mode, fullgraph=False, dynamic=False)
@@ -261,14 +265,20 @@ def is_compiled(module: torch.nn.Module) -> bool:
 
 
 def compile_status(pipes: Iterable[Any]) -> CompileStatus | None:
-    """Which shapes of the saved-compile calls are compiled, compiling (or queued) and failed; None without."""
+    """The saved-compile calls' functions, what each covers, and the shapes run uncompiled; None without."""
     calls = saved_compiles(pipes)
     if not calls:
         return None
-    shapes = [(shape, state) for call in calls for shape, state in list(call.shapes.items())]
     return CompileStatus(
-        compiled=[shape for shape, state in shapes if state == "compiled"],
-        compiling=[shape for shape, state in shapes if state in ("queued", "compiling")],
-        failed=[shape for shape, state in shapes if state == "failed"],
+        functions=[
+            CompiledFunction(
+                module=call.name, covers=f.covers, dynamic=f.dynamic, file=f.file, source=f.source
+            )
+            for call in calls
+            for f in call.functions
+        ],
+        compiled=[cover for call in calls for cover in call.covers()],
+        uncompiled={shape: count for call in calls for shape, count in call.uncompiled.items()},
         uncompiled_calls=sum(call.uncompiled_calls for call in calls),
+        problems=[problem for call in calls for problem in call.problems],
     )

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
+
+if TYPE_CHECKING:
+    from service.settings import ServiceSettings
 
 models_app = typer.Typer(help="Generated models: list them, or write one to disk.", no_args_is_help=True)
 
@@ -20,13 +23,22 @@ def serve(
     ] = None,
     ready_sizes: Annotated[
         str | None,
-        typer.Option(help="Sizes compiled before /ready besides the default, e.g. 512x512,832x1216."),
+        typer.Option(help="Sizes compiled (static) besides the default, e.g. 512x512,832x1216."),
     ] = None,
+    compile_only: Annotated[
+        bool,
+        typer.Option(
+            "--compile-only",
+            help="Build the compiled functions a service with these settings loads, print a JSON report, exit "
+            "(the compile step; nothing listens).",
+        ),
+    ] = False,
 ) -> None:
     """Serve a model over HTTP (GET /health, GET /ready, POST /generate, GET /metrics)."""
     from service.takeover_signal import hold_takeover_signal
 
-    hold_takeover_signal()  # before torch is imported (it starts threads): the cut-over signal is never lost
+    if not compile_only:
+        hold_takeover_signal()  # before torch is imported (it starts threads): the cut-over signal is never lost
     from pydantic import ValidationError
 
     from service.models import require_model_exists
@@ -50,11 +62,27 @@ def serve(
     except ValueError as exc:
         typer.echo(f"invalid setting {_setting_source('model', given)}: {exc}", err=True)
         raise typer.Exit(2) from None
+    if compile_only:
+        _compile_step(settings)
+        return
     try:
         run_server(settings)
     except PortInUse as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(1) from None
+
+
+def _compile_step(settings: ServiceSettings) -> None:
+    """`serve --compile-only`: the compile step (service/compile_step.py); its report is the last stdout line."""
+    import logging
+
+    from service.compile_step import build
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    report = build(settings)
+    for problem in report.problems:
+        typer.echo(f"warning: {problem}", err=True)
+    typer.echo(report.model_dump_json())
 
 
 def _setting_source(setting: str, options: dict[str, object]) -> str:

@@ -6,7 +6,7 @@ import gc
 import logging
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,7 +23,6 @@ from service.models import ModelSpec, resolve_model
 from service.params import GenerationParams, final_size, resolve_params
 from service.restorers import FaceRestorer, load_restorer
 from service.samplers import SchedulerCache
-from service.saved_compile import BackgroundCompiler
 from service.schema import GenerateRequest
 from service.settings import ServiceSettings
 from service.startup import StartupRecord
@@ -107,7 +106,9 @@ class Engine:
         self.schedulers = SchedulerCache()
         self.quality_options: list[str] = []  # opt-in settings in force that change the images
         self.embeddings = TextEmbeddings(settings.prompt_cache_size)  # prompts encoded once, kept
-        self.compiler: BackgroundCompiler | None = None  # once ready: compiles new shapes aside (warmup.py)
+        self.building = (
+            False  # the compile step's engine: builds compiled functions (service/compile_step.py)
+        )
 
     # ----- loading -------------------------------------------------------------------------------
 
@@ -175,7 +176,7 @@ class Engine:
         self.img2img.set_progress_bar_config(disable=True)
         self.speed = checked_plan(s, self.device, spec.backend)  # compile off where it does not work
         self.startup.set(compile=self.speed.compile, warnings=list(self.speed.warnings))
-        apply_speed(self.speed, (base, refiner, self.img2img))
+        apply_speed(self.speed, (base, refiner, self.img2img), build=self.building)
         self.restorer = load_restorer(s.face_restorer)
         self.spec, self.base, self.refiner = spec, base, refiner
         self.embeddings = TextEmbeddings(s.prompt_cache_size)  # kept embeddings belong to these encoders
@@ -281,14 +282,12 @@ class Engine:
             raise GenerationFailed("model is not loaded")
         timings: dict[str, float] = {}
         self._reset_peak()
-        beside = self.compiler.request_running() if self.compiler is not None else nullcontext()
         try:
             self.faults.maybe_raise()
-            with beside:  # a compile running aside shares the GIL in short turns
-                if len(requests) == 1:
-                    images = self._run_stages(*requests[0], timings)
-                else:
-                    images = self._run_coalesced(requests, timings)
+            if len(requests) == 1:
+                images = self._run_stages(*requests[0], timings)
+            else:
+                images = self._run_coalesced(requests, timings)
         except torch.OutOfMemoryError as exc:
             self.free_memory()
             w, h = final_size(requests[0][0])
@@ -429,7 +428,13 @@ class Engine:
 
     def _reset_peak(self) -> None:
         if self.device.type == "cuda":
+            self.process_peak_gb = max(self.process_peak_gb, self._peak_gb() or 0.0)
             torch.cuda.reset_peak_memory_stats(self.device)
+
+    def peak_gb_since_start(self) -> float | None:
+        """The most GPU memory this engine's process allocated at any time (None without CUDA)."""
+        peak = self._peak_gb()
+        return None if peak is None else max(self.process_peak_gb, peak)
 
     def _peak_gb(self) -> float | None:
         if self.device.type != "cuda":

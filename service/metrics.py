@@ -55,8 +55,9 @@ class ServiceMetrics:
 
 
 class _CompileCollector(Collector):
-    """`sdxl_compile_shape{shape, state}` = 1 per shape (compiled, compiling, failed) and the count of module
-    calls run uncompiled because their shape was not compiled yet, read from the engine at each scrape."""
+    """`sdxl_compile_shape{shape, state}` = 1 per shape a compiled function covers ("compiled") or that ran
+    uncompiled ("uncompiled"), and the count of module calls run uncompiled, read from the engine at each
+    scrape."""
 
     def __init__(self, compiles: Callable[[], CompileStatus | None]) -> None:
         self.compiles = compiles
@@ -65,15 +66,16 @@ class _CompileCollector(Collector):
         status = self.compiles() or CompileStatus()
         shapes = GaugeMetricFamily(
             "sdxl_compile_shape",
-            "Shapes of the compiled modules by state: compiled, compiling (off the request path) or failed.",
+            "Shapes of the compiled modules: covered by a compiled function, or run uncompiled.",
             labels=["shape", "state"],
         )
-        for state in ("compiled", "compiling", "failed"):
-            for shape in getattr(status, state):
-                shapes.add_metric([shape, state], 1)
+        for shape in status.compiled:
+            shapes.add_metric([shape, "compiled"], 1)
+        for shape in status.uncompiled:
+            shapes.add_metric([shape, "uncompiled"], 1)
         yield shapes
         yield CounterMetricFamily(
             "sdxl_uncompiled_calls",
-            "Module calls run uncompiled because their shape was compiling off the request path (or failed).",
+            "Module calls run uncompiled because no compiled function accepted their shape.",
             value=status.uncompiled_calls,
         )

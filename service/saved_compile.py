@@ -1,50 +1,45 @@
-"""Compiled modules saved whole, so that a restart loads them instead of tracing the model again.
+"""Compiled modules built by a compile step and only loaded by the serving process.
 
-`torch.compile` traces every compiled module again at each start, even when all of Inductor's kernels come
-from the disk cache: for SDXL base + refiner that tracing (Dynamo's bytecode analysis and guard building,
-~28 s) is most of a ~44 s warm-up (docs/BENCHMARKS.md). torch's ahead-of-time compile
-(`torch.compile(..., fullgraph=True).aot_compile(...)`, torch >= 2.10, experimental) keeps what one such
-compilation produced - the graph's bytecode, its guards and the compiled kernels - as one file that a later
-process loads without tracing anything.
+`torch.compile` in a serving process holds the GPU worker for minutes at every size it has not seen (the
+compile holds the GIL that the request needs at each of the UNet's ~2000 ops: 117 s for a 512 px SDXL request
+on an H200, docs/BENCHMARKS.md). So compiling is a build step: `sdxl-deploy serve --compile-only`
+(`service/compile_step.py`) loads the model in a process of its own, compiles each module's calls with torch's
+ahead-of-time compile (`torch.compile(..., fullgraph=True).aot_compile(...)`, torch >= 2.10) and saves each
+function - its bytecode, guards and kernels - as one file; the service loads the files (seconds) and never
+compiles after `/ready`.
 
-`SavedCompile` is a module's compiled call. Each input signature (the call's structure and every leaf's
-shape, dtype, device, strides or value) gets its own compiled function, kept in the cache folder under a
-name hashed from that signature, the module's structure and the versions; loaded or compiled on the first
-call that needs it. Every call checks the function's guards, as torch.compile does; a call that none of
-the loaded functions accepts compiles (and saves) another. The guards that cannot be saved (identities of
-functions, classes and modules, and globals) are dropped: the file's name already covers what they check
-(the module's code, layers and attention processors, and the torch / diffusers versions). A signature that
-cannot be compiled whole or saved runs under plain `torch.compile` of the module, with a warning (torch
-2.11 cannot save a UNet call that returns diffusers' output dataclass; the pipelines ask for tuples).
+`SavedCompile` is a module's compiled call. Two kinds of function:
+- static, one per input signature (the call's structure and every leaf's shape, dtype, device, strides or
+  value) that the warm-up generations make: the default size, each coalesced batch, the `ready_sizes`;
+- dynamic, one per call form of a one-image generation: the latent's height and width are symbolic
+  (`maybe_mark_dynamic`), so one function serves every size its guards accept (multiples of the UNet's
+  down-sampling factor) at compiled speed from the first request (within ~1.2x of a static function on an
+  H100, docs/BENCHMARKS.md).
+Each call tries the static functions, then the dynamic ones, by their guards. A call that none accepts (an
+odd latent, a batch the step did not build) runs the module uncompiled, is logged once per shape and counted
+(`uncompiled_calls`, `/metrics`); it is never compiled in the serving process.
 
-Off the request path (`BackgroundCompiler`, attached once the service is ready): a call whose signature has
-no function yet runs the module uncompiled at once (the same images up to rounding), and its signature is
-compiled and saved on a compile thread of the same process; the calls after it use the new function. Why a
-thread: torch's ahead-of-time compile traces with fake tensors (it runs nothing on the GPU) and Dynamo's
-frame hook is per thread, so the GPU worker thread keeps running requests (uncompiled, or other sizes'
-compiled functions) while the compile thread traces and Inductor builds kernels; the new function is first
-called - and its CUDA graphs recorded - on the GPU worker thread, the only thread whose graph tree the
-service uses. Nothing is loaded twice (a compile process would hold a second copy of the model on the card).
-The GIL: every torch op releases and takes back the GIL, so a worker thread that shares it with a busy
-compile thread waits up to a switch interval (5 ms by default) at each of a UNet's ~2000 ops: measured on an
-H200, an uncompiled SDXL request at 512 px took 89 s instead of 3.3 s beside a compile. So while a request
-runs beside a compile (`BackgroundCompiler.request_running`, used by the engine) the interval is 20 us: the
-worker waits microseconds per op and the compile goes on at a share of the GIL.
-(Parking the compile thread with a profile hook kept requests at uncompiled speed but slowed the compile
-itself several-fold: measured, docs/BENCHMARKS.md.)
+Files live in the cache folder, named `<label>-<module key>-<signature key>.bin` with a `.json` beside each
+that says what it covers. The module key hashes what the compiled code depends on - the module's code,
+layers, parameter shapes and dtypes, attention processors, GPU generation, torch and diffusers versions and
+the compile mode - and not the weights' values, which the function reads at call time: a release that
+changes none of these reuses the files. The guards that cannot be saved (identities of functions, classes
+and modules, and globals) are dropped: the module key covers what they check. A file that cannot be loaded
+(damaged, foreign) is skipped by the service with a warning and built again by the next compile step.
+A signature that cannot be compiled whole or saved runs under plain `torch.compile` in the compile step and
+stays uncompiled in the service, with the reason (torch 2.11 cannot save a UNet call that returns diffusers'
+output dataclass; the pipelines ask for tuples).
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
-import queue
-import sys
-import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import ExitStack, contextmanager
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -54,7 +49,7 @@ from torch.utils import _pytree as pytree
 
 log = logging.getLogger(__name__)
 
-FORMAT = 1  # bump when the way functions are compiled or saved changes, so old files are not loaded
+FORMAT = 2  # bump when the way functions are compiled or saved changes, so old files are not loaded
 FOLDER = "saved"  # under the compile cache folder
 
 Signature = tuple[str, tuple[tuple[Any, ...], ...]]
@@ -138,54 +133,118 @@ def _wrapped_functions(module: torch.nn.Module) -> dict[str, Any]:
 
 def describe(label: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
     """A signature as /health names it: the label and the first tensor's shape, e.g. "unet 2x4x128x128"."""
-    for leaf in pytree.tree_leaves((args, kwargs)):
-        if isinstance(leaf, torch.Tensor):
-            return f"{label} {'x'.join(map(str, leaf.shape))}"
-    return label
+    tensor = _first_tensor(args, kwargs)
+    return label if tensor is None else f"{label} {'x'.join(map(str, tensor.shape))}"
+
+
+def _first_tensor(args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor | None:
+    return next((x for x in pytree.tree_leaves((args, kwargs)) if isinstance(x, torch.Tensor)), None)
+
+
+def dynamic_signature(key: Signature) -> Signature:
+    """The call form of a signature: the first tensor's height and width (and the strides they set) open."""
+    structure_, leaves = key
+    opened = list(leaves)
+    for index, leaf in enumerate(leaves):
+        if leaf[0] == "tensor":
+            if len(leaf[1]) == 4:
+                shape = (*leaf[1][:2], "H", "W")
+                opened[index] = ("tensor", shape, leaf[2], leaf[3], "any")
+            break
+    return structure_, tuple(opened)
+
+
+@dataclass(frozen=True)
+class Function:
+    """One compiled function of a module, and what it covers ("2x4x64x64", or "2x4xHxW" when dynamic)."""
+
+    fn: Any
+    file: str
+    covers: str
+    dynamic: bool
+    source: str  # "loaded" (from disk) or "compiled" (by this process)
 
 
 class SavedCompile:
-    """A module's call, compiled whole once per input signature and kept on disk in `cache_dir`."""
+    """A module's call through compiled functions kept on disk in `cache_dir` (module doc).
+
+    `build`: calls with no function compile (or load) a static one and save it, and `build_dynamic()` adds
+    the dynamic ones (the compile step, `service/compile_step.py`). Not building (the service): every file
+    of this module is loaded at once, and a call no function accepts runs uncompiled.
+    """
 
     def __init__(
-        self, module: torch.nn.Module, cache_dir: Path, label: str, mode: str, name: str | None = None
+        self,
+        module: torch.nn.Module,
+        cache_dir: Path,
+        label: str,
+        mode: str,
+        name: str | None = None,
+        *,
+        build: bool = False,
     ) -> None:
         self.module = module
         self.cache_dir = cache_dir
         self.label = label
         self.name = name or label  # what /health calls it ("refiner unet"); files are named by `label`
         self.mode = mode
-        self.background: BackgroundCompiler | None = None  # set: new signatures compile off the call path
-        self.shapes: dict[str, str] = {}  # describe() -> compiled | queued | compiling | failed
-        self.uncompiled_calls = 0  # calls run uncompiled while their signature compiled elsewhere (or failed)
-        self._structure = hashlib.sha256(structure(module).encode()).hexdigest()
+        self.build = build
+        self.recording = False  # building: keep each new call form for `build_dynamic` (one-image runs)
+        self.forms: dict[Signature, tuple[tuple[Any, ...], dict[str, Any], bool]] = {}  # + its grad mode
+        self.functions: list[Function] = []
+        self.uncompiled: dict[str, int] = {}  # shape -> calls run uncompiled (no function accepted them)
+        self.problems: list[str] = []  # files that could not be loaded, signatures that could not be saved
+        self._key = hashlib.sha256(f"{structure(module)}\n{mode}".encode()).hexdigest()[:16]
         self._external = _wrapped_functions(module)
-        self._functions: list[Any] = []
         self._unsaveable: set[Signature] = set()  # signatures that run under plain torch.compile instead
         self._plain: Any = None
-        self.compiled: list[str] = []  # files this process compiled and saved
-        self.loaded: list[str] = []  # files this process loaded
-        self.fallbacks: list[str] = []  # why a signature went to plain torch.compile
+        if not build:
+            self.load_all()
+
+    # ----- what it holds -------------------------------------------------------------------------
+
+    @property
+    def compiled(self) -> list[str]:
+        """Files this process compiled and saved."""
+        return [f.file for f in self.functions if f.source == "compiled"]
+
+    @property
+    def loaded(self) -> list[str]:
+        """Files this process loaded."""
+        return [f.file for f in self.functions if f.source == "loaded"]
+
+    @property
+    def uncompiled_calls(self) -> int:
+        return sum(self.uncompiled.values())
+
+    def covers(self) -> list[str]:
+        """What each function covers, as /health lists it: "unet 2x4x64x64", "unet 2x4xHxW"."""
+        return [f"{self.name} {f.covers}" for f in self.functions]
+
+    # ----- calls ---------------------------------------------------------------------------------
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         # each call is a new invocation for the CUDA-graph trees, as torch.compile's own calls are: without it
         # the UNet's calls in one request become one ever longer path of graphs, each recorded on first use
         GenerationTracker.generation += 1
-        for fn in tuple(self._functions):  # the compile thread appends to it
-            if fn.guard_check(self.module, *args, **kwargs):
-                return fn(self.module, *args, **kwargs)
+        for function in self.functions:  # static ones first (exact), then dynamic
+            if function.fn.guard_check(self.module, *args, **kwargs):
+                return function.fn(self.module, *args, **kwargs)
         key = signature(args, kwargs)
-        if self.background is not None:  # ready: never compile in a request; this call runs uncompiled
-            if key not in self._unsaveable:
-                self.background.submit(self, key, args, kwargs)
-            self.uncompiled_calls += 1
+        if not self.build:  # serving: never compile; this shape runs uncompiled
+            shape = describe(self.name, args, kwargs)
+            if shape not in self.uncompiled:
+                log.warning("saved compile: no compiled function accepts %s: it runs uncompiled", shape)
+            self.uncompiled[shape] = self.uncompiled.get(shape, 0) + 1
             return self.module._call_impl(*args, **kwargs)
+        if self.recording and dynamic_signature(key) not in self.forms:
+            copied = pytree.tree_map(_copy, (args, kwargs))
+            self.forms[dynamic_signature(key)] = (*copied, torch.is_grad_enabled())
         if key not in self._unsaveable:
-            fn = self._function_for(key, args, kwargs)
-            if fn is not None:
-                self._functions.append(fn)
-                self.shapes[describe(self.name, args, kwargs)] = "compiled"
-                return fn(self.module, *args, **kwargs)
+            function = self._function_for(key, args, kwargs, dynamic=False)
+            if function is not None:
+                self._add(function)
+                return function.fn(self.module, *args, **kwargs)
             self._unsaveable.add(key)
         if self._plain is None:
             self._plain = torch.compile(
@@ -193,62 +252,110 @@ class SavedCompile:
             )
         return self._plain(*args, **kwargs)
 
-    def path_for(self, key: Signature) -> Path:
-        digest = hashlib.sha256(f"{self._structure}\n{self.mode}\n{key!r}".encode()).hexdigest()[:24]
-        return self.cache_dir / f"{self.label}-{digest}.bin"
+    def build_dynamic(self) -> list[Function]:
+        """Building: one dynamic-shape function for each call form recorded (loaded when its file is good)."""
+        built = []
+        for form, (args, kwargs, grad) in list(self.forms.items()):
+            example, marked = _open_example(args, kwargs, mark=False), _open_example(args, kwargs, mark=True)
+            if example is None or marked is None:
+                continue
+            with torch.set_grad_enabled(grad):  # as the call was made (the pipelines run under no_grad)
+                # a saved function's guards refuse a tensor marked dynamic: the file is checked with a plain one
+                function = self._function_for(form, *example, dynamic=True, compile_with=marked)
+            if function is not None:
+                self._add(function)
+                built.append(function)
+        return built
 
-    def _function_for(self, key: Signature, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        """The saved function for this call (loaded, or compiled and saved); None if it cannot be saved."""
+    def _add(self, function: Function) -> None:
+        self.functions.append(function)
+        self.functions.sort(key=lambda f: f.dynamic)  # static first: they are exact and fastest
+
+    # ----- files ---------------------------------------------------------------------------------
+
+    def path_for(self, key: Signature) -> Path:
+        digest = hashlib.sha256(repr(key).encode()).hexdigest()[:16]
+        return self.cache_dir / f"{self.label}-{self._key}-{digest}.bin"
+
+    def load_all(self) -> None:
+        """Load every saved function of this module (the service's start); a bad file is skipped, said why."""
+        for path in sorted(self.cache_dir.glob(f"{self.label}-{self._key}-*.bin")):
+            about = _read_about(path)
+            function = self._load(path, about)
+            if function is None:
+                continue
+            self._add(function)
+
+    def _function_for(
+        self,
+        key: Signature,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        *,
+        dynamic: bool,
+        compile_with: tuple[tuple[Any, ...], dict[str, Any]] | None = None,
+    ) -> Function | None:
+        """The saved function for this call (loaded, or compiled and saved: from `compile_with`'s inputs when
+        given); None if it cannot be saved."""
         path = self.path_for(key)
         if path.is_file():
-            fn = self._load(path)
-            if fn is not None and fn.guard_check(self.module, *args, **kwargs):
-                return fn
-            if fn is not None:
+            function = self._load(path, _read_about(path))
+            if function is not None and function.fn.guard_check(self.module, *args, **kwargs):
+                return function
+            if function is not None:
                 log.warning(
                     "saved compile: %s: %s does not accept this call; compiling it again",
                     self.label,
                     path.name,
                 )
         try:
-            return self._compile(path, args, kwargs)
+            return self._compile(path, *(compile_with or (args, kwargs)), dynamic=dynamic)
         except Exception as exc:  # noqa: BLE001 - any failure here leaves plain torch.compile, which works
             reason = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
-            self.fallbacks.append(reason)
+            self.problems.append(
+                f"{describe(self.name, args, kwargs)}: cannot be compiled whole and saved ({reason})"
+            )
             log.warning(
-                "saved compile: %s cannot be compiled whole and saved for this call (%s); "
-                "plain torch.compile runs it",
+                "saved compile: %s cannot be compiled whole and saved for this call (%s)%s",
                 self.label,
                 reason,
+                "" if dynamic else "; plain torch.compile runs it",
             )
             return None
 
-    def _load(self, path: Path) -> Any:
+    def _load(self, path: Path, about: dict[str, Any] | None) -> Function | None:
         started = time.perf_counter()
         try:
+            if about is None:
+                raise ValueError("its description (.json) is missing or unreadable")
             # the compile mode's Inductor options (CUDA graphs) are read when the function is loaded, not saved
             with (
                 path.open("rb") as file,
                 torch._inductor.config.patch(torch._inductor.list_mode_options(self.mode)),
             ):
                 fn = torch.compiler.load_compiled_function(file, external_data=self._external)
-        except Exception as exc:  # noqa: BLE001 - a damaged or foreign file is compiled again
-            log.warning(
-                "saved compile: %s: cannot load %s (%s); compiling it again", self.label, path.name, exc
-            )
+        except Exception as exc:  # noqa: BLE001 - a damaged or foreign file is built again by the compile step
+            problem = f"{path.name}: cannot be loaded ({str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__})"
+            self.problems.append(problem)
+            log.warning("saved compile: %s: %s; the compile step builds it again", self.label, problem)
             return None
         fn.disable_guard_check()  # checked by __call__ before each call
-        self.loaded.append(path.name)
         log.info(
             "saved compile: %s loaded %s in %.1f s", self.label, path.name, time.perf_counter() - started
         )
-        return fn
+        return Function(fn, path.name, str(about["covers"]), bool(about["dynamic"]), "loaded")
 
-    def _compile(self, path: Path, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        """Compile the module whole for this call's inputs and save it to `path` (written whole or not at all)."""
+    def _compile(
+        self, path: Path, args: tuple[Any, ...], kwargs: dict[str, Any], *, dynamic: bool
+    ) -> Function:
+        """Compile the module whole for these inputs and save it to `path` (written whole or not at all)."""
+        shape = describe(self.name, args, kwargs)
+        covers = _covers(args, kwargs, dynamic)
         log.info(
-            "saved compile: compiling %s for a new input signature (minutes for a full-size model)",
-            self.label,
+            "saved compile: compiling %s %s (%s; minutes for a full-size model)",
+            self.name,
+            covers,
+            "every height and width its guards accept" if dynamic else "static",
         )
         started = time.perf_counter()
         options = {**torch._inductor.list_mode_options(self.mode), "guard_filter_fn": _saveable_guards}
@@ -257,134 +364,94 @@ class SavedCompile:
         fn = compiled.aot_compile((args, kwargs))
         path.parent.mkdir(parents=True, exist_ok=True)
         partial = path.with_name(f"{path.stem}.partial-{os.getpid()}")
+        about = {"covers": covers, "dynamic": dynamic, "example": shape, "compile_s": 0.0}
         try:
             fn.save_compiled_function(str(partial), external_data=self._external)
+            about["compile_s"] = round(time.perf_counter() - started, 1)
+            path.with_suffix(".json").write_text(json.dumps(about))
             os.replace(partial, path)
         finally:
             partial.unlink(missing_ok=True)
         fn.disable_guard_check()
-        self.compiled.append(path.name)
         log.info(
-            "saved compile: %s compiled and saved %s in %.1f s",
-            self.label,
+            "saved compile: %s %s compiled and saved as %s in %.1f s",
+            self.name,
+            covers,
             path.name,
-            time.perf_counter() - started,
+            about["compile_s"],
         )
-        return fn
+        return Function(fn, path.name, covers, dynamic, "compiled")
+
+
+def _read_about(path: Path) -> dict[str, Any] | None:
+    try:
+        about = json.loads(path.with_suffix(".json").read_text())
+    except (OSError, ValueError):
+        return None
+    return about if isinstance(about, dict) and {"covers", "dynamic"} <= about.keys() else None
+
+
+def _covers(args: tuple[Any, ...], kwargs: dict[str, Any], dynamic: bool) -> str:
+    tensor = _first_tensor(args, kwargs)
+    if tensor is None:
+        return "any"
+    dims = [str(d) for d in tensor.shape]
+    if dynamic and len(dims) == 4:
+        dims[2:] = ["H", "W"]
+    return "x".join(dims)
+
+
+def _open_example(
+    args: tuple[Any, ...], kwargs: dict[str, Any], *, mark: bool
+) -> tuple[tuple[Any, ...], dict[str, Any]] | None:
+    """The recorded call with its first tensor (the latents) at a non-square size, its height and width marked
+    dynamic with `mark`; None when the first tensor is not 4-D. Non-square: equal sizes would be one symbol."""
+    leaves, spec = pytree.tree_flatten((args, kwargs))
+    for index, leaf in enumerate(leaves):
+        if isinstance(leaf, torch.Tensor):
+            if leaf.dim() != 4:
+                return None
+            n, c, h, w = leaf.shape
+            step = 8
+            w2 = w - step if h == w and w > 2 * step else (w + step if h == w else w)
+            example = torch.randn(n, c, h, w2, dtype=leaf.dtype, device=leaf.device)
+            example = example.contiguous(memory_format=_memory_format(leaf))
+            if mark:
+                torch._dynamo.maybe_mark_dynamic(example, 2)
+                torch._dynamo.maybe_mark_dynamic(example, 3)
+            leaves[index] = example
+            opened = pytree.tree_unflatten(leaves, spec)
+            return opened[0], opened[1]
+    return None
+
+
+def _memory_format(tensor: torch.Tensor) -> torch.memory_format:
+    return (
+        torch.channels_last
+        if tensor.is_contiguous(memory_format=torch.channels_last) and not tensor.is_contiguous()
+        else torch.contiguous_format
+    )
 
 
 def saved_compile(
-    module: torch.nn.Module, cache_dir: Path, label: str, mode: str, name: str | None = None
+    module: torch.nn.Module,
+    cache_dir: Path,
+    label: str,
+    mode: str,
+    name: str | None = None,
+    *,
+    build: bool = False,
 ) -> SavedCompile:
     """Make `module`'s calls go through a `SavedCompile` (as `module.compile()` would through torch.compile)."""
-    call = SavedCompile(module, cache_dir, label, mode, name)
+    call = SavedCompile(module, cache_dir, label, mode, name, build=build)
     module._compiled_call_impl = call
     return call
 
 
-REQUEST_SWITCH_S = 2e-5  # the GIL's switch interval while a request runs beside a compile
-
-
 def _copy(value: Any) -> Any:
-    """A tensor's copy with the same shape, strides, dtype and device (the compile must not see later writes)."""
+    """A tensor's copy with the same shape, strides, dtype and device (kept for a later compile)."""
     if not isinstance(value, torch.Tensor):
         return value
     return torch.empty_strided(value.shape, value.stride(), dtype=value.dtype, device=value.device).copy_(
         value
     )
-
-
-class BackgroundCompiler:
-    """One thread that compiles (or loads) the signatures handed to it, one at a time, in arrival order.
-
-    `submit` is called by a `SavedCompile` on the GPU worker thread and returns at once; each signature is
-    taken once (a failed one stays uncompiled: `on_failure` gets the warning). `idle()` says whether nothing
-    is queued or compiling.
-    """
-
-    def __init__(self, on_failure: Callable[[str], None] = lambda warning: None) -> None:
-        self.on_failure = on_failure
-        self._queue: queue.Queue[
-            tuple[SavedCompile, Signature, str, tuple[Any, ...], dict[str, Any], bool, bool]
-        ]
-        self._queue = queue.Queue()
-        self._taken: set[tuple[int, Signature]] = set()
-        self._busy = 0
-        self._lock = threading.Lock()
-        self._thread = threading.Thread(target=self._loop, name="compile-worker", daemon=True)
-        self._thread.start()
-
-    def submit(
-        self, call: SavedCompile, key: Signature, args: tuple[Any, ...], kwargs: dict[str, Any]
-    ) -> None:
-        """Queue `key` of `call` unless it was queued before (copies of the inputs: the caller goes on)."""
-        with self._lock:
-            if (id(call), key) in self._taken:
-                return
-            self._taken.add((id(call), key))
-            self._busy += 1
-        shape = describe(call.name, args, kwargs)
-        call.shapes[shape] = "queued"
-        args, kwargs = pytree.tree_map(_copy, (args, kwargs))
-        modes = (torch.is_grad_enabled(), torch.is_inference_mode_enabled())  # thread-local: carried over
-        log.info("saved compile: %s has no compiled function: served uncompiled, compiling it aside", shape)
-        self._queue.put((call, key, shape, args, kwargs, *modes))
-
-    def idle(self) -> bool:
-        with self._lock:
-            return self._busy == 0
-
-    def wait_idle(self, timeout: float) -> bool:
-        """Wait until nothing is queued or compiling (tests, benchmarks); whether it got there."""
-        deadline = time.monotonic() + timeout
-        while not self.idle():
-            if time.monotonic() > deadline:
-                return False
-            time.sleep(0.05)
-        return True
-
-    @contextmanager
-    def request_running(self) -> Iterator[None]:
-        """Around a request on the GPU worker: while a compile runs, the GIL changes hands every
-        REQUEST_SWITCH_S instead of every 5 ms (module doc: the GIL); the interval is restored after."""
-        if self.idle():
-            yield
-            return
-        before = sys.getswitchinterval()
-        sys.setswitchinterval(REQUEST_SWITCH_S)
-        try:
-            yield
-        finally:
-            sys.setswitchinterval(before)
-
-    def _loop(self) -> None:
-        while True:
-            call, key, shape, args, kwargs, grad, inference = self._queue.get()
-            call.shapes[shape] = "compiling"
-            started = time.perf_counter()
-            try:
-                with ExitStack() as modes:
-                    if inference:
-                        modes.enter_context(torch.inference_mode())
-                    modes.enter_context(torch.set_grad_enabled(grad))
-                    fn = call._function_for(key, args, kwargs)
-            except Exception as exc:  # noqa: BLE001 - the thread lives on; the shape stays uncompiled
-                call.fallbacks.append(f"{type(exc).__name__}: {exc}".splitlines()[0][:300])
-                fn = None
-            if fn is not None:
-                call._functions.append(fn)
-                call.shapes[shape] = "compiled"
-                log.info(
-                    "saved compile: %s ready after %.1f s off the request path",
-                    shape,
-                    time.perf_counter() - started,
-                )
-            else:
-                call._unsaveable.add(key)
-                call.shapes[shape] = "failed"
-                reason = call.fallbacks[-1] if call.fallbacks else "unknown"
-                warning = f"compile of {shape} failed ({reason}): that shape stays uncompiled"
-                log.warning("saved compile: %s", warning)
-                self.on_failure(warning)
-            with self._lock:
-                self._busy -= 1

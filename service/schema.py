@@ -114,21 +114,54 @@ class StartupFacts(BaseModel):
     )
 
 
-class CompileStatus(BaseModel):
-    """The compiled functions by shape (`/health`'s `compiles`), e.g. "unet 2x4x128x128" (the module and its
-    first input: the latents, batch 2 with guidance; x8 in pixels). A shape not compiled yet is answered
-    uncompiled at once while it compiles off the request path."""
+class CompiledFunction(BaseModel):
+    """One compiled function the service loaded (or built before /ready) and what it covers."""
 
-    compiled: list[str] = Field(default_factory=list, description="Shapes with a compiled function.")
-    compiling: list[str] = Field(
-        default_factory=list, description="Shapes being compiled or waiting to be (off the request path)."
+    module: str = Field(description='"unet", "refiner unet" or "vae-decoder".')
+    covers: str = Field(
+        description='The first input\'s shape it takes: "2x4x64x64" (static), or "2x4xHxW" (dynamic: every '
+        "height and width its guards accept)."
     )
-    failed: list[str] = Field(
-        default_factory=list, description="Shapes whose compile failed: they stay uncompiled (see warnings)."
+    dynamic: bool
+    file: str = Field(description="Its file in the compile cache's saved/ folder.")
+    source: str = Field(
+        description='"loaded" from disk (built by the compile step) or "compiled" by this start.'
     )
-    uncompiled_calls: int = Field(
-        0, description="Module calls run uncompiled because their shape was not ready."
+
+
+class CompileStatus(BaseModel):
+    """The compiled functions (`/health`'s `compiles`). Shapes are the module and its first input: the
+    latents, e.g. "unet 2x4x128x128" (batch 2 with guidance; x8 in pixels). The service never compiles once
+    ready: a shape no function accepts runs uncompiled, and is listed and counted here."""
+
+    functions: list[CompiledFunction] = Field(default_factory=list)
+    compiled: list[str] = Field(
+        default_factory=list, description='What the functions cover, e.g. "unet 2x4x64x64", "unet 2x4xHxW".'
     )
+    uncompiled: dict[str, int] = Field(
+        default_factory=dict, description="Shapes no compiled function accepted: calls run uncompiled."
+    )
+    uncompiled_calls: int = Field(0, description="Module calls run uncompiled (no function accepted them).")
+    problems: list[str] = Field(
+        default_factory=list,
+        description="Files that could not be loaded (the compile step builds them again), and signatures "
+        "that could not be compiled whole.",
+    )
+
+
+class CompileReport(BaseModel):
+    """What one compile step did (`sdxl-deploy serve --compile-only`: its last stdout line)."""
+
+    model: str
+    built: bool = Field(description="Whether the settings compile with saved functions (else see `note`).")
+    note: str = ""
+    functions: list[CompiledFunction] = Field(default_factory=list)
+    compiled: int = Field(0, description="Functions compiled and saved by this step.")
+    reused: int = Field(0, description="Functions already on disk, loaded and kept.")
+    problems: list[str] = Field(default_factory=list)
+    load_s: float = 0.0
+    compile_s: float = 0.0
+    peak_vram_gb: float | None = Field(None, description="The most GPU memory the step allocated.")
 
 
 class HealthResponse(BaseModel):
@@ -173,7 +206,8 @@ class HealthResponse(BaseModel):
     )
     compiles: CompileStatus | None = Field(
         None,
-        description="Compiled shapes and those compiling off the request path; null without saved compile.",
+        description="The compiled functions and what they cover, and the shapes run uncompiled; null without "
+        "saved compile.",
     )
 
 

@@ -84,9 +84,9 @@ class ServiceSettings(BaseSettings):
     )
     save_compiled: Toggle = Field(
         "auto",
-        description="With compile on, keep each compiled module whole on disk (traced graph, guards, kernels: "
-        "torch's ahead-of-time compile, torch >= 2.10) so a restart loads it instead of tracing the model again "
-        "(auto: on with compile).",
+        description="With compile on, compiled modules are functions built by the compile step (serve "
+        "--compile-only) and kept whole on disk (traced graph, guards, kernels: torch's ahead-of-time compile, "
+        "torch >= 2.10); the service loads them and never compiles once ready (auto: on with compile).",
     )
     prompt_cache_size: int = Field(
         64,
@@ -109,9 +109,9 @@ class ServiceSettings(BaseSettings):
     )
     ready_sizes: str = Field(
         "",
-        description="Sizes compiled before /ready besides the model's default size, as WIDTHxHEIGHT separated "
-        "by commas (e.g. 512x512,832x1216). Once ready, any other size is answered uncompiled at once and "
-        "compiled off the request path (service/saved_compile.py).",
+        description="Sizes that get a static compiled function (the fastest) besides the model's default size, "
+        "as WIDTHxHEIGHT separated by commas (e.g. 512x512,832x1216). Every other size runs through the "
+        "dynamic-shape function the compile step builds (service/saved_compile.py).",
     )
     coalesce: Toggle = Field(
         "auto",

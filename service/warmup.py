@@ -13,11 +13,11 @@ import logging
 import time
 from dataclasses import dataclass
 
+import torch
 from torch._dynamo.utils import compile_times
 
 from service.accel import saved_compiles
 from service.engine import Engine
-from service.saved_compile import BackgroundCompiler
 from service.schema import GenerateRequest
 from service.worker import Job
 
@@ -42,49 +42,76 @@ class Shape:
 
 def before_ready(engine: Engine) -> None:
     """What runs between loading and `/ready`: the warm-up when the speed plan asks for one, then the
-    compile facts of this start (functions compiled and saved, loaded whole, fallbacks) into `startup`."""
+    compile facts of this start (functions loaded, compiled, problems) into `startup`.
+
+    Serving, the warm-up runs the loaded functions (and records their CUDA graphs); when no compiled function
+    of some module is on disk (no compile step ran for this model and versions), a start with the warm-up on
+    builds them first, as the compile step would (without it they run uncompiled), and says so in its
+    warnings. Once ready, nothing compiles in this process:
+    saved-compile calls run a shape no function accepts uncompiled, and torch.compile's other callers (the
+    text encoders, `save_compiled=off`) run a new shape eagerly (`torch.compiler.set_stance`).
+    """
     startup = engine.startup
-    if engine.speed is not None and engine.speed.warmup:
+    saved = saved_compiles((engine.base, engine.refiner, engine.img2img))
+    missing = [call for call in saved if not call.functions]
+    warmup = engine.speed is not None and engine.speed.warmup
+    building = engine.building or (bool(missing) and warmup)
+    if missing and not engine.building:
+        names = ", ".join(sorted({call.name for call in missing}))
+        startup.warn(
+            f"no compiled functions on disk for {names} in {missing[0].cache_dir}: "
+            + (
+                "compiled in this process before /ready"
+                if building
+                else "they run uncompiled (warmup_on_load is off)"
+            )
+            + " (run `sdxl-deploy serve --compile-only` with the same settings first; a deploy does)"
+        )
+    if warmup or building:
         startup.mark("warmup_started", phase="warming_up")
         started = time.perf_counter()
-        shapes = warm_up(engine)
+        for call in saved:
+            call.build = building
+        shapes = warm_up(engine, record=building)
+        if building:
+            for call in saved:
+                call.build_dynamic()
+                call.build = False
         seconds = time.perf_counter() - started
         startup.set(warmup_s=round(seconds, 3), compiled_shapes=[str(shape) for shape in shapes])
         startup.mark("warmup_done")
         log.info("speed: warm-up took %.1f s", seconds)
-        if engine.speed.compile:
+        if engine.speed is not None and engine.speed.compile and building:
             log.info(
                 "speed: where the compile time went (s, torch's own counters):\n%s",
                 compile_times("str", True),
             )
-    saved = saved_compiles((engine.base, engine.refiner, engine.img2img))
-    if saved and engine.speed is not None and engine.speed.warmup:
-        # from now on a shape not compiled yet runs uncompiled at once and compiles on a compile thread
-        engine.compiler = BackgroundCompiler(on_failure=startup.warn)
-        for call in saved:
-            call.background = engine.compiler
+    if engine.speed is not None and engine.speed.compile and hasattr(torch.compiler, "set_stance"):
+        torch.compiler.set_stance("eager_on_recompile")  # from here on, a new shape never compiles here
     startup.set(
         compiled_functions=sum(len(c.compiled) for c in saved),
         loaded_functions=sum(len(c.loaded) for c in saved),
-        compile_fallbacks=[f"{c.label}: {reason}" for c in saved for reason in c.fallbacks],
+        compile_fallbacks=[f"{c.label}: {problem}" for c in saved for problem in c.problems],
     )
     if saved:
         log.info(
-            "speed: saved compile: %d loaded from disk, %d compiled and saved%s",
+            "speed: saved compile: %d loaded from disk, %d compiled and saved; functions: %s%s",
             sum(len(c.loaded) for c in saved),
             sum(len(c.compiled) for c in saved),
-            "".join(f"; {c.label}: plain torch.compile for a call ({r})" for c in saved for r in c.fallbacks),
+            ", ".join(cover for c in saved for cover in c.covers()),
+            "".join(f"; {c.label}: {problem}" for c in saved for problem in c.problems),
         )
 
 
-def warm_up(engine: Engine) -> list[Shape]:
+def warm_up(engine: Engine, *, record: bool = False) -> list[Shape]:
     """One short generation at the model's default size for each shape requests may take, then at each of
     the `ready_sizes` (base alone and base + refiner, one image); returns them.
 
     Compiles the UNet(s) and the VAE decoder for the default size with CFG on (what real requests use), so a
     cold start pays the compile before `/ready`. With `cfg_cutoff` below 1 each UNet also sees the unguided
     (half-batch) shape: the base pass is cut after half its steps, and the base + refiner pass is split in
-    the middle and cut inside the refiner's steps. The compiled functions keep the CUDA-graph tree they were
+    the middle and cut inside the refiner's steps. `record` (building): the saved-compile calls keep the call
+    forms of the one-image generations, for their dynamic-shape functions. The compiled functions keep the CUDA-graph tree they were
     compiled with, so the GPU worker thread replays (and, on its first request, records) graphs in that same
     tree: the warm-up runs on that thread and must not reset it.
     """
@@ -124,6 +151,8 @@ def warm_up(engine: Engine) -> list[Shape]:
                 images,
             )
             t0 = time.perf_counter()
+            for call in saved_compiles((engine.base, engine.refiner, engine.img2img)):
+                call.recording = record and images == 1
             engine.generate(params, Job())
             log.info(
                 "speed: warm-up %s, %d image(s) took %.1f s",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack
 from pathlib import Path
@@ -19,6 +20,17 @@ pytest_plugins = [
 ]
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def _default_compile_stance() -> Iterator[None]:
+    """A service started in the test process sets torch's compile stance for the whole process once ready
+    (no compile after /ready): the next test starts from torch's default again."""
+    yield
+    torch = sys.modules.get("torch")
+    if torch is not None and hasattr(torch.compiler, "set_stance"):
+        torch.compiler.set_stance("default")
+
 
 # Under pytest-xdist each worker process has a Prefect home of its own (a flow run outside the `prefect_api`
 # fixture starts a temporary server on that home's SQLite database). Set before anything imports Prefect.

@@ -1,13 +1,13 @@
-"""The mixed-size table of `bench-gpu --mixed` (bench/mixed.py): every request against 2x its size's
-uncompiled time, and the worst one."""
+"""The mixed-size table of `bench-gpu --mixed` (bench/mixed.py): the compile step, every request against its
+size's uncompiled time, and the worst one against 0.6x."""
 
 from __future__ import annotations
 
 from bench.mixed import MIXED_SIZES, mixed_lines
 
 
-def _request(size: str, seconds: float, compiling: int = 0) -> dict[str, object]:
-    return {"size": size, "phase": "after the start", "e2e_s": seconds, "compiling_after": ["x"] * compiling}
+def _request(size: str, seconds: float, uncompiled: int = 0) -> dict[str, object]:
+    return {"size": size, "e2e_s": seconds, "uncompiled_calls_after": uncompiled}
 
 
 def test_the_issues_sizes_in_its_order() -> None:
@@ -17,13 +17,26 @@ def test_the_issues_sizes_in_its_order() -> None:
 def test_the_table_shows_every_request_and_judges_the_worst() -> None:
     mixed = {
         "uncompiled_s": {"1024x1024": 2.0, "512x512": 1.0},
-        "requests": [_request("1024x1024", 1.0), _request("512x512", 2.5, compiling=1)],
-        "compiles_done_s": 90.0,
+        "requests": [_request("1024x1024", 0.8), _request("512x512", 0.7, uncompiled=30)],
+        "compile_step": {
+            "wall_s": 300.0,
+            "compile_s": 280.0,
+            "peak_vram_gb": 9.5,
+            "compiled": 2,
+            "reused": 0,
+            "functions": [
+                {"module": "unet", "covers": "2x4x128x128"},
+                {"module": "unet", "covers": "2x4xHxW"},
+            ],
+        },
+        "restart": {"ready_s": 12.5},
     }
     text = "\n".join(mixed_lines("sdxl", mixed))
-    assert "x0.50" in text and "x2.50" in text
-    assert "worst request: 512x512 at x2.50" in text and "OVER" in text
+    assert "compile step 300.0 s (compiling 280.0 s), peak GPU memory 9.5 GiB: 2 built, 0 reused" in text
+    assert "unet 2x4x128x128, unet 2x4xHxW" in text and "restart to ready 12.5 s" in text
+    assert "x0.40" in text and "x0.70" in text and "  30" in text
+    assert "worst request: 512x512 at x0.70 its uncompiled time (target <= 0.6): OVER" in text
     mixed["requests"] = mixed["requests"][:1]
-    assert "worst request: 1024x1024 at x0.50 its uncompiled time (target <= 2): ok" in "\n".join(
+    assert "worst request: 1024x1024 at x0.40 its uncompiled time (target <= 0.6): ok" in "\n".join(
         mixed_lines("sdxl", mixed)
     )
