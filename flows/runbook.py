@@ -253,7 +253,9 @@ def deploy_sdxl(
             if compile_first:  # while the old service serves: the new one only loads what the step built
                 with run.stage("compile"):
                     where = "beside the old service" if staged else "before the old service stops"
-                    build_compiled(run, host, target, release, fetched.offline_ready, where)
+                    build_compiled(
+                        run, host, target, release, fetched.offline_ready, where, gpu=bool(host_facts.gpus)
+                    )
             if staged:
                 with run.stage("start_staged"):  # beside the old service, on the staging port
                     started = start_new_service(
@@ -266,7 +268,15 @@ def deploy_sdxl(
                 if not compile_first:
                     with run.stage("compile"):  # no room for it beside the old service: the app waits for it
                         where = "after the old service stopped (no room beside it)"
-                        build_compiled(run, host, target, release, fetched.offline_ready, where)
+                        build_compiled(
+                            run,
+                            host,
+                            target,
+                            release,
+                            fetched.offline_ready,
+                            where,
+                            gpu=bool(host_facts.gpus),
+                        )
                 with run.stage("start_new"):
                     started = start_new_service(host, target, release, offline=fetched.offline_ready)
                     note_started(host, target, state, started)
@@ -357,13 +367,26 @@ def deploy_sdxl(
 
 
 def build_compiled(
-    run: RunRecord, host: Host, target: Target, release: Release, offline: bool, where: str
+    run: RunRecord, host: Host, target: Target, release: Release, offline: bool, where: str, *, gpu: bool
 ) -> None:
     """Run the compile step for the release's new service; its report is the stage's evidence (`summary.json`
-    facts `compile`, report.md), its problems the run's warnings."""
+    facts `compile`, report.md), its problems the run's warnings. A box without a GPU, whose target does not
+    force the compile on (new.env SDXL_COMPILE), has nothing to build: the step is not run, and the record
+    says so."""
+    if not gpu and not compile_forced(target):
+        run.summary.facts["compile"] = {
+            "skipped": "no GPU on the box and new.env does not set SDXL_COMPILE=on"
+        }
+        run_logger().info("compile step: skipped (no GPU on the box: the service serves uncompiled)")
+        return
     result = compile_functions(host, target, release, offline=offline, where=where)
     run.summary.facts["compile"] = result.model_dump()
     run.summary.warnings += result.warnings()
+
+
+def compile_forced(target: Target) -> bool:
+    """Whether the target's new.env turns the compile on whatever the device (`SDXL_COMPILE`)."""
+    return target.new.env.get("SDXL_COMPILE", "").strip().lower() in {"on", "true", "1", "yes"}
 
 
 def note_started(host: Host, target: Target, state: DeployState, started: Started) -> None:

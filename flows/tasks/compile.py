@@ -44,7 +44,7 @@ from flows.runlog import service_log
 from flows.supervisor import Launch, resolved_env, write_env_file
 from flows.target import Target
 from flows.tasks.deploy import Release, service_launch
-from service.compile_step import CompileReport
+from service.schema import CompileReport
 
 POLL_S = 1.0
 LINK_GRACE_S = 120.0  # how long the SSH link may stay down while the step runs before the stage fails

@@ -20,6 +20,7 @@ from flows.runbook import (
     STOP_FIRST_COMPILE_AFTER_STOP,
     STOP_FIRST_STAGES,
     build_compiled,
+    compile_forced,
     deploy_plan,
     stages_of,
     touches_old_service,
@@ -63,7 +64,8 @@ def test_the_compile_step_with_compile_off_records_that_nothing_was_built(
     target = with_new(target, model="tiny-sd15", secret_env={"SDXL_API_KEY": "env:TEST_COMPILE_SECRET"})
     run = RunRecord("deploy-sdxl", target, tmp_path / "runs")
     with run.stage("compile"):
-        build_compiled(run, host, target, release_here(tmp_path), True, "beside the old service")
+        # a box with a GPU runs the step; this one is the CPU, where the step finds compile off
+        build_compiled(run, host, target, release_here(tmp_path), True, "beside the old service", gpu=True)
     summary = run.finish("completed", "compile only")
     fact = summary.facts["compile"]
     report = fact["report"]
@@ -113,7 +115,7 @@ def test_a_failing_compile_step_fails_the_stage_with_the_old_service_untouched(
     target = with_new(target, model="tiny-sd15", **change)
     run = RunRecord("deploy-sdxl", target, tmp_path / "runs")
     with pytest.raises(StageFailed, match="stage 'compile' failed") as failed, run.stage("compile"):
-        build_compiled(run, host, target, release_here(tmp_path), False, "beside the old service")
+        build_compiled(run, host, target, release_here(tmp_path), False, "beside the old service", gpu=True)
     assert expected in str(failed.value)
     if "SDXL_MAX_QUEUE" in str(change):
         assert "invalid setting max_queue (SDXL_MAX_QUEUE)" in str(failed.value)  # its log line, quoted
@@ -125,6 +127,22 @@ def test_a_failing_compile_step_fails_the_stage_with_the_old_service_untouched(
     assert not touches_old_service("staged", "compile")
     assert not touches_old_service("stop-first", "compile", STOP_FIRST_STAGES)
     assert touches_old_service("stop-first", "compile", STOP_FIRST_COMPILE_AFTER_STOP)
+
+
+def test_a_box_without_a_gpu_skips_the_step_unless_the_target_forces_the_compile_on(
+    legacy: tuple[LocalHost, Target], tmp_path: Path
+) -> None:
+    """No GPU and compile at its default: nothing to build, so no step runs (no process, no log), and the
+    record says why; with new.env SDXL_COMPILE=on the step runs (the staged deploy test builds that way)."""
+    host, target = legacy
+    run = RunRecord("deploy-sdxl", target, tmp_path / "runs")
+    build_compiled(run, host, target, release_here(tmp_path), False, "beside the old service", gpu=False)
+    assert run.summary.facts["compile"] == {
+        "skipped": "no GPU on the box and new.env does not set SDXL_COMPILE=on"
+    }
+    assert pid_from_file(host, f"{target.new.install_dir}/compile.pid") is None
+    assert compile_forced(with_new(target, env={"SDXL_COMPILE": "on"}))
+    assert not compile_forced(with_new(target, env={"SDXL_COMPILE": "auto"}))
 
 
 def test_the_compile_step_runs_the_service_argv_less_its_staging_port() -> None:
