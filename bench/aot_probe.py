@@ -18,8 +18,7 @@ keeps its figures); a table is printed last and OUT/aot_probe.json written.
 
     python3 -m bench.aot_probe --out DIR [--phases eager,dyn-compile,dyn-load,static] [--budget 560]
 
-Not run on a GPU yet (no device machine could be started when it was written): its first run may still meet
-API differences of the GPU machine's torch.
+Ran on an H100 (torch 2.11, 2026-12-07): the figures are in docs/BENCHMARKS.md ("Compiling as a build step").
 """
 
 from __future__ import annotations

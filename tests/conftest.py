@@ -64,10 +64,9 @@ def service_url(model_cache: Path) -> Iterator[Callable[..., str]]:
 
 # The modules that take longest (measured under xdist): started first, so that none of them starts last
 LONGEST_FIRST = (
+    "tests/service/test_saved_compile.py",  # builds the CPU compile cache that test_staged uses too
     "tests/flows/test_fleet.py",
-    "tests/service/test_compile_aside.py",
     "tests/flows/test_fleet_failures.py",
-    "tests/service/test_saved_compile.py",
     "tests/flows/test_e2e.py",
     "tests/flows/test_staged.py",
     "tests/flows/test_fleet_pool.py",
