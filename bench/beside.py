@@ -1,4 +1,4 @@
-"""Staged beside the old service (issue 17), on one card, in one command: `sdxl-deploy bench-beside`.
+"""Staged beside the old service, on one card, in one command: `sdxl-deploy bench-beside`.
 
 1. The old service: SD1.5 in the seed's set-up (fp16, attention slicing, VAE slicing, compile off), on port A.
 2. A steady load on port A: the app's request, one at a time, every request's latency and outcome recorded with

@@ -1,5 +1,5 @@
 """What the GPU benchmark times, as data: request shapes (`SCENARIOS`), service set-ups (`SERVICE_VARIANTS`),
-the models per family and the targets of issue 5."""
+the models per family and the performance targets."""
 
 from __future__ import annotations
 
@@ -50,7 +50,7 @@ SKIPPABLE_STAGES = ("baseline", "eager", "service", "encode")
 FAMILY_MODELS = {"sdxl": "synthetic-sdxl", "sd15": "synthetic-sd15"}
 TINY_MODELS = {"sdxl": "tiny-sdxl", "sd15": "tiny-sd15"}
 
-# Targets of issue 5 that are not per-scenario latencies
+# Performance targets that are not per-scenario latencies
 TARGETS = {
     "encode_1024_ms": 40.0,
     "peak_vram_base_refiner_gib": 16.0,

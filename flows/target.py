@@ -259,7 +259,7 @@ class NewService(_Model):
         30.0, gt=0, description="How long the cut-over may take to see the new service on the app's port."
     )
 
-    # ----- compiled before /ready (issue 18) -----
+    # ----- compiled before /ready -----
     ready_sizes: list[str] | None = Field(
         None,
         description="Sizes (WIDTHxHEIGHT) the service compiles before /ready besides its model's default; "

@@ -33,7 +33,7 @@ class FleetHost(_Model):
     target_file: str | None = Field(
         None, description="Or a target file (relative paths: from the fleet file's folder)."
     )
-    # --- work pool (issue 19 item 3) ---
+    # --- work pool ---
     work_queue: str | None = Field(
         None,
         pattern=r"^[A-Za-z0-9._-]+$",

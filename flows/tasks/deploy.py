@@ -284,7 +284,7 @@ def serve_argv(target: Target, python: str | None = None, stage_port: int | None
         "--port",
         str(new.port),
         *(["--stage-port", str(stage_port)] if stage_port is not None else []),
-        *(["--ready-sizes", ",".join(target.ready_sizes)] if target.ready_sizes else []),  # issue 18
+        *(["--ready-sizes", ",".join(target.ready_sizes)] if target.ready_sizes else []),
         *new.serve_args,
     ]
 

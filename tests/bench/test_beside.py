@@ -1,5 +1,5 @@
 """`bench-beside` end to end on the CPU with the tiny models: the old service under load while the new one stages
-beside it on the same port, then the cut-over (the GPU command of issue 17, docs/BENCHMARKS.md)."""
+beside it on the same port, then the cut-over (the GPU command of docs/BENCHMARKS.md)."""
 
 from __future__ import annotations
 

@@ -154,7 +154,7 @@ def test_a_hub_the_box_cannot_reach_is_the_error() -> None:
 
 
 def _bad_targets(target: Target, box: Path) -> dict[str, tuple[Target, str]]:
-    """The target with each configuration error of issue 25, and the words of its refusal (field and value)."""
+    """The target with each configuration error it refuses, and the words of its refusal (field and value)."""
 
     def changed(workload: dict[str, object] | None = None, **new: object) -> Target:
         app = {**target.workload.app_request, **(workload or {})}

@@ -1,4 +1,4 @@
-"""The sizes the new service compiles before /ready (issue 18): `new.ready_sizes`, by default the size of the
+"""The sizes the new service compiles before /ready: `new.ready_sizes`, by default the size of the
 app's request, passed to `serve --ready-sizes`."""
 
 from __future__ import annotations

@@ -144,7 +144,7 @@ def test_sdxl_from_the_mirror_then_from_the_cache_offline(
     assert health["model"] == "sdxl" and health["refiner_loaded"] is True
     assert any("refiner" in stage for stage in answer["timings"]), answer["timings"]  # the refiner ran
     lines = loading_lines(online)
-    # The fp16-fix VAE has no fp16 files (the bug of issue 16): plain weights; base and refiner: fp16.
+    # The fp16-fix VAE has no fp16 files: plain weights; base and refiner: fp16.
     assert any(f"from {SDXL_VAE}: plain weights from hub" in line for line in lines), lines
     assert any(f"from {SDXL_BASE}: fp16 variant from hub" in line for line in lines), lines
     assert any(f"from {SDXL_REFINER}: fp16 variant from hub" in line for line in lines), lines
