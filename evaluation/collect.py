@@ -26,7 +26,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-class GenerationFailed(RuntimeError):
+class NoImageAnswer(RuntimeError):
     """A `/generate` request that did not give an image."""
 
 
@@ -83,9 +83,9 @@ def _generate(http: httpx.Client, payload: dict[str, Any]) -> dict[str, Any]:
         body = None
     if not response.is_success or not isinstance(body, dict):
         detail = body.get("error") if isinstance(body, dict) else response.text[:300]
-        raise GenerationFailed(f"HTTP {response.status_code}: {detail}")
+        raise NoImageAnswer(f"HTTP {response.status_code}: {detail}")
     if body.get("success") is False or not isinstance(body.get("image"), str):
-        raise GenerationFailed(f"answer without an image: {str(body.get('error') or list(body))[:300]}")
+        raise NoImageAnswer(f"answer without an image: {str(body.get('error') or list(body))[:300]}")
     return body
 
 
@@ -131,7 +131,7 @@ def collect(
                     answer = _generate(http, settings.payload(prompt.text, seed))
                     latency = time.perf_counter() - started
                     image = decode_image(answer["image"])
-                except (GenerationFailed, httpx.HTTPError, OSError, ValueError, binascii.Error) as exc:
+                except (NoImageAnswer, httpx.HTTPError, OSError, ValueError, binascii.Error) as exc:
                     row["error"] = f"{type(exc).__name__}: {exc}"[:500]
                     log.warning("%s %r seed %d: %s", role, prompt.text[:40], seed, row["error"])
                 else:

@@ -28,10 +28,8 @@ from flows.errors import PreflightRefused
 from flows.hosts import Host
 from flows.model_check import NewModel
 from flows.procs import listener_pids, listening_ports
-from flows.target import Target
+from flows.target import StartMode, Target
 from flows.tasks.preflight import GpuInfo, HostFacts
-
-StartMode = Literal["staged", "stop-first"]
 
 # GiB the new service's whole process needs on the GPU at its peak (the compile included), measured with
 # nvidia-smi. sdxl / synthetic-sdxl (base + refiner): 17,540 MiB during the compile, H200, 2026-12-01;

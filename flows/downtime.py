@@ -12,9 +12,9 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
+from flows.target import StartMode
+
 ProbeKind = Literal["health", "app"]
-# How the upgrade treats the app: "stop-first" (the only mode until the staged start exists) or "staged".
-DowntimeMode = Literal["stop-first", "staged"]
 
 
 class Probe(BaseModel):
@@ -44,7 +44,7 @@ class Outage(BaseModel):
 class Downtime(BaseModel):
     """What the app saw during the flow, in `summary.json` and judged by the `max_downtime_s` gate."""
 
-    mode: DowntimeMode
+    mode: StartMode
     longest_outage_s: float
     failed_requests: int = Field(description="Failed probes of both kinds.")
     probes: int
@@ -90,7 +90,7 @@ def find_outages(probes: Sequence[Probe]) -> list[Outage]:
     return outages
 
 
-def summarize(probes: Sequence[Probe], mode: DowntimeMode, started_at: str | None = None) -> Downtime:
+def summarize(probes: Sequence[Probe], mode: StartMode, started_at: str | None = None) -> Downtime:
     """The downtime numbers of a probe record."""
     outages = find_outages(probes)
     app = [p for p in probes if p.kind == "app"]

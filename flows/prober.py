@@ -20,14 +20,14 @@ from typing import TYPE_CHECKING, Any
 import httpx
 
 from flows.common import is_healthy, run_logger, service_url
-from flows.downtime import Downtime, DowntimeMode, Probe, ProbeKind, summarize
+from flows.downtime import Downtime, Probe, ProbeKind, summarize
 from flows.runlog import TOLD_BY_SUMMARY
 from flows.secrets import api_key
 
 if TYPE_CHECKING:
     from flows.hosts import Host
     from flows.rundir import RunRecord
-    from flows.target import ProbeSettings, Target
+    from flows.target import ProbeSettings, StartMode, Target
 
 STOP_WAIT_S = 5.0  # how long stop() waits for a probe in flight before leaving its answer out
 
@@ -40,7 +40,7 @@ class Prober:
         open_url: Callable[[], AbstractContextManager[str]],
         app_request: dict[str, Any],
         settings: ProbeSettings,
-        mode: DowntimeMode = "stop-first",
+        mode: StartMode = "stop-first",
         headers: dict[str, str] | None = None,
     ) -> None:
         self.open_url, self.app_request, self.settings, self.mode = open_url, app_request, settings, mode
@@ -186,7 +186,7 @@ def _json(answer: httpx.Response) -> dict[str, Any]:
 
 @contextmanager
 def watch_downtime(
-    run: RunRecord, host: Host, target: Target, mode: DowntimeMode = "stop-first"
+    run: RunRecord, host: Host, target: Target, mode: StartMode = "stop-first"
 ) -> Iterator[Prober | None]:
     """Probe the app's port (`current.port`) until the run finishes; the downtime goes into its summary
     (and every probe into `downtime.json`) just before the summary is written for the last time."""

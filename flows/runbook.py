@@ -24,7 +24,7 @@ from prefect import flow
 from prefect.artifacts import create_markdown_artifact
 
 from flows.approval import decide, require_promoted
-from flows.capacity import StartDecision, StartMode, decide_start_mode
+from flows.capacity import StartDecision, decide_start_mode
 from flows.common import run_logger
 from flows.deploy_state import DeployState, interrupted_deploy, load_state, save_state
 from flows.errors import CutoverFailed, DeployFailed, GateFailed, RollbackFailed, VerifyFailed
@@ -38,7 +38,7 @@ from flows.releases import record_release, release_of
 from flows.rundir import RunRecord, RunSummary, StageFailed, report_markdown
 from flows.runlog import TOLD_BY_SUMMARY
 from flows.supervisor import Restarts, read_restarts
-from flows.target import Target, load_target
+from flows.target import StartMode, Target, load_target
 from flows.tasks.backup import backup_current
 from flows.tasks.benchmark import run_benchmark, scan_log
 from flows.tasks.compile import compile_argv, compile_functions, step_pid_file, stop_leftover

@@ -17,6 +17,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from flows.errors import TargetFileError
 
 DEFAULT_PORT = 7860
+# How the new service starts: beside the old one, then a cut-over (staged), or after the old one stopped.
+StartMode = Literal["staged", "stop-first"]
 # Environment names that hold secrets: refused in `new.env`, allowed (as references) in `new.secret_env`.
 SECRET_WORDS = ("KEY", "TOKEN", "SECRET", "PASSWORD", "PASSWD", "CREDENTIAL")
 

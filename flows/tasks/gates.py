@@ -13,10 +13,10 @@ from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel
 
 from flows.common import run_logger
-from flows.downtime import Downtime, DowntimeMode
+from flows.downtime import Downtime
 from flows.errors import GateFailed
 from flows.runlog import TOLD_BY_SUMMARY
-from flows.target import Criterion
+from flows.target import Criterion, StartMode
 from flows.tasks.benchmark import BenchmarkResult, LogScan
 from flows.tasks.tunnel import AppCheck
 
@@ -227,7 +227,7 @@ def criteria_problems(criteria: list[Criterion], app_size: tuple[int, int]) -> l
     return problems
 
 
-def criteria_for_mode(criteria: list[Criterion], mode: DowntimeMode) -> list[Criterion]:
+def criteria_for_mode(criteria: list[Criterion], mode: StartMode) -> list[Criterion]:
     """The criteria as a deploy of this mode judges them: a stop-first deploy's outage is the new service's
     whole start, so there `max_downtime_s` is report-only (a staged one enforces it as configured)."""
     if mode == "staged":

@@ -11,14 +11,13 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
-from flows.capacity import StartMode
 from flows.commands import print_summary
 from flows.demo import demo_target
-from flows.downtime import Downtime, DowntimeMode
+from flows.downtime import Downtime
 from flows.errors import GateFailed, StageFailed
 from flows.runbook import STAGES_OF, touches_old_service
 from flows.rundir import RunRecord, RunSummary
-from flows.target import Target
+from flows.target import StartMode, Target
 from flows.tasks.gates import DESCRIPTIONS, Evidence, GateReport, GateRow, criteria_for_mode, judge
 
 # What the prober saw before the cut-over, and over the whole run once a rollback's outage is in it.
@@ -32,7 +31,7 @@ ROLLED_BACK = {
 }
 
 
-def downtime(mode: DowntimeMode, seen: dict[str, float]) -> Downtime:
+def downtime(mode: StartMode, seen: dict[str, float]) -> Downtime:
     return Downtime(
         mode=mode,
         still_down=False,
