@@ -1,3 +1,5 @@
 """sdxl-deploy: move a self-hosted SD1.5 image API to SDXL safely, and keep checking it."""
 
-__version__ = "0.1.0"
+from service import __version__
+
+__all__ = ["__version__"]

@@ -18,7 +18,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, Query, Request
 from pydantic import ValidationError as PydanticValidationError
 
-from sdxl_deploy import __version__
+from service import __version__
 from service.a1111_schema import (
     A1111_NAME,
     DEFAULT_HR_DENOISE,

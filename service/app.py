@@ -16,8 +16,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from sdxl_deploy import __version__
-from service import a1111
+from service import __version__, a1111
 from service.deps import StateDep, require_api_key, require_api_key_or_basic
 from service.errors import (
     BodyTooLarge,

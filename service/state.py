@@ -9,7 +9,7 @@ import time
 from dataclasses import dataclass
 from typing import Literal
 
-from sdxl_deploy import __version__
+from service import __version__
 from service.accel import compile_status
 from service.encoding import to_base64
 from service.engine import Engine, GenerationResult

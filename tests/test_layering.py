@@ -1,6 +1,7 @@
 """The packages' layering (`.importlinter`), checked by import-linter over the real import graph: service imports
-nothing of flows, evaluation or bench; evaluation reaches the service only through its client and schema; nothing
-that ships imports bench; no import cycle between the modules of a package."""
+nothing of flows, evaluation, bench or sdxl_deploy; evaluation reaches the service only through its client and
+schema; bench reaches flows only for its plain modules; nothing that ships imports bench; no import cycle between
+the modules of a package."""
 
 from __future__ import annotations
 
@@ -30,12 +31,13 @@ def lint_imports(root: Path) -> subprocess.CompletedProcess[str]:
 def test_the_layering_contracts_hold() -> None:
     result = lint_imports(REPO)
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "4 kept, 0 broken" in result.stdout
+    assert "5 kept, 0 broken" in result.stdout
 
 
 def test_a_new_cycle_or_a_forbidden_import_breaks_them(tmp_path: Path) -> None:
-    """The same contracts fail on a copy of the tree with an import cycle inside service (errors <-> app) and an
-    evaluation module that imports the engine."""
+    """The same contracts fail on a copy of the tree with an import cycle inside service (errors <-> app), an
+    evaluation module that imports the engine, a service module that imports the CLI's package and a bench module
+    that imports the runbook."""
     for package in PACKAGES:
         shutil.copytree(REPO / package, tmp_path / package, ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copy(REPO / ".importlinter", tmp_path / ".importlinter")
@@ -43,8 +45,14 @@ def test_a_new_cycle_or_a_forbidden_import_breaks_them(tmp_path: Path) -> None:
         errors.write("\nimport service.app  # noqa: E402,F401\n")
     with (tmp_path / "evaluation" / "stats.py").open("a", encoding="utf-8") as stats:
         stats.write("\nimport service.engine  # noqa: E402,F401\n")
+    with (tmp_path / "service" / "models.py").open("a", encoding="utf-8") as models:
+        models.write("\nimport sdxl_deploy  # noqa: E402,F401\n")
+    with (tmp_path / "bench" / "table.py").open("a", encoding="utf-8") as table:
+        table.write("\nimport flows.runbook  # noqa: E402,F401\n")
     result = lint_imports(tmp_path)
     assert result.returncode != 0
     assert "No cycles are allowed in service" in result.stdout, result.stdout
     assert "evaluation.stats -> service.engine" in result.stdout, result.stdout
-    assert "2 kept, 2 broken" in result.stdout, result.stdout
+    assert "service.models -> sdxl_deploy" in result.stdout, result.stdout
+    assert "bench.table -> flows.runbook" in result.stdout, result.stdout
+    assert "1 kept, 4 broken" in result.stdout, result.stdout
