@@ -38,6 +38,7 @@ import numpy as np
 
 from bench.launch import ServiceProcess, free_port
 from flows.downtime import Probe, summarize
+from service.schema import HealthResponse, ServiceHealth, serving
 
 log = logging.getLogger("bench")
 
@@ -183,10 +184,7 @@ class Health:
         try:
             answer = self.client.get(f"{self.url}/health")
             status = answer.status_code
-            body = answer.json()
-            # flows.common.is_healthy: not loading, not broken
-            ok = status == 200 and body.get("model_loaded") is not False
-            ok = ok and body.get("status") not in ("loading", "unhealthy")
+            ok = status == 200 and serving(ServiceHealth.of(answer.json()))
         except (httpx.HTTPError, ValueError) as exc:
             error = f"{type(exc).__name__}: {exc}"[:200]
         latency = time.monotonic() - started
@@ -299,18 +297,19 @@ def latency_by_phase(rows: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def wait_serving(url: str, model: str, port: int, deadline: float) -> tuple[dict[str, Any], float]:
+def wait_serving(url: str, model: str, port: int, deadline: float) -> tuple[HealthResponse, float]:
     """Poll `/health` on the app's port until it is the new service listening there (flows/tasks/cutover.py's
     `serves_port`); (its body, when it was first seen)."""
-    body: dict[str, Any] | None = None
+    body: HealthResponse | None = None
     with httpx.Client(timeout=5) as client:
         while time.monotonic() < deadline:
-            with suppress(httpx.HTTPError, ValueError):
-                body = client.get(f"{url}/health").json()
-            if body and body.get("model") == model and port in (body.get("listening") or []):
+            with suppress(httpx.HTTPError, ValueError):  # pydantic's ValidationError is a ValueError
+                body = HealthResponse.model_validate(client.get(f"{url}/health").json())
+            if body is not None and body.model == model and port in body.listening:
                 return body, time.monotonic()
             time.sleep(0.02)
-    raise TimeoutError(f"the new service did not answer on port {port} in time (last /health: {body})")
+    last = body.model_dump(mode="json") if body is not None else None
+    raise TimeoutError(f"the new service did not answer on port {port} in time (last /health: {last})")
 
 
 def cut_over(
@@ -321,7 +320,7 @@ def cut_over(
     watches the app's port for the new service; the figures of the cut-over."""
     told = time.monotonic()
     os.kill(new.pid, signal.SIGUSR1)
-    while not httpx.get(f"{new.url}/health", timeout=5).json().get("taking_over"):
+    while not HealthResponse.model_validate(httpx.get(f"{new.url}/health", timeout=5).json()).taking_over:
         if time.monotonic() - told > timeout_s:
             raise TimeoutError("the new service did not say taking_over after SIGUSR1")
         time.sleep(0.02)
@@ -335,9 +334,9 @@ def cut_over(
         "usr1_to_new_on_app_port_s": round(seen_at - told, 3),
         "usr1_to_taking_over_s": round(taking_over_s, 3),
         "old_stopped_s": round(old_stopped_s, 3),
-        "new_listening": health.get("listening"),
-        "new_staged": health.get("staged"),
-        "model_on_app_port": health.get("model"),
+        "new_listening": health.listening,
+        "new_staged": health.staged,
+        "model_on_app_port": health.model,
     }
 
 
@@ -436,19 +435,19 @@ def _run(c: BesideConfig, r: BesideResults) -> None:
         started = time.monotonic()
         _watch_pid(new, "new", memory)
         new.start()
-        new_health = httpx.get(f"{new.url}/health", timeout=5).json()
+        new_health = HealthResponse.model_validate(httpx.get(f"{new.url}/health", timeout=5).json())
         r.new_start = {
             "ready_s": round(time.monotonic() - started, 2),
-            "staged": new_health.get("staged"),
-            "listening": new_health.get("listening"),
-            "model": new_health.get("model"),
-            "startup": new_health.get("startup"),
+            "staged": new_health.staged,
+            "listening": new_health.listening,
+            "model": new_health.model,
+            "startup": new_health.startup.model_dump(mode="json"),
         }
         phase.enter("staged")
         time.sleep(c.staged_s)
 
         phase.enter("cutover")
-        r.cutover = cut_over(new, old, app_url, new_health["model"], port, c.cutover_timeout_s)
+        r.cutover = cut_over(new, old, app_url, new_health.model, port, c.cutover_timeout_s)
         phase.enter("after")
         _hold(load, "after", c.after_s, c.ready_timeout_s)
     finally:

@@ -19,6 +19,7 @@ import httpx
 from evaluation.prompts import Prompt
 from evaluation.results import GENERATION_COLUMNS, GenerationSettings, Role, ServiceInfo
 from service.client import decode_image
+from service.schema import ServiceHealth, serving
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -55,22 +56,23 @@ def service_info(url: str, role: Role, api_key: str | None = None) -> ServiceInf
     with _http(url, api_key, 30) as http:
         try:
             response = http.get("/health")
-            health = response.json() if response.is_success else None
+            body = response.json() if response.is_success else None
         except (httpx.HTTPError, ValueError) as exc:
             raise RuntimeError(f"{role} service at {url} did not answer GET /health: {exc}") from exc
-    if not isinstance(health, dict):
+    if not isinstance(body, dict):
         raise RuntimeError(
             f"{role} service at {url}: GET /health answered {response.status_code}, not a JSON 200"
         )
-    if health.get("status") in ("loading", "unhealthy") or health.get("model_loaded") is False:
-        raise RuntimeError(f"{role} service at {url} is not ready: /health says {health}")
+    health = ServiceHealth.of(body)
+    if not serving(health):
+        raise RuntimeError(f"{role} service at {url} is not ready: /health says {body}")
     return ServiceInfo(
         role=role,
         url=url,
-        model=str(health.get("model") or f"{role} service"),
-        backend=health.get("backend"),
-        device=health.get("device"),
-        quality_options=[str(option) for option in health.get("quality_options") or []],
+        model=health.model or f"{role} service",
+        backend=health.backend,
+        device=health.device,
+        quality_options=health.quality_options,
     )
 
 

@@ -11,6 +11,7 @@ import httpx
 
 from flows.errors import FlowError
 from flows.hosts import Host
+from service.schema import ServiceHealth
 
 # Errors from outside flows that may pass on their own (network blips, a connection refused while a port
 # re-opens); the flows' own errors say it themselves with `FlowError.transient` (a dropped SSH link does).
@@ -51,17 +52,13 @@ def service_url(host: Host, port: int) -> Iterator[str]:
         yield f"http://127.0.0.1:{local_port}"
 
 
-def get_health(base_url: str, path: str = "/health", timeout: float = 10.0) -> dict[str, Any]:
-    """GET the health endpoint; the JSON body (or `{}` for a non-JSON 200). Raises on non-200."""
+def get_health(base_url: str, path: str = "/health", timeout: float = 10.0) -> ServiceHealth:
+    """GET the health endpoint of any service (this release, an older one, the user's script): its body (empty
+    for a non-JSON 200). Raises on non-200; `serving(...)` says whether it serves."""
     response = httpx.get(f"{base_url}{path}", timeout=timeout)
     response.raise_for_status()
     try:
         body = response.json()
     except ValueError:
-        return {}
-    return body if isinstance(body, dict) else {"body": body}
-
-
-def is_healthy(body: dict[str, Any]) -> bool:
-    """A 200 health body that does not say it is still loading or broken."""
-    return body.get("model_loaded") is not False and body.get("status") not in ("loading", "unhealthy")
+        return ServiceHealth()
+    return ServiceHealth.of(body)

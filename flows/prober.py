@@ -19,10 +19,11 @@ from typing import TYPE_CHECKING, Any
 
 import httpx
 
-from flows.common import is_healthy, run_logger, service_url
+from flows.common import run_logger, service_url
 from flows.downtime import Downtime, Probe, ProbeKind, summarize
 from flows.runlog import TOLD_BY_SUMMARY
 from flows.secrets import api_key
+from service.schema import ServiceHealth, serving
 
 if TYPE_CHECKING:
     from flows.hosts import Host
@@ -148,7 +149,7 @@ class Prober:
             if kind == "health":
                 answer = client.get(f"{url}/health", timeout=self.settings.health_timeout_s)
                 status = answer.status_code
-                ok = status == 200 and is_healthy(_json(answer))
+                ok = status == 200 and serving(ServiceHealth.of(_json(answer)))
             else:
                 answer = client.post(
                     f"{url}/generate",

@@ -17,13 +17,14 @@ from typing import Any
 import httpx
 from pydantic import BaseModel, ValidationError
 
-from flows.common import get_health, is_healthy, service_url
+from flows.common import get_health, service_url
 from flows.errors import ReleaseError
 from flows.hostfs import file_size, read_text, tail_bytes, write_text
 from flows.hosts import Host, HostUnreachable
 from flows.procs import ProcessInfo, is_running, listener_pids, process_info, stop_process
 from flows.supervisor import Launch, start_supervised
 from flows.target import Target
+from service.schema import ServiceHealth, serving
 
 KEEP_RELEASES = 50  # the newest records kept in releases.json
 
@@ -127,17 +128,17 @@ def serving_now(host: Host, record: ReleaseRecord) -> bool:
     return is_running(host, record.process)
 
 
-def release_health(host: Host, record: ReleaseRecord) -> dict[str, Any] | None:
+def release_health(host: Host, record: ReleaseRecord) -> ServiceHealth | None:
     """The release's health body when its port answers healthy, else None."""
     with service_url(host, record.port) as url:
         try:
             body = get_health(url, "/health", timeout=10)
         except httpx.HTTPError:
             return None
-    return body if is_healthy(body) else None
+    return body if serving(body) else None
 
 
-def restart_release(host: Host, target: Target, record: ReleaseRecord, timeout_s: float) -> dict[str, Any]:
+def restart_release(host: Host, target: Target, record: ReleaseRecord, timeout_s: float) -> ServiceHealth:
     """Start the release again exactly as it was started (its argv under its supervisor, its secrets
     resolved now), wait until it answers healthy, record its new process; its health body."""
     holders = listener_pids(host, record.port)

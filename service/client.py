@@ -10,7 +10,7 @@ from typing import Any
 import httpx
 from PIL import Image
 
-from service.schema import GenerateResponse
+from service.schema import GenerateResponse, HealthResponse
 
 
 class ServiceCallError(Exception):
@@ -29,8 +29,9 @@ class ServiceClient:
         self.base_url = base_url.rstrip("/")
         self._http = httpx.Client(base_url=self.base_url, headers=headers, timeout=timeout)
 
-    def health(self) -> dict[str, Any]:
-        return self._json(self._http.get("/health"))
+    def health(self) -> HealthResponse:
+        """This release's `/health` (an older release or another service: `ServiceHealth.of` its body)."""
+        return HealthResponse.model_validate(self._json(self._http.get("/health")))
 
     def ready(self) -> bool:
         try:

@@ -10,7 +10,14 @@ from __future__ import annotations
 import difflib
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    ValidationError,
+    model_serializer,
+)
 
 from service.samplers import SAMPLER_NAMES
 
@@ -209,6 +216,50 @@ class HealthResponse(BaseModel):
         description="The compiled functions and what they cover, and the shapes run uncompiled; null without "
         "saved compile.",
     )
+
+
+class ServiceHealth(BaseModel):
+    """A `/health` body as read from whatever service answers: this release (a `HealthResponse`), an older
+    release that lacks some fields, or the user's SD1.5 script (`status`, `model_loaded`, `cuda_available`).
+
+    The fields a reader uses, named as in `HealthResponse`, each optional (None: the body does not say). The
+    body's other keys are kept, and it dumps back as it was answered (less a known field of another type): a
+    record of it keeps its keys.
+    """
+
+    model_config = ConfigDict(extra="allow", strict=True)  # strict: `model_loaded: "false"` is not False
+
+    status: str | None = None
+    model_loaded: bool | None = None
+    model: str | None = None
+    backend: str | None = None
+    device: str | None = None
+    quality_options: list[str] = Field(default_factory=list)
+    listening: list[int] = Field(default_factory=list)
+    taking_over: bool | None = None
+    error: str | None = None
+
+    @classmethod
+    def of(cls, body: Any) -> ServiceHealth:
+        """Any JSON body: a non-object one is kept under `body`; a known field of another type is left out
+        (the reader sees it unsaid) rather than refusing the whole answer."""
+        said = dict(body) if isinstance(body, dict) else {"body": body}
+        try:
+            return cls.model_validate(said)
+        except ValidationError as exc:
+            wrong = {str(error["loc"][0]) for error in exc.errors() if error["loc"]}
+            return cls.model_validate({key: value for key, value in said.items() if key not in wrong})
+
+    @model_serializer(mode="wrap")
+    def _as_answered(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        return {key: value for key, value in handler(self).items() if key in self.model_fields_set}
+
+
+def serving(health: HealthResponse | ServiceHealth) -> bool:
+    """Whether a service that answered `/health` (200) is serving: it says neither that it is still loading or
+    broken (`status`) nor that its model is not loaded. A body that says neither, as an old script's may, is
+    serving."""
+    return health.model_loaded is not False and health.status not in ("loading", "unhealthy")
 
 
 class ReadyResponse(BaseModel):

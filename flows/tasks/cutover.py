@@ -19,7 +19,6 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor, wait
-from typing import Any
 
 import httpx
 from prefect import task
@@ -31,6 +30,7 @@ from flows.errors import CutoverFailed, RehearsedFailure
 from flows.hosts import Host
 from flows.procs import ProcessInfo, is_running, stop_process
 from flows.target import Target
+from service.schema import ServiceHealth
 
 TOLD_TIMEOUT_S = 10.0  # SIGUSR1 through the supervisor to the service's takeover thread
 
@@ -38,16 +38,12 @@ TOLD_TIMEOUT_S = 10.0  # SIGUSR1 through the supervisor to the service's takeove
 class Cutover(BaseModel):
     stopped_old: str
     seconds: float  # from telling the new service to it answering on the app's port
-    health: dict[str, Any]
+    health: ServiceHealth
 
 
-def serves_port(health: dict[str, Any] | None, target: Target) -> bool:
+def serves_port(health: ServiceHealth | None, target: Target) -> bool:
     """Whether a `/health` body is the new service serving the app's port."""
-    return (
-        health is not None
-        and health.get("model") == target.new.model
-        and target.current.port in (health.get("listening") or [])
-    )
+    return health is not None and health.model == target.new.model and target.current.port in health.listening
 
 
 def tell_take_over(host: Host, process: ProcessInfo) -> None:
@@ -112,43 +108,44 @@ def _wait_taking_over(host: Host, target: Target, stage_port: int, deadline: flo
     health, seen_at = _poll_health(
         host,
         stage_port,
-        lambda h: bool(h.get("taking_over")) or serves_port(h, target),
+        lambda h: bool(h.taking_over) or serves_port(h, target),
         deadline,
     )
     if seen_at is None:
         raise CutoverFailed(
             f"the new service did not say it was taking port {target.current.port} over within "
-            f"{TOLD_TIMEOUT_S:.0f} s of SIGUSR1 (/health on port {stage_port}: {health}); "
+            f"{TOLD_TIMEOUT_S:.0f} s of SIGUSR1 (/health on port {stage_port}: "
+            f"{health.model_dump() if health is not None else None}); "
             "the old service was not stopped"
         )
 
 
 def _wait_serving(
     host: Host, target: Target, deadline: float, done: threading.Event
-) -> tuple[dict[str, Any], float]:
+) -> tuple[ServiceHealth, float]:
     """Poll `/health` on the app's port until it is the new service; (its body, when it was first seen)."""
     health, seen_at = _poll_health(
         host, target.current.port, lambda h: serves_port(h, target), deadline, done
     )
     if seen_at is None:
-        seen = f"/health answered {health}" if health else "nothing answered"
+        seen = f"/health answered {health.model_dump()}" if health is not None else "nothing answered"
         raise CutoverFailed(
             f"the new service did not take port {target.current.port} over within "
             f"{target.new.cutover_timeout_s:.0f} s ({seen})"
         )
-    return health or {}, seen_at
+    return health or ServiceHealth(), seen_at
 
 
 def _poll_health(
     host: Host,
     port: int,
-    wanted: Callable[[dict[str, Any]], bool],
+    wanted: Callable[[ServiceHealth], bool],
     deadline: float,
     done: threading.Event | None = None,
-) -> tuple[dict[str, Any] | None, float | None]:
+) -> tuple[ServiceHealth | None, float | None]:
     """`/health` on a service port every 20 ms until a body is `wanted`, the deadline passes or `done` is set:
     (the last body, when the wanted one was seen, or None)."""
-    health: dict[str, Any] | None = None
+    health: ServiceHealth | None = None
     with service_url(host, port) as url:
         while not (done is not None and done.is_set()):
             try:

@@ -19,6 +19,7 @@ from flows.runlog import TOLD_BY_SUMMARY
 from flows.target import Criterion, StartMode
 from flows.tasks.benchmark import BenchmarkResult, LogScan
 from flows.tasks.tunnel import AppCheck
+from service.schema import HealthResponse, ServiceHealth
 
 # "inconclusive": the evidence cannot tell (so far only the quality comparison says it); it does not fail
 # the deploy, and the summary, the report and the console show it in capitals.
@@ -57,7 +58,7 @@ class QualityResult(BaseModel):
 class Evidence(BaseModel):
     """What the stages observed; a None field means that stage did not run."""
 
-    health: dict[str, Any] | None = None
+    health: HealthResponse | ServiceHealth | None = None
     benchmark: BenchmarkResult | None = None
     app: AppCheck | None = None
     log_scan: LogScan | None = None
@@ -102,9 +103,7 @@ Check = Callable[[Evidence, Criterion], tuple[Outcome, str]]
 def _model_loaded(ev: Evidence, c: Criterion) -> tuple[bool | None, str]:
     if ev.health is None:
         return False, "no health answer"
-    return bool(
-        ev.health.get("model_loaded")
-    ), f"model_loaded={ev.health.get('model_loaded')}, model={ev.health.get('model')}"
+    return bool(ev.health.model_loaded), f"model_loaded={ev.health.model_loaded}, model={ev.health.model}"
 
 
 def _resolution(ev: Evidence, c: Criterion) -> tuple[bool | None, str]:

@@ -11,13 +11,14 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel
 
-from flows.common import get_health, is_healthy, retry_transient, run_logger, service_url
+from flows.common import get_health, retry_transient, run_logger, service_url
 from flows.compat import StackVerdict, assess_stack
 from flows.errors import PreflightRefused
 from flows.hostfs import free_disk_gb
 from flows.hosts import Host, q
 from flows.procs import ProcessInfo, find_service
 from flows.target import Target
+from service.schema import ServiceHealth, serving
 
 # What the box's python provides (module -> distribution), reported with versions and judged by
 # `flows.compat`; the service's other dependencies come with each release's own environment.
@@ -87,7 +88,7 @@ class CurrentFacts(BaseModel):
     """The service answering today."""
 
     process: ProcessInfo | None
-    health: dict[str, Any] | None
+    health: ServiceHealth | None
     health_error: str | None
     baseline_s: float | None
     baseline_error: str | None
@@ -199,8 +200,10 @@ def inspect_current(host: Host, target: Target, baseline: bool = True) -> Curren
     with service_url(host, current.port) as url:
         try:
             health = get_health(url, current.health_path)
-            if not is_healthy(health):
-                problems.append(f"current service on port {current.port} is not healthy: {health}")
+            if not serving(health):
+                problems.append(
+                    f"current service on port {current.port} is not healthy: {health.model_dump()}"
+                )
         except httpx.HTTPError as exc:
             health_error = f"{type(exc).__name__}: {exc}"
             problems.append(
@@ -211,7 +214,7 @@ def inspect_current(host: Host, target: Target, baseline: bool = True) -> Curren
     log.info(
         "current service: %s, health %s, baseline %s",
         process.describe() if process else "no process",
-        health.get("status", "200") if health else health_error,
+        (health.status or "200") if health is not None else health_error,
         f"{baseline_s:.2f} s" if baseline_s is not None else baseline_error,
     )
     return CurrentFacts(

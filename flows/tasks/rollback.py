@@ -10,14 +10,13 @@ file match the backup?), so running it twice, or after a deploy that was interru
 from __future__ import annotations
 
 import time
-from typing import Any
 
 import httpx
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel
 
-from flows.common import get_health, is_healthy, run_logger, service_url
+from flows.common import get_health, run_logger, service_url
 from flows.deploy_state import load_state, save_state
 from flows.errors import ReleaseError, RollbackError
 from flows.hostfs import digests, file_size, run_checked, tail_bytes
@@ -43,6 +42,7 @@ from flows.releases import (
 from flows.secrets import SecretUnavailable
 from flows.target import CurrentService, Target
 from flows.tasks.backup import BackupFile, latest_backup, verify_backup
+from service.schema import ServiceHealth, serving
 
 
 class RollbackResult(BaseModel):
@@ -50,20 +50,20 @@ class RollbackResult(BaseModel):
     stopped_new: str
     restored_files: list[str]
     restarted: str
-    health: dict[str, Any] | None
+    health: ServiceHealth | None
     answering: bool
     release: int | None = None  # the recorded release put back (None: the target's current service)
     port: int = 0  # where the service put back answers
 
 
-def current_answers(host: Host, service: CurrentService) -> dict[str, Any] | None:
+def current_answers(host: Host, service: CurrentService) -> ServiceHealth | None:
     """The current service's health body when it answers healthy, else None."""
     with service_url(host, service.port) as url:
         try:
             body = get_health(url, service.health_path, timeout=10)
         except httpx.HTTPError:
             return None
-    return body if is_healthy(body) else None
+    return body if serving(body) else None
 
 
 def new_service_process(host: Host, target: Target) -> ProcessInfo | None:
@@ -221,7 +221,7 @@ def restart_current(host: Host, service: CurrentService, install_dir: str) -> Pr
     )
 
 
-def wait_healthy(host: Host, service: CurrentService, process: ProcessInfo) -> dict[str, Any]:
+def wait_healthy(host: Host, service: CurrentService, process: ProcessInfo) -> ServiceHealth:
     """Poll the restarted service's health until it answers healthy; fail fast if it exits."""
     offset = max((file_size(host, service.log_file) or 0) - 4000, 0)
     deadline = time.monotonic() + service.health_timeout_s
@@ -238,6 +238,6 @@ def wait_healthy(host: Host, service: CurrentService, process: ProcessInfo) -> d
     )
 
 
-def _answers(health: dict[str, Any] | None) -> str:
+def _answers(health: ServiceHealth | None) -> str:
     """A service's `/health` answer in a few words: its model and status."""
-    return f"{health.get('model')} answers {health.get('status')}" if health else "no health answer"
+    return f"{health.model} answers {health.status}" if health is not None else "no health answer"

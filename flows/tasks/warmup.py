@@ -16,7 +16,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel
 
-from flows.common import retry_transient, run_logger, service_url
+from flows.common import get_health, retry_transient, run_logger, service_url
 from flows.errors import HostUnreachable, ServiceDidNotStart
 from flows.hostfs import tail_bytes
 from flows.hosts import Host
@@ -27,6 +27,7 @@ from flows.supervisor import read_restarts
 from flows.target import Target
 from flows.tasks.deploy import Started
 from service.client import ServiceCallError, ServiceClient
+from service.schema import HealthResponse, ServiceHealth
 
 POLL_S = 0.5
 LINK_GRACE_S = 120.0  # how long the SSH link may stay down during warm-up before it counts as a failure
@@ -34,7 +35,7 @@ LINK_GRACE_S = 120.0  # how long the SSH link may stay down during warm-up befor
 
 class WarmupResult(BaseModel):
     ready_after_s: float
-    health: dict[str, Any]
+    health: HealthResponse
     warmup_s: list[float]
     log_offset: int
     compile_s: float | None = (
@@ -96,11 +97,11 @@ def warm_up(host: Host, target: Target, started: Started) -> WarmupResult:
         log.info(
             "new service ready after %.1f s: %s %s on %s",
             ready_after,
-            health.get("model"),
-            health.get("status"),
-            health.get("device"),
+            health.model,
+            health.status,
+            health.device,
         )
-        compile_s = (health.get("startup") or {}).get("warmup_s")
+        compile_s = health.startup.warmup_s
         if compile_s is not None:
             log.info(
                 "the service compiled its models in %.1f s before /ready (cached on disk: the next start "
@@ -143,9 +144,9 @@ class _Watch:
             service_log().info("%s", line)
             self.recent = (self.recent + [line])[-20:]
 
-    def saw(self, health: dict[str, Any] | None) -> None:
+    def saw(self, health: HealthResponse | None) -> None:
         """Note what the service's `/health` says about its start (None: no answer this time)."""
-        phase = ((health or {}).get("startup") or {}).get("phase")
+        phase = health.startup.phase if health is not None else None
         if phase == "warming_up" and not self.compiling:
             self.compiling = True
             self.log.info("warm-up: the service is compiling its models (first time: minutes, then cached)")
@@ -189,23 +190,23 @@ def _is_ready(client: ServiceClient) -> bool:
     return httpx.get(f"{client.base_url}/ready", timeout=15).status_code == 200
 
 
-def _check_loaded(client: ServiceClient) -> dict[str, Any] | None:
+def _check_loaded(client: ServiceClient) -> HealthResponse | None:
     """`/health`'s answer (None when there is none yet); raise when it says the model failed to load (the
     process stays up, unhealthy)."""
     try:
         health = client.health()
     except (ServiceCallError, httpx.TransportError):
         return None
-    if health.get("status") == "unhealthy":
-        raise ServiceDidNotStart(f"the new service could not load its model: {health.get('error') or health}")
+    if health.status == "unhealthy":
+        raise ServiceDidNotStart(
+            f"the new service could not load its model: {health.error or health.model_dump(mode='json')}"
+        )
     return health
 
 
 @task(cache_policy=NO_CACHE, retries=2, retry_delay_seconds=5, retry_condition_fn=retry_transient)
-def new_service_health(host: Host, target: Target, port: int | None = None) -> dict[str, Any]:
-    """The new service's `/health` answer (on `port`, default its own)."""
-    with (
-        service_url(host, port or target.new.port) as url,
-        ServiceClient(url, api_key=api_key(target.new), timeout=30) as client,
-    ):
-        return client.health()
+def new_service_health(host: Host, target: Target, port: int | None = None) -> ServiceHealth:
+    """The new service's `/health` answer (on `port`, default its own); the service may be an older release
+    than these flows (verify runs against whatever is installed)."""
+    with service_url(host, port or target.new.port) as url:
+        return get_health(url, timeout=30)

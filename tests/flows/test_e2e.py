@@ -250,7 +250,8 @@ def test_ssh_staged_deploy_tunnel_verify_and_rollback(
         gates = {g["criterion"]: g for g in summary["gates"]}
         assert gates["tunnel"]["verdict"] == "pass" and "local port forward" in gates["tunnel"]["observed"]
         assert gates["app_request"]["verdict"] == "pass"
-        assert current_answers(local, target.current)["model"] == "tiny-sdxl"
+        answer = current_answers(local, target.current)
+        assert answer is not None and answer.model == "tiny-sdxl"
         # Before the cut-over the app's way (a port forward to the app's port) reached the old service; after
         # it, the new one. The prober, through its own port forward, saw no failed request at all.
         facts = summary["facts"]

@@ -144,7 +144,7 @@ def test_host_runs_are_taken_by_two_workers_of_the_pool(
     assert [h.outcome for h in summary.hosts] == ["upgraded", "upgraded"]
     for target in hosts.values():
         health = current_answers(LocalHost(), target.current)
-        assert health and health.get("model") == "tiny-sdxl"
+        assert health is not None and health.model == "tiny-sdxl"
     # The host runs' summaries were read from their run directories (a shared filesystem here).
     for record in summary.hosts:
         assert record.deploy_run_dir and record.deploy_run_dir.startswith(str(tmp_path / "runs"))

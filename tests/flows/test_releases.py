@@ -39,7 +39,8 @@ def serving_model(host: LocalHost, target: Target) -> tuple[str, str]:
     assert health is not None, "nothing answers on the port"
     process = find_service(host, target.current.port)
     assert process is not None
-    return health["model"], process.cmdline
+    assert health.model is not None
+    return health.model, process.cmdline
 
 
 # --- the record itself (no deploy) ------------------------------------------------------------------

@@ -19,6 +19,7 @@ from flows.runbook import STAGED_STAGES, deploy_sdxl, recover
 from flows.target import Target
 from flows.tasks.rollback import current_answers, new_service_process
 from sdxl_deploy.cli import app
+from service.schema import HealthResponse
 from tests.support.compiled import compiled_cache, copy_of, service_env
 from tests.support.flows import fast, is_legacy, legacy_target, summary_of
 
@@ -65,11 +66,14 @@ def test_a_staged_deploy_cuts_over_without_a_failed_request(
     assert summary["facts"]["cutover"]["max_downtime_s"]["verdict"] == "pass"
     report = summary["facts"]["compile"]["report"]
     assert report["built"] and report["reused"] >= 3 and report["compiled"] == 0, report
-    health = current_answers(host, target.current)
-    assert health["model"] == "tiny-sd15" and health["listening"] == [target.current.port]
-    functions = health["compiles"]["functions"]
-    assert {f["file"] for f in functions} == {f["file"] for f in report["functions"]}, functions
-    assert {f["source"] for f in functions} == {"loaded"} and health["startup"]["compiled_functions"] == 0
+    answer = current_answers(host, target.current)
+    assert answer is not None
+    health = HealthResponse.model_validate(answer.model_dump())  # this release's service: its whole schema
+    assert health.model == "tiny-sd15" and health.listening == [target.current.port]
+    assert health.compiles is not None
+    functions = health.compiles.functions
+    assert {f.file for f in functions} == {f["file"] for f in report["functions"]}, functions
+    assert {f.source for f in functions} == {"loaded"} and health.startup.compiled_functions == 0
     assert not is_running(host, old) and listener_pids(host, target.new.staging_port) == []
     recorded = load_state(host, target)
     assert (recorded.mode, recorded.cut_over, recorded.status) == ("staged", True, "deployed")
@@ -170,4 +174,5 @@ def test_a_second_staged_deploy_cuts_over_from_the_release_that_serves(
     assert not is_running(host, old)
     records = load_releases(host, target)
     assert len(records) == 2 and not serving_now(host, records[0]) and serving_now(host, records[1])
-    assert current_answers(host, target.current)["listening"] == [target.current.port]
+    answer = current_answers(host, target.current)
+    assert answer is not None and answer.listening == [target.current.port]

@@ -460,7 +460,7 @@ def test_warm_up_reads_the_compile_time_from_health(tmp_path: Path) -> None:
         result = warm_up.fn(host, target, Started(process=process, log_file=new.log_file, log_offset=0))
     finally:
         stop_process(host, process, timeout_s=20)
-    startup = result.health["startup"]
-    assert startup["phase"] == "ready" and startup["compiled_shapes"] == ["base 512x512 x1"]
-    assert result.compile_s == startup["warmup_s"] and result.compile_s > 0
+    startup = result.health.startup
+    assert startup.phase == "ready" and startup.compiled_shapes == ["base 512x512 x1"]
+    assert result.compile_s == startup.warmup_s and result.compile_s > 0
     assert len(result.warmup_s) == target.workload.warmup_requests

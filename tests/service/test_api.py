@@ -9,6 +9,7 @@ import httpx
 import pytest
 
 from service.client import ServiceCallError, ServiceClient, decode_image
+from service.schema import HealthResponse, ServiceHealth, serving
 
 SMALL = {"width": 64, "height": 64, "num_inference_steps": 2}
 
@@ -29,18 +30,47 @@ def post(client: ServiceClient, body: object, **kw: object) -> httpx.Response:
     return httpx.post(f"{client.base_url}/generate", json=body, timeout=120, **kw)
 
 
+def test_a_health_body_of_any_service_reads_typed_and_dumps_back_as_answered(sdxl: ServiceClient) -> None:
+    """This release's body, an older release's (fewer fields), the SD1.5 stand-in's, and odd ones: one `serving`."""
+    own = httpx.get(f"{sdxl.base_url}/health").json()
+    read = ServiceHealth.of(own)
+    assert serving(read) and read.model == "tiny-sdxl" and read.model_dump() == own
+    assert HealthResponse.model_validate(own).model == read.model
+    older = {
+        key: value for key, value in own.items() if key not in ("startup", "compiles", "listening", "staged")
+    }
+    assert serving(ServiceHealth.of(older)) and ServiceHealth.of(older).model_dump() == older
+    # tests/support/legacy_api.py, the user's SD1.5 script's stand-in
+    legacy = {"status": "healthy", "model_loaded": True, "cuda_available": False}
+    assert serving(ServiceHealth.of(legacy)) and ServiceHealth.of(legacy).model is None
+    assert ServiceHealth.of(legacy).model_dump() == legacy
+    says = {
+        "loading": ({"status": "loading", "model_loaded": False}, False),
+        "broken": ({"status": "unhealthy", "model_loaded": False, "error": "no weights"}, False),
+        "not loaded": ({"model_loaded": False}, False),
+        "nothing said": ({}, True),
+        "a string, not False": ({"model_loaded": "false"}, True),
+        "not an object": (["ok"], True),
+    }
+    assert {name: serving(ServiceHealth.of(body)) for name, (body, _) in says.items()} == {
+        name: serving_ for name, (_, serving_) in says.items()
+    }
+    assert ServiceHealth.of({"listening": [7860, "x"], "model": "m"}).listening == []  # a wrong type: unsaid
+
+
 def test_health_reports_the_fields_operators_read(sdxl: ServiceClient) -> None:
     health = sdxl.health()
-    assert health["status"] == "healthy"
-    assert health["model_loaded"] is True
-    assert health["cuda_available"] is False
-    assert health["codeformer_available"] is False
-    assert health["vram_available"] is None
-    assert health["model"] == "tiny-sdxl" and health["backend"] == "sdxl"
-    assert health["refiner_loaded"] is True
-    assert health["device"] == "cpu"
-    assert health["uptime_s"] >= 0
-    assert health["prompt_cache"]["size"] == 64 and set(health["prompt_cache"]) == {
+    assert health.status == "healthy" and serving(health)
+    assert health.model_loaded is True
+    assert health.cuda_available is False
+    assert health.codeformer_available is False
+    assert health.vram_available is None
+    assert health.model == "tiny-sdxl" and health.backend == "sdxl"
+    assert health.refiner_loaded is True
+    assert health.device == "cpu"
+    assert health.uptime_s >= 0
+    assert health.prompt_cache is not None
+    assert health.prompt_cache["size"] == 64 and set(health.prompt_cache) == {
         "kept",
         "size",
         "hits",
@@ -112,7 +142,7 @@ def test_unknown_fields_from_older_apps_are_ignored_and_named(sdxl: ServiceClien
 
 def test_sd15_defaults_and_warnings(sd15: ServiceClient) -> None:
     health = sd15.health()
-    assert health["backend"] == "sd15" and health["refiner_loaded"] is False
+    assert health.backend == "sd15" and health.refiner_loaded is False
     answer = sd15.generate(prompt="a dog", use_refiner=True, use_face_restoration=True, **SMALL)
     assert answer.success
     assert any("use_refiner ignored" in w for w in answer.warnings)
@@ -185,7 +215,7 @@ def test_oversized_body_is_refused_and_the_service_stays_up(sdxl: ServiceClient)
         f"{sdxl.base_url}/generate", content=chunks(), headers={"content-type": "application/json"}
     )
     assert streamed.status_code == 413
-    assert sdxl.health()["status"] == "healthy"
+    assert sdxl.health().status == "healthy"
 
 
 def test_unknown_route_answers_in_the_error_shape(sdxl: ServiceClient) -> None:

@@ -21,6 +21,7 @@ from flows.runbook import deploy_sdxl
 from flows.target import Target
 from flows.tasks.rollback import current_answers
 from service.hub import ModelFilesMissing, plan_load
+from service.schema import HealthResponse
 from tests.support.flows import summary_of
 from tests.support.hub_mirror import (
     NO_SUCH_REPO,
@@ -262,8 +263,10 @@ def test_deploy_flow_serves_sdxl_from_the_mirror(
     assert summary["status"] == "completed" and not summary["rolled_back"]
     gates = {g["criterion"]: g["verdict"] for g in summary["gates"]}
     assert gates["model_loaded"] == gates["app_request"] == gates["resolution"] == "pass", gates
-    health = current_answers(host, target.current)
-    assert health["model"] == "sdxl" and health["refiner_loaded"] is True
+    answer = current_answers(host, target.current)
+    assert answer is not None
+    health = HealthResponse.model_validate(answer.model_dump())
+    assert health.model == "sdxl" and health.refiner_loaded is True
     # stage `prefetch` downloaded the weights while the old service served; the new one loaded them from
     # the cache with the hub offline
     prefetch = summary["facts"]["prefetch"]

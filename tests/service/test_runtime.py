@@ -156,10 +156,10 @@ def test_model_folder_written_by_the_cli_is_served_by_the_cli(tmp_path: Path) ->
         ServiceClient(url, api_key=env["SDXL_API_KEY"]) as c,
     ):
         health = c.health()
-        assert health["backend"] == "sdxl" and health["refiner_loaded"] is True
-        startup = health["startup"]
-        assert startup["phase"] == "ready" and startup["load_s"] > 0
-        assert startup["milestones"]["loading_started"] <= startup["milestones"]["base_loaded"]
+        assert health.backend == "sdxl" and health.refiner_loaded is True
+        startup = health.startup
+        assert startup.phase == "ready" and startup.load_s is not None and startup.load_s > 0
+        assert startup.milestones["loading_started"] <= startup.milestones["base_loaded"]
         answer = c.generate(prompt="a lighthouse", width=64, height=64, num_inference_steps=2)
         assert decode_image(answer.image).size == (64, 64)
     text = log.read_text()

@@ -20,6 +20,7 @@ from flows.demo import demo_target, start_current, stop_all
 from flows.hosts import LocalHost, q
 from flows.target import Connection, CurrentService, Target
 from flows.tasks.deploy import build_wheel
+from service.schema import ServiceHealth
 from tests.support.sshd import SSHServer
 
 LEGACY_SCRIPT = Path(__file__).with_name("legacy_api.py")
@@ -76,9 +77,9 @@ def summary_of(state) -> dict:
     return json.loads((Path(outcome.run_dir) / "summary.json").read_text())
 
 
-def is_legacy(health: dict | None) -> bool:
+def is_legacy(health: ServiceHealth | None) -> bool:
     """The stand-in's health body (tiny-sdxl's also names its model and backend)."""
-    return health is not None and health.get("status") == "healthy" and "backend" not in health
+    return health is not None and health.status == "healthy" and "backend" not in health.model_fields_set
 
 
 @pytest.fixture(scope="session")
