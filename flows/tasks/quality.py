@@ -1,7 +1,7 @@
 """Quality: is the new model's CLIP score not worse than the current one's? (the evaluation package).
 
-The deploy cannot run both services at once (one port, one GPU), so the comparison is split around the
-switch: `collect_baseline` sends the prompts to the current service before it is stopped, and
+The comparison is split around the switch: `collect_baseline` sends the prompts to the current service
+before the new release is shipped (stage `baseline`, in either start mode), and
 `assess_quality` sends the same prompts and seeds to the new one after warm-up, scores both sets here
 with CLIP, writes the comparison's run directory and report, publishes its Prefect artifacts
 (`flows.artifacts`) and judges the difference with the `quality` criterion's threshold as the margin.
