@@ -228,6 +228,32 @@ def test_compile_off_and_compile_vae_off_leave_modules_plain(model_cache: Path) 
     assert not is_compiled(plain.base.unet) and not is_compiled(plain.base.vae.decoder)
 
 
+def test_the_compile_step_builds_nothing_where_compiled_functions_cannot_be_saved_and_says_so(
+    model_cache: Path, tmp_path: Path
+) -> None:
+    """The seed stack's torch (2.5) cannot save compiled functions, nor can `save_compiled=off`: the step
+    (`serve --compile-only`) has nothing to build and says what the service does instead (compile its sizes
+    before /ready in its own process); compile off on a CPU: nothing to build, served uncompiled."""
+    from service.compile_step import build
+
+    cannot_save = "off" if saved_compile.available() else "auto"  # the seed stack: auto is off there
+    settings = ServiceSettings(
+        model="tiny-sd15",
+        cache_dir=model_cache,
+        device="cpu",
+        compile="on",
+        save_compiled=cannot_save,
+        compile_cache_dir=tmp_path / "cc",
+    )
+    report = build(settings)
+    assert not report.built and report.functions == [] and report.compiled == 0
+    assert "cannot save compiled functions" in report.note and "before /ready" in report.note
+    assert not (tmp_path / "cc" / saved_compile.FOLDER).exists()
+    off = build(ServiceSettings(model="tiny-sd15", cache_dir=model_cache, device="cpu"))
+    assert not off.built and off.note.startswith("nothing to build") and "serves uncompiled" in off.note
+    assert off.load_s == 0.0  # decided from the settings and the device: the model was not loaded
+
+
 def test_warmup_on_load_generates_before_ready(model_cache: Path, reference: np.ndarray) -> None:
     engine = _engine(model_cache, warmup_on_load="on")
     # what the deploy flow (`startup.warmup_s`) and the benchmarks read from /health
