@@ -169,7 +169,7 @@ def restart_release(host: Host, target: Target, record: ReleaseRecord, timeout_s
     return health
 
 
-def releases_table(records: list[ReleaseRecord], serving: dict[int, bool]) -> Any:
+def releases_table(records: list[ReleaseRecord], running: dict[int, bool]) -> Any:
     """A rich table: id, model, port, release, deployed at, run, serving now? (newest first)."""
     from rich.table import Table
 
@@ -177,7 +177,7 @@ def releases_table(records: list[ReleaseRecord], serving: dict[int, bool]) -> An
     for column in ("id", "model", "port", "release", "deployed at", "run", "serving now?"):
         table.add_column(column, overflow="fold")
     for record in reversed(records):
-        now = "[green]yes[/]" if serving.get(record.id) else "no"
+        now = "[green]yes[/]" if running.get(record.id) else "no"
         table.add_row(
             f"#{record.id}",
             record.model,
