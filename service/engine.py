@@ -106,6 +106,7 @@ class Engine:
         self.schedulers = SchedulerCache()
         self.quality_options: list[str] = []  # opt-in settings in force that change the images
         self.embeddings = TextEmbeddings(settings.prompt_cache_size)  # prompts encoded once, kept
+        self.process_peak_gb = 0.0  # the highest per-request peak so far (peak_gb_since_start)
         self.building = (
             False  # the compile step's engine: builds compiled functions (service/compile_step.py)
         )
