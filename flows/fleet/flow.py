@@ -594,8 +594,13 @@ def deploy_fleet(
             if number == 0 and abort_after_canary:
                 rollout.roll_back_all("abort_after_canary")
                 break
-            if fleet.rollout.pauses_after(number, len(waves)) and not rollout.ask_person(
-                name, number, result
+            # a person decides on what this run changed: a wave whose hosts all ran the release already (a
+            # rerun) is not paused on again
+            changed = any(rollout.record(h).outcome == "upgraded" for h in wave)
+            if (
+                changed
+                and fleet.rollout.pauses_after(number, len(waves))
+                and not rollout.ask_person(name, number, result)
             ):
                 break
     except Exception as exc:  # the balancer or a host became unreachable: return what was upgraded

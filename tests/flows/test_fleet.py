@@ -1,7 +1,7 @@
 """deploy-fleet: three hosts (the user's SD1.5 stand-in on each, one reached over a real sshd) behind a real
 HAProxy (tests/support/fleet.py), a steady client load through HAProxy over the whole rollout, and not one
-failed request, in a successful rollout and one a person stops after a wave; the failures that roll hosts
-back are in tests/flows/test_fleet_failures.py. Real deploys of tiny models."""
+failed request, in a rollout a person promotes after the canary; the failures that roll hosts back are in
+tests/flows/test_fleet_failures.py, a person's abort in tests/flows/test_fleet_pool.py. Real deploys of tiny models."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from flows.fleet.analysis import GroupTraffic, judge
 from flows.fleet.flow import deploy_fleet
 from flows.fleet.load import SteadyLoad
 from flows.fleet.target import Analysis, Rollout
-from tests.support.fleet import NAMES, FleetBed, answers_legacy, model_of, run_under_load
+from tests.support.fleet import NAMES, FleetBed, model_of, run_under_load
 from tests.support.person import Person
 
 pytestmark = pytest.mark.slow
@@ -24,9 +24,18 @@ pytestmark = pytest.mark.slow
 def test_fleet_rollout_upgrades_every_host_without_a_failed_request(
     prefect_api: None, bed: FleetBed, wheel: str, tmp_path: Path
 ) -> None:
-    fleet = bed.fleet(canary=1, wave_size=2, max_unavailable=2)
-    state, summary, report, load = run_under_load(bed, tmp_path, wheel, fleet)
+    """`rollout.pause_after: canary`: the run pauses in Prefect after the canary passed; a person promotes it,
+    and the next wave upgrades the other two hosts. (A person's abort: test_fleet_pool; a later wave's failure
+    rolling back every upgraded host: test_fleet_failures.)"""
+    fleet = bed.fleet(canary=1, wave_size=2, max_unavailable=2, pause_after="canary", approval_timeout_s=300)
+    person = Person({"decision": "promote", "note": "canary looks fine"})
+    with tags(person.tag):  # a missed resume aborts in 5 min, inside the test's time
+        state, summary, report, load = run_under_load(bed, tmp_path, wheel, fleet)
+    person.join(timeout=5)
 
+    assert person.error is None, person.error
+    assert "paused after the canary" in person.descriptions[0]
+    assert "Still on the old release: h2, h3" in person.descriptions[0]
     assert state.is_completed(), summary.message
     assert summary.waves == [["h1"], ["h2", "h3"]]
     assert [h.outcome for h in summary.hosts] == ["upgraded"] * 3
@@ -43,18 +52,22 @@ def test_fleet_rollout_upgrades_every_host_without_a_failed_request(
     events = [e.event for e in summary.timeline]
     for name in NAMES:
         assert events.index(f"{name}: drain") < events.index(f"{name}: ready")
-    assert events.index("analysis of canary") < events.index("h2: drain")
+    assert events.index("analysis of canary") < events.index("decision after the canary")
+    assert events.index("decision after the canary") < events.index("h2: drain")
+    assert "promote by person" in report
     for name in NAMES:
         assert f"| {name} ({name}) |" in report and f"**release #1: tiny-sdxl {summary.release_id}" in report
     assert "## Timeline" in report and "analysis of canary" in report
 
-    # A rerun resumes from what the hosts record: every host already runs this release, none is touched.
+    # A rerun resumes from what the hosts record: every host already runs this release, none is touched, and
+    # the run does not pause after the canary again (nobody answers now: a pause would time out and abort).
     serving = {name: bed.serving(name) for name in NAMES}
     with SteadyLoad(bed.url, TINY_REQUEST) as again_load:
         again = deploy_fleet(fleet=fleet, wheel=wheel, runs_dir=str(tmp_path / "runs2"), return_state=True)
     assert again.is_completed() and again_load.failed == 0
     resumed = again.result()
     assert [h.outcome for h in resumed.hosts] == ["already upgraded"] * 3
+    assert not any(e.event.startswith("decision after") for e in resumed.timeline)
     assert {name: bed.serving(name) for name in NAMES} == serving
 
 
@@ -106,43 +119,6 @@ def test_deploy_fleet_command_names_the_bad_field(tmp_path: Path) -> None:
     result = CliRunner().invoke(app, ["deploy-fleet", str(fleet)], env={"COLUMNS": "400"})
     assert result.exit_code == 2
     assert "hosts: List should have at least 1 item" in " ".join(result.output.split())
-
-
-def test_a_person_promotes_the_canary_then_aborts_the_next_wave(
-    prefect_api: None, bed: FleetBed, wheel: str, tmp_path: Path
-) -> None:
-    """`rollout.pause_after: every wave`: the run pauses in Prefect after each passed step. The person
-    promotes the canary, then fails wave 1 by hand: both upgraded hosts are rolled back, h3 never touched."""
-    fleet = bed.fleet(canary=1, pause_after="every wave", approval_timeout_s=300)
-    person = Person(
-        {"decision": "promote", "note": "canary looks fine"},
-        {"decision": "abort", "note": "app team: hold the rollout"},
-    )
-    with tags(person.tag):  # a missed resume aborts in 5 min, inside the test's time
-        state, summary, report, _load = run_under_load(bed, tmp_path, wheel, fleet)
-    person.join(timeout=5)
-
-    assert person.error is None, person.error
-    first, second = person.descriptions
-    assert "paused after the canary" in first and "Still on the old release: h2, h3" in first
-    assert "On the new release, serving live traffic now: h1, h2" in second and "wave 2" in second
-    assert state.is_failed() and summary.aborted == "wave 1 aborted by person (app team: hold the rollout)"
-    assert [a.verdict for a in summary.analyses] == [
-        "pass",
-        "pass",
-    ]  # the person, not the analysis, stopped it
-    events = [e.event for e in summary.timeline]
-    assert events.index("decision after the canary") < events.index("h2: drain")
-    assert "decision after wave 1" in events and "h3: drain" not in events
-    assert {h.name: h.outcome for h in summary.hosts} == {
-        "h1": "rolled back",
-        "h2": "rolled back",
-        "h3": "not reached",
-    }
-    assert all(answers_legacy(bed, name) for name in NAMES)
-    assert bed.serving("h3") == bed.before["h3"]
-    assert all(s.status == "UP" for s in bed.api.stats().values())
-    assert "promote by person" in report and "abort by person" in report
 
 
 def test_pauses_come_after_the_chosen_steps_never_after_the_last() -> None:

@@ -1,5 +1,6 @@
-"""deploy-fleet's failures under load: a failed canary, a failed second wave and a host past its progress
-deadline are each rolled back with not one failed request through HAProxy (the bed: tests/support/fleet.py).
+"""deploy-fleet's failures under load: a failed canary, a canary a person aborts, a failed second wave and a
+host past its progress deadline are each rolled back with not one failed request through HAProxy (the bed:
+tests/support/fleet.py).
 Real deploys of tiny models; a file of its own so that it runs beside tests/flows/test_fleet.py."""
 
 from __future__ import annotations
@@ -7,8 +8,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from prefect import tags
 
 from tests.support.fleet import NAMES, FleetBed, answers_legacy, run_under_load
+from tests.support.person import Person
 
 pytestmark = pytest.mark.slow
 
@@ -34,6 +37,33 @@ def test_failed_canary_is_rolled_back_alone(
     assert all(s.status == "UP" for s in bed.api.stats().values())
     assert "sd15" in next(h for h in summary.hosts if h.name == "h2").release_after
     assert "**aborted**: canary failed on ['h2']" in report
+
+
+def test_a_person_aborts_after_the_canary_and_it_is_rolled_back_alone(
+    prefect_api: None, bed: FleetBed, wheel: str, tmp_path: Path
+) -> None:
+    """`rollout.pause_after: canary`: the run pauses in Prefect after the canary passed; the person aborts, and
+    the upgraded canary is rolled back from its own backup while the other hosts are never touched."""
+    fleet = bed.fleet(canary=1, pause_after="canary", approval_timeout_s=300)
+    person = Person({"decision": "abort", "note": "app team: hold the rollout"})
+    with tags(person.tag):  # a missed resume aborts in 5 min, inside the test's time
+        state, summary, report, _load = run_under_load(bed, tmp_path, wheel, fleet)
+    person.join(timeout=5)
+
+    assert person.error is None, person.error
+    assert "paused after the canary" in person.descriptions[0]
+    assert "Still on the old release: h2, h3" in person.descriptions[0]
+    assert state.is_failed() and summary.aborted == "canary aborted by person (app team: hold the rollout)"
+    assert [a.verdict for a in summary.analyses] == ["pass"]  # the person, not the analysis, stopped it
+    assert {h.name: h.outcome for h in summary.hosts} == {
+        "h1": "rolled back",
+        "h2": "not reached",
+        "h3": "not reached",
+    }
+    assert all(answers_legacy(bed, name) for name in NAMES)
+    assert all(bed.serving(name) == bed.before[name] for name in ("h2", "h3"))
+    assert all(s.status == "UP" for s in bed.api.stats().values())
+    assert "abort by person" in report
 
 
 def test_second_wave_failure_rolls_back_every_upgraded_host(

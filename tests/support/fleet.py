@@ -96,4 +96,4 @@ def answers_legacy(bed: FleetBed, name: str) -> bool:
 
 def model_of(bed: FleetBed, name: str) -> str | None:
     health = current_answers(LocalHost(), bed.targets[name].current)
-    return health.get("model") if health else None
+    return health.model if health else None
