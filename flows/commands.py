@@ -5,11 +5,16 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
 from flows.cli_run import run_flow
+
+if TYPE_CHECKING:
+    from flows.hosts.base import Host
+    from flows.target import Target
+    from flows.tasks.compile import CompileResult
 
 # Every stage of either order: staged (start_staged ... cutover) and stop-first (stop_current, start_new).
 STAGE_NAMES = (
@@ -163,7 +168,7 @@ def compile_release(
     from flows.errors import FlowError
     from flows.hostfs import home_dir
     from flows.lock import host_lock, new_owner
-    from flows.tasks.compile import compile_serving_release, functions_table
+    from flows.tasks.compile import functions_table
 
     target = _load(target_file)
     console = Console()
@@ -184,6 +189,36 @@ def compile_release(
     finally:
         logger.removeHandler(progress)
     console.print(functions_table(result))
+
+
+def compile_serving_release(host: Host, target: Target, force: bool = False) -> CompileResult:
+    """Run the compile step of the release that serves now on the box (recorded in releases.json, its process
+    the one on `new.port`), beside it: refused, saying why, where the card's room for it is too small or not
+    known, unless `force`. The caller holds the host's deploy lock."""
+    from flows.capacity import step_room
+    from flows.errors import CompileFailed, ReleaseError
+    from flows.procs import find_service
+    from flows.releases import load_releases, release_of
+    from flows.tasks.compile import run_step, step_launch
+
+    process = find_service(host, target.new.port, target.new.pid_file)
+    record = release_of(host, target, process)
+    if record is None:
+        recorded = ", ".join(r.describe() for r in load_releases(host, target)[-3:]) or "none recorded"
+        serving = process.describe() if process else "nothing"
+        raise ReleaseError(
+            f"no recorded release serves on port {target.new.port} of {host.name} ({serving} does; releases: "
+            f"{recorded}): deploy first, the deploy's stage compile runs the step"
+        )
+    fits, why = step_room(host, record.model, target.new.vram_margin_gb)
+    if not fits and not force:
+        raise CompileFailed(
+            f"the compile step cannot run beside {record.describe()}: {why}; --force runs it anyway (the serving "
+            "release may run out of memory), or deploy the release again (its stage compile runs before it starts)"
+        )
+    return run_step(
+        host, step_launch(record.launch), target.new.compile_timeout_s, f"beside {record.describe()} ({why})"
+    )
 
 
 def demo(

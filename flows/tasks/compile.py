@@ -11,7 +11,7 @@ old service stops where the card has room for both (`flows/capacity.py`), else a
 It runs detached (a dropped SSH link does not end it); its log (stderr) is followed here: every line into
 the run's `run.log`, the "saved compile:" progress and the warnings into the flow log. It is stopped after
 `new.compile_timeout_s`. A non-zero exit, a timeout or a last line that is no report fails the stage.
-`sdxl-deploy compile` runs the same step for the release that serves now (`compile_serving_release`).
+`sdxl-deploy compile` runs the same step for the release that serves now (`flows.commands`).
 """
 
 from __future__ import annotations
@@ -28,12 +28,11 @@ from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel, ValidationError
 
 from flows.common import run_logger
-from flows.errors import CompileFailed, HostUnreachable, ProcessError, ReleaseError
+from flows.errors import CompileFailed, HostUnreachable, ProcessError
 from flows.hostfs import file_size, make_dirs, read_text, run_checked, tail_bytes
 from flows.hosts import Host, q
 from flows.procs import (
     ProcessInfo,
-    find_service,
     is_running,
     pid_from_file,
     process_info,
@@ -286,36 +285,6 @@ class _Watch:
                     f"stopped it; last log lines:\n{self.recent_text()}"
                 )
             time.sleep(POLL_S)
-
-
-# ----- on demand: `sdxl-deploy compile` -----------------------------------------------------------------
-
-
-def compile_serving_release(host: Host, target: Target, force: bool = False) -> CompileResult:
-    """Run the compile step of the release that serves now on the box (recorded in releases.json, its process
-    the one on `new.port`), beside it: refused, saying why, where the card's room for it is too small or not
-    known, unless `force`. The caller holds the host's deploy lock."""
-    from flows.capacity import step_room
-    from flows.releases import load_releases, release_of
-
-    process = find_service(host, target.new.port, target.new.pid_file)
-    record = release_of(host, target, process)
-    if record is None:
-        recorded = ", ".join(r.describe() for r in load_releases(host, target)[-3:]) or "none recorded"
-        serving = process.describe() if process else "nothing"
-        raise ReleaseError(
-            f"no recorded release serves on port {target.new.port} of {host.name} ({serving} does; releases: "
-            f"{recorded}): deploy first, the deploy's stage compile runs the step"
-        )
-    fits, why = step_room(host, record.model, target.new.vram_margin_gb)
-    if not fits and not force:
-        raise CompileFailed(
-            f"the compile step cannot run beside {record.describe()}: {why}; --force runs it anyway (the serving "
-            "release may run out of memory), or deploy the release again (its stage compile runs before it starts)"
-        )
-    return run_step(
-        host, step_launch(record.launch), target.new.compile_timeout_s, f"beside {record.describe()} ({why})"
-    )
 
 
 def functions_table(result: CompileResult) -> Any:
