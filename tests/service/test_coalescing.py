@@ -301,13 +301,15 @@ def test_device_side_pixels_equal_diffusers_own_post_processing(coalescing_state
 
 def test_the_queue_is_idle_before_any_waiter_hears_back(queue: GenerationQueue) -> None:
     """A client that asks for progress right after its answer must not see its own job still running."""
-    seen: list[object] = []
+    running: list[object] = []
 
     def work(jobs: list[Job]) -> list[str]:
-        # runs on the worker thread when the result is handed over, before the waiter can resume
-        jobs[0].future.add_done_callback(lambda _: seen.append(queue.running))
-        assert queue.running is jobs[0]
+        running.append(queue.running)
         return ["ok"]
 
-    assert asyncio.run(queue.run(work, 30))[0] == "ok"
-    assert seen == [None]
+    async def ask() -> tuple[str, object]:
+        answer = await queue.run(work, 30)
+        return answer[0], queue.running  # what the client sees the moment it hears back
+
+    assert asyncio.run(ask()) == ("ok", None)
+    assert len(running) == 1 and running[0] is not None  # its job was the running one while it ran
