@@ -17,12 +17,12 @@ export HF_HUB_OFFLINE ?= 1
 export SDXL_DEPLOY_CACHE ?= $(CURDIR)/.cache/models
 # pytest-xdist processes: many tests wait on services they started, so three keep 2 cores busy; a module's
 # tests stay in one process (module-scoped engines and servers are built once), in the order tests/conftest.py
-# puts them (the longest modules first).
+# puts them (the longest modules first). The 30 slowest tests are listed at the end: where the time goes.
 TEST_WORKERS ?= 3
 # Python compiles each module the first time it is imported; compiling all of torch's at install is minutes of
 # a 2-core machine for files no test imports.
 PIP_FAST   := --no-compile
-PYTEST     := -m pytest -q -p no:cacheprovider -n $(TEST_WORKERS) --dist loadscope --no-loadscope-reorder
+PYTEST     := -m pytest -q -p no:cacheprovider -n $(TEST_WORKERS) --dist loadscope --no-loadscope-reorder --durations=30
 
 .PHONY: setup setup-seed demo test test-seed coverage lint ui clean system-deps
 
