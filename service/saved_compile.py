@@ -230,16 +230,17 @@ class SavedCompile:
         for function in self.functions:  # static ones first (exact), then dynamic
             if function.fn.guard_check(self.module, *args, **kwargs):
                 return function.fn(self.module, *args, **kwargs)
-        key = signature(args, kwargs)
         if not self.build:  # serving: never compile; this shape runs uncompiled
             shape = describe(self.name, args, kwargs)
             if shape not in self.uncompiled:
                 log.warning("saved compile: no compiled function accepts %s: it runs uncompiled", shape)
             self.uncompiled[shape] = self.uncompiled.get(shape, 0) + 1
             return self.module._call_impl(*args, **kwargs)
-        if self.recording and dynamic_signature(key) not in self.forms:
+        key = signature(args, kwargs)
+        form = dynamic_signature(key)
+        if self.recording and form not in self.forms:
             copied = pytree.tree_map(_copy, (args, kwargs))
-            self.forms[dynamic_signature(key)] = (*copied, torch.is_grad_enabled())
+            self.forms[form] = (*copied, torch.is_grad_enabled())
         if key not in self._unsaveable:
             function = self._function_for(key, args, kwargs, dynamic=False)
             if function is not None:
