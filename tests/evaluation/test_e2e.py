@@ -267,16 +267,25 @@ def test_cli_evaluate_then_report(services: tuple[str, str], tmp_path: Path) -> 
 def test_evaluation_artifacts_have_stable_keys(prefect_api: None, evaluation: EvaluationResult) -> None:
     from prefect import flow
     from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, ArtifactFilterKey
+    from prefect.runtime import flow_run
 
     from flows.artifacts import publish_evaluation
 
     assert publish_evaluation(evaluation) is False, "outside a Prefect run it only logs"
-    published = flow(name="publish-evaluation")(lambda: publish_evaluation(evaluation))
-    assert published() is True
+
+    def publish() -> str:
+        assert publish_evaluation(evaluation) is True
+        return str(flow_run.id)
+
+    run_id = flow(name="publish-evaluation")(publish)()
     keys = ["sdxl-evaluation-categories", "sdxl-evaluation-summary", "sdxl-evaluation-report"]
+    # the session's Prefect server also holds other tests' deploys' artifacts under these keys: this run's only
+    this_run = ArtifactFilter(
+        key=ArtifactFilterKey(any_=keys), flow_run_id=ArtifactFilterFlowRunId(any_=[run_id])
+    )
     with get_client(sync_client=True) as client:
-        found = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=keys)))
+        found = client.read_artifacts(artifact_filter=this_run)
     assert {a.key for a in found} == set(keys)
     summary = next(a for a in found if a.key == "sdxl-evaluation-summary")
     assert evaluation.verdict in summary.data and "Random-weight stand-ins" in summary.data
@@ -286,7 +295,7 @@ def test_regression_flow_fails_on_a_planted_slowdown(
     prefect_api: None, services: tuple[str, str], tmp_path: Path
 ) -> None:
     from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, ArtifactFilterKey
 
     from evaluation.history import HistoryStore
     from evaluation.regression import series_key
@@ -337,8 +346,11 @@ def test_regression_flow_fails_on_a_planted_slowdown(
     assert "History: CLIP score and p95 latency" in (run_dir / "report.html").read_text()
 
     keys = ["regression-benchmark-checks", "regression-benchmark-summary", "regression-benchmark-report"]
+    this_run = ArtifactFilterFlowRunId(any_=[state.state_details.flow_run_id])
     with get_client(sync_client=True) as client:
-        found = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=keys)))
+        found = client.read_artifacts(
+            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=keys), flow_run_id=this_run)
+        )
     assert {a.key for a in found} == set(keys)
 
     state = regression_benchmark(**params, accept=True, return_state=True)
