@@ -12,7 +12,10 @@
 4. a restart on the same cache: start to ready.
 
 Both services start with the refiner off (`SDXL_LOAD_REFINER=false`) and no coalescing: the sizes are the
-point, and the refiner's functions would double the step's minutes. Each request has a new prompt.
+point, and the refiner's functions double the step's work. Each request has a new prompt. Environment:
+`BENCH_MIXED_REFINER=1` loads the refiner and asks for it in every request; `BENCH_MIXED_UNCOMPILED=0` skips
+phase 1 (a re-run that has its figures); `BENCH_MIXED_KEEP_CACHE=1` keeps the compile cache of an earlier run
+(its functions are reused); `SDXL_COMPILE_JOBS` sets the step's processes side by side.
 """
 
 from __future__ import annotations
@@ -44,6 +47,10 @@ def sizes_of(bench: Bench) -> tuple[tuple[int, int], ...]:
     return TINY_SIZES if bench.c.tiny else MIXED_SIZES
 
 
+def with_refiner() -> bool:
+    return os.environ.get("BENCH_MIXED_REFINER") == "1"
+
+
 def body(bench: Bench, family: str, size: tuple[int, int], take: int) -> dict[str, Any]:
     """One request at `size`; each with a new prompt."""
     return {
@@ -52,15 +59,17 @@ def body(bench: Bench, family: str, size: tuple[int, int], take: int) -> dict[st
         "width": size[0],
         "height": size[1],
         "seed": 7,
-        "use_refiner": False,
+        "use_refiner": with_refiner(),
     }
 
 
 def run_mixed(bench: Bench, family: str, model_dir: Path) -> None:
     """The uncompiled reference, then the shipped service cold on mixed sizes (module doc)."""
-    out: dict[str, Any] = {"sizes": [f"{w}x{h}" for w, h in sizes_of(bench)]}
+    out: dict[str, Any] = {"sizes": [f"{w}x{h}" for w, h in sizes_of(bench)], "refiner": with_refiner()}
     bench.results.mixed[family] = out
-    base_env = {"SDXL_LOAD_REFINER": "false", "SDXL_MAX_QUEUE": "32", "SDXL_COALESCE": "off"}
+    base_env = {"SDXL_MAX_QUEUE": "32", "SDXL_COALESCE": "off"}
+    if not with_refiner():
+        base_env["SDXL_LOAD_REFINER"] = "false"
 
     uncompiled: dict[str, float] = {}
     out["uncompiled_s"] = uncompiled
@@ -83,7 +92,8 @@ def _compiled(
     bench: Bench, family: str, model_dir: Path, base_env: dict[str, str], out: dict[str, Any]
 ) -> None:
     cache = bench.c.work / f"compile-cache-{family}-mixed"
-    shutil.rmtree(cache, ignore_errors=True)
+    if os.environ.get("BENCH_MIXED_KEEP_CACHE") != "1":
+        shutil.rmtree(cache, ignore_errors=True)
     env = {**base_env, "SDXL_COMPILE_CACHE_DIR": str(cache)}
     left = bench.c.budget_s - bench.elapsed() - AFTER_COMPILE_NEEDS_S
     out["compile_step"] = run_compile_step(
@@ -121,13 +131,15 @@ def mixed_lines(family: str, m: dict[str, Any]) -> list[str]:
     """The table's lines: the step, the start, every request against its size's uncompiled time, the worst
     one against `TARGET_RATIO`, the restart."""
     uncompiled = m.get("uncompiled_s", {})
-    lines = [f"{family}: mixed sizes (uncompiled time of each size: service with compile off)"]
+    refiner = "base + refiner" if m.get("refiner") else "base only"
+    lines = [f"{family} ({refiner}): mixed sizes (uncompiled time of each size: service with compile off)"]
     step = m.get("compile_step")
     if step:
         functions = ", ".join(f"{f['module']} {f['covers']}" for f in step.get("functions", []))
         lines.append(
-            f"  compile step {step.get('wall_s')} s (compiling {step.get('compile_s')} s), peak GPU memory "
-            f"{step.get('peak_vram_gb')} GiB: {step.get('compiled')} built, {step.get('reused')} reused: {functions}"
+            f"  compile step {step.get('wall_s')} s in {step.get('jobs', 1)} process(es) (compiling "
+            f"{step.get('compile_s')} s), peak GPU memory {step.get('peak_vram_gb')} GiB (summed over processes): "
+            f"{step.get('compiled')} built, {step.get('reused')} reused: {functions}"
         )
     for key, name in (("start", "start to ready on the step's functions"), ("restart", "restart to ready")):
         if m.get(key):

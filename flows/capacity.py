@@ -15,7 +15,9 @@ new service meant for another port than the app's) preflight refuses, saying why
 The compile step (stage `compile`, `flows/tasks/compile.py`) loads the model and compiles in a process of its
 own, needing what the new service needs. Staged, it runs beside the old service before the new one starts. A
 stop-first deploy runs it before the old service stops where the same room test says both fit; else after the
-stop, and its time adds to the app's downtime (the plan says so).
+stop, and its time adds to the app's downtime (the plan says so). Its processes side by side
+(`SDXL_COMPILE_JOBS`, each loading the model) are as many as the card's free memory holds copies of the new
+service's need, at most `MAX_COMPILE_JOBS`: one on a 24 GiB card beside the old service.
 """
 
 from __future__ import annotations
@@ -46,6 +48,8 @@ VRAM_NEED_GIB: dict[str, float] = {
 }
 # GiB of RAM a CPU-served model needs (a tiny SDXL pipeline's script measured 860 MB RSS, 2026-11-26).
 RAM_NEED_GIB: dict[str, float] = {"tiny-sdxl": 1.0, "tiny-sd15": 1.0}
+# The step's long compiles: base UNet and refiner UNet (static and dynamic each), VAE decoder.
+MAX_COMPILE_JOBS = 4
 # Ports after a taken default staging port tried for the staged service.
 STAGE_PORT_SEARCH = 100
 
@@ -61,6 +65,7 @@ class StartDecision(BaseModel):
     free_gb: float | None = None
     compile_beside: bool = True  # the compile step runs while the old service serves (else after it stopped)
     compile_reason: str = ""
+    compile_jobs: int | None = None  # the step's processes side by side; None: as new.env says (or 1)
 
 
 def free_ram_gb(host: Host) -> float | None:
@@ -164,12 +169,15 @@ def decide_start_mode(host: Host, target: Target, facts: HostFacts, model: NewMo
     new, requested = target.new, target.new.start_mode
     if requested == "stop-first":
         beside, why = compile_placement(host, target, facts, model)
+        _, _, need, free = room_for_both(host, target, facts, model)
+        jobs, jobs_why = compile_jobs(target, need if facts.gpus else None, free)
         return StartDecision(
             mode="stop-first",
             requested=requested,
             reason="new.start_mode is stop-first",
             compile_beside=beside,
-            compile_reason=why,
+            compile_reason=f"{why}; {jobs_why}",
+            compile_jobs=jobs,
         )
     if new.port != target.current.port:
         raise cannot_stage(
@@ -182,6 +190,7 @@ def decide_start_mode(host: Host, target: Target, facts: HostFacts, model: NewMo
         raise cannot_stage(requested, why)
     forced = "new.start_mode is staged; " if requested == "staged" else ""
     note = "" if fits else " (forced: staged although it may not fit)"
+    jobs, jobs_why = compile_jobs(target, need if facts.gpus else None, free)
     return StartDecision(
         mode="staged",
         requested=requested,
@@ -189,7 +198,26 @@ def decide_start_mode(host: Host, target: Target, facts: HostFacts, model: NewMo
         stage_port=port,
         need_gb=need,
         free_gb=free,
-        compile_reason="it runs beside the old service, before the new one starts",
+        compile_reason=f"it runs beside the old service, before the new one starts; {jobs_why}",
+        compile_jobs=jobs,
+    )
+
+
+def compile_jobs(target: Target, need: float | None, free: float | None) -> tuple[int | None, str]:
+    """(jobs, why): the compile step's processes side by side - as many as `free` GiB of VRAM holds copies of
+    `need` (the new service's, margin included), at most `MAX_COMPILE_JOBS`; 1 without a GPU or a measured
+    need. None where the target's new.env sets `SDXL_COMPILE_JOBS` (the service reads it)."""
+    if "SDXL_COMPILE_JOBS" in target.new.env:
+        return (
+            None,
+            f"its processes side by side: {target.new.env['SDXL_COMPILE_JOBS']} (new.env SDXL_COMPILE_JOBS)",
+        )
+    if not need or free is None:
+        return 1, "one process"
+    jobs = max(1, min(MAX_COMPILE_JOBS, int(free // need)))
+    return jobs, (
+        f"{jobs} process{'es side by side' if jobs > 1 else ''}, each loading the model "
+        f"({need:g} GiB each, {free:g} GiB free VRAM, at most {MAX_COMPILE_JOBS})"
     )
 
 

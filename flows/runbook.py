@@ -254,7 +254,14 @@ def deploy_sdxl(
                 with run.stage("compile"):
                     where = "beside the old service" if staged else "before the old service stops"
                     build_compiled(
-                        run, host, target, release, fetched.offline_ready, where, gpu=bool(host_facts.gpus)
+                        run,
+                        host,
+                        target,
+                        release,
+                        fetched.offline_ready,
+                        where,
+                        gpu=bool(host_facts.gpus),
+                        jobs=decision.compile_jobs,
                     )
             if staged:
                 with run.stage("start_staged"):  # beside the old service, on the staging port
@@ -276,6 +283,7 @@ def deploy_sdxl(
                             fetched.offline_ready,
                             where,
                             gpu=bool(host_facts.gpus),
+                            jobs=decision.compile_jobs,
                         )
                 with run.stage("start_new"):
                     started = start_new_service(host, target, release, offline=fetched.offline_ready)
@@ -367,7 +375,15 @@ def deploy_sdxl(
 
 
 def build_compiled(
-    run: RunRecord, host: Host, target: Target, release: Release, offline: bool, where: str, *, gpu: bool
+    run: RunRecord,
+    host: Host,
+    target: Target,
+    release: Release,
+    offline: bool,
+    where: str,
+    *,
+    gpu: bool,
+    jobs: int | None = None,
 ) -> None:
     """Run the compile step for the release's new service; its report is the stage's evidence (`summary.json`
     facts `compile`, report.md), its problems the run's warnings. A box without a GPU, whose target does not
@@ -379,7 +395,7 @@ def build_compiled(
         }
         run_logger().info("compile step: skipped (no GPU on the box: the service serves uncompiled)")
         return
-    result = compile_functions(host, target, release, offline=offline, where=where)
+    result = compile_functions(host, target, release, offline=offline, where=where, jobs=jobs)
     run.summary.facts["compile"] = result.model_dump()
     run.summary.warnings += result.warnings()
 
@@ -552,7 +568,7 @@ def deploy_plan(target: Target, current_process: str, decision: StartDecision) -
     )
     port = new.port if stage_port is None else stage_port
     compile_step = (
-        f"build the compiled functions the new service loads: `{' '.join(compile_argv(serve_argv(target, python)))}` "
+        f"build the compiled functions the new service loads: `{' '.join(compile_argv(serve_argv(target, python), decision.compile_jobs))}` "
         f"in the release folder with the service's environment (up to {new.compile_timeout_s:.0f} s; functions "
         f"already on disk for the same model structure, GPU, torch and diffusers are reused); "
         f"{decision.compile_reason}"

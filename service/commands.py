@@ -33,6 +33,10 @@ def serve(
             "(the compile step; nothing listens).",
         ),
     ] = False,
+    compile_jobs: Annotated[
+        int | None,
+        typer.Option(help="With --compile-only: processes that build side by side, each loading the model."),
+    ] = None,
 ) -> None:
     """Serve a model over HTTP (GET /health, GET /ready, POST /generate, GET /metrics)."""
     from service.takeover_signal import hold_takeover_signal
@@ -46,7 +50,14 @@ def serve(
     from service.server import serve as run_server
     from service.settings import ServiceSettings
 
-    given = {"model": model, "host": host, "port": port, "stage_port": stage_port, "ready_sizes": ready_sizes}
+    given = {
+        "model": model,
+        "host": host,
+        "port": port,
+        "stage_port": stage_port,
+        "ready_sizes": ready_sizes,
+        "compile_jobs": compile_jobs,
+    }
     overrides = {k: v for k, v in given.items() if v is not None}
     try:
         settings = ServiceSettings(**overrides)

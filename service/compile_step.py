@@ -8,6 +8,11 @@ default size, each coalesced batch, the `ready_sizes`) - then one dynamic-shape 
 kept, not compiled again; a file that cannot be loaded is compiled again. Progress goes to the log (stderr);
 the last stdout line is the report as JSON (`CompileReport`).
 
+With `compile_jobs` N > 1 the step runs N processes of this build side by side on one folder, each loading the
+model: each function is built by the first process to claim it (`saved_compile`), the others run that call
+uncompiled and take the next; the report merges theirs (peak GPU memory summed, an upper bound of what they held
+at once). A job that fails fails the step.
+
 Compile off (a CPU without `SDXL_COMPILE=on`, or torch.compile not working on the device) or a torch that
 cannot save compiled functions (< 2.10, `save_compiled=off`): nothing to build, and the report says what the
 service does instead (serve uncompiled; or compile before `/ready` in its own process, as torch 2.5 does).
@@ -16,12 +21,14 @@ service does instead (serve uncompiled; or compile before `/ready` in its own pr
 from __future__ import annotations
 
 import logging
+import multiprocessing
 import time
+from typing import Any
 
 from service.accel import compile_status, plan_speed, saved_compiles
 from service.engine import Engine, resolve_device
 from service.models import resolve_model
-from service.schema import CompileReport
+from service.schema import CompiledFunction, CompileReport
 from service.settings import ServiceSettings
 from service.warmup import before_ready
 
@@ -40,6 +47,13 @@ def build(settings: ServiceSettings) -> CompileReport:
             built=False,
             note=f"nothing to build: {reasons}; the service serves uncompiled",
         )
+    if settings.compile_jobs > 1 and plan.save_compiled:
+        return _build_side_by_side(settings, started)
+    return _build_here(settings, started)
+
+
+def _build_here(settings: ServiceSettings, started: float) -> CompileReport:
+    """The step in this process: load the model, run the warm-up in build mode, build the dynamic functions."""
     engine = Engine(settings)
     engine.building = True
     engine.load()
@@ -67,3 +81,57 @@ def build(settings: ServiceSettings) -> CompileReport:
     report.compile_s = round(time.perf_counter() - loaded, 1)
     report.peak_vram_gb = engine.peak_gb_since_start()
     return report
+
+
+def _build_side_by_side(settings: ServiceSettings, started: float) -> CompileReport:
+    """`compile_jobs` processes of `_build_here` on one folder (module doc); their reports merged."""
+    jobs = settings.compile_jobs
+    one = settings.model_copy(update={"compile_jobs": 1})
+    context = multiprocessing.get_context("spawn")  # a fresh interpreter each: no CUDA state is forked
+    answers = context.SimpleQueue()
+    processes = [
+        context.Process(target=_job, args=(index, one, answers), name=f"compile-job-{index}")
+        for index in range(1, jobs + 1)
+    ]
+    log.info("compile step: %d processes side by side, each loading %s", jobs, settings.model)
+    for process in processes:
+        process.start()
+    for process in processes:
+        process.join()
+    failed = [f"job {i} exited with code {p.exitcode}" for i, p in enumerate(processes, 1) if p.exitcode]
+    if failed:
+        raise RuntimeError(f"compile step: {'; '.join(failed)} (its log lines above say why)")
+    reports = [CompileReport.model_validate_json(answers.get()) for _ in processes]
+    return merge(reports, seconds=time.perf_counter() - started)
+
+
+def _job(index: int, settings: ServiceSettings, answers: Any) -> None:
+    """One process of a side-by-side step: its log lines say which job; its report goes back on `answers`."""
+    logging.basicConfig(
+        level=logging.INFO, format=f"%(asctime)s %(levelname)s job {index} %(name)s: %(message)s", force=True
+    )
+    answers.put(_build_here(settings, time.perf_counter()).model_dump_json())
+
+
+def merge(reports: list[CompileReport], seconds: float) -> CompileReport:
+    """One report of several jobs on one folder: each function once, compiled if any job compiled it."""
+    functions: dict[str, CompiledFunction] = {}
+    for function in (f for report in reports for f in report.functions):
+        known = functions.get(function.file)
+        if known is None or function.source == "compiled":
+            functions[function.file] = function
+    load_s = max(r.load_s for r in reports)
+    peaks = [r.peak_vram_gb for r in reports if r.peak_vram_gb is not None]
+    return CompileReport(
+        model=reports[0].model,
+        built=all(r.built for r in reports),
+        note="; ".join(dict.fromkeys(r.note for r in reports if r.note)),
+        functions=sorted(functions.values(), key=lambda f: (f.module, f.dynamic, f.covers)),
+        compiled=sum(f.source == "compiled" for f in functions.values()),
+        reused=sum(f.source == "loaded" for f in functions.values()),
+        problems=list(dict.fromkeys(p for r in reports for p in r.problems)),
+        load_s=load_s,
+        compile_s=round(seconds - load_s, 1),
+        peak_vram_gb=round(sum(peaks), 2) if peaks else None,
+        jobs=len(reports),
+    )

@@ -6,7 +6,9 @@ on an H200, docs/BENCHMARKS.md). So compiling is a build step: `sdxl-deploy serv
 (`service/compile_step.py`) loads the model in a process of its own, compiles each module's calls with torch's
 ahead-of-time compile (`torch.compile(..., fullgraph=True).aot_compile(...)`, torch >= 2.10) and saves each
 function - its bytecode, guards and kernels - as one file; the service loads the files (seconds) and never
-compiles after `/ready`.
+compiles after `/ready`. Several step processes may build into one folder side by side (`compile_jobs`): each
+function is claimed by the first process to reach it (a lock beside its file), and the others run that call
+uncompiled and go on to the next unclaimed one.
 
 `SavedCompile` is a module's compiled call. Two kinds of function:
 - static, one per input signature (the call's structure and every leaf's shape, dtype, device, strides or
@@ -33,12 +35,14 @@ output dataclass; the pipelines ask for tuples).
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import logging
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -53,6 +57,10 @@ FORMAT = 2  # bump when the way functions are compiled or saved changes, so old 
 FOLDER = "saved"  # under the compile cache folder
 
 Signature = tuple[str, tuple[tuple[Any, ...], ...]]
+
+
+class ClaimedElsewhere(Exception):
+    """Another process of the compile step is building this function."""
 
 
 def available() -> bool:
@@ -242,7 +250,10 @@ class SavedCompile:
             copied = pytree.tree_map(_copy, (args, kwargs))
             self.forms[form] = (*copied, torch.is_grad_enabled())
         if key not in self._unsaveable:
-            function = self._function_for(key, args, kwargs, dynamic=False)
+            try:
+                function = self._function_for(key, args, kwargs, dynamic=False)
+            except ClaimedElsewhere:  # its builder saves it; this warm-up call need not wait
+                return self.module._call_impl(*args, **kwargs)
             if function is not None:
                 self._add(function)
                 return function.fn(self.module, *args, **kwargs)
@@ -260,9 +271,12 @@ class SavedCompile:
             example, marked = _open_example(args, kwargs, mark=False), _open_example(args, kwargs, mark=True)
             if example is None or marked is None:
                 continue
-            with torch.set_grad_enabled(grad):  # as the call was made (the pipelines run under no_grad)
-                # a saved function's guards refuse a tensor marked dynamic: the file is checked with a plain one
-                function = self._function_for(form, *example, dynamic=True, compile_with=marked)
+            try:
+                with torch.set_grad_enabled(grad):  # as the call was made (the pipelines run under no_grad)
+                    # a saved function's guards refuse a tensor marked dynamic: the file is checked with a plain one
+                    function = self._function_for(form, *example, dynamic=True, compile_with=marked)
+            except ClaimedElsewhere:
+                continue
             if function is not None:
                 self._add(function)
                 built.append(function)
@@ -297,8 +311,20 @@ class SavedCompile:
         compile_with: tuple[tuple[Any, ...], dict[str, Any]] | None = None,
     ) -> Function | None:
         """The saved function for this call (loaded, or compiled and saved: from `compile_with`'s inputs when
-        given); None if it cannot be saved."""
+        given); None if it cannot be saved; `ClaimedElsewhere` while another step process builds it."""
         path = self.path_for(key)
+        with _claim(path):
+            return self._load_or_compile(path, args, kwargs, dynamic=dynamic, compile_with=compile_with)
+
+    def _load_or_compile(
+        self,
+        path: Path,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        *,
+        dynamic: bool,
+        compile_with: tuple[tuple[Any, ...], dict[str, Any]] | None,
+    ) -> Function | None:
         if path.is_file():
             function = self._load(path, _read_about(path))
             if function is not None and function.fn.guard_check(self.module, *args, **kwargs):
@@ -382,6 +408,22 @@ class SavedCompile:
             about["compile_s"],
         )
         return Function(fn, path.name, covers, dynamic, "compiled")
+
+
+@contextmanager
+def _claim(path: Path) -> Iterator[None]:
+    """Hold the exclusive claim on building `path` (an advisory lock on `<path>.claim`, released with the
+    process if it dies); `ClaimedElsewhere` when another process holds it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path.with_suffix(".claim"), os.O_CREAT | os.O_RDWR, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ClaimedElsewhere(path.name) from None
+        yield
+    finally:
+        os.close(fd)  # releases the lock
 
 
 def _read_about(path: Path) -> dict[str, Any] | None:

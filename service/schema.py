@@ -168,7 +168,12 @@ class CompileReport(BaseModel):
     problems: list[str] = Field(default_factory=list)
     load_s: float = 0.0
     compile_s: float = 0.0
-    peak_vram_gb: float | None = Field(None, description="The most GPU memory the step allocated.")
+    peak_vram_gb: float | None = Field(
+        None,
+        description="The most GPU memory the step allocated (with several jobs, their peaks summed: an upper "
+        "bound of what they held at once).",
+    )
+    jobs: int = Field(1, description="Processes that built side by side (`compile_jobs`).")
 
 
 class HealthResponse(BaseModel):

@@ -88,6 +88,14 @@ class ServiceSettings(BaseSettings):
         "--compile-only) and kept whole on disk (traced graph, guards, kernels: torch's ahead-of-time compile, "
         "torch >= 2.10); the service loads them and never compiles once ready (auto: on with compile).",
     )
+    compile_jobs: int = Field(
+        1,
+        ge=1,
+        le=8,
+        description="Processes the compile step (serve --compile-only) builds in side by side: each loads the "
+        "model (its GPU memory each) and takes the functions no other has claimed (base UNet, refiner UNet, VAE "
+        "decoder; static and dynamic). 1 on a card that holds one copy of the model.",
+    )
     prompt_cache_size: int = Field(
         64,
         ge=0,

@@ -74,8 +74,9 @@ class CompileResult(BaseModel):
         return [f"compile step: {problem}" for problem in self.report.problems]
 
 
-def compile_argv(argv: list[str]) -> list[str]:
-    """The compile step's argv from the service's: the same, less the staging port, plus `--compile-only`."""
+def compile_argv(argv: list[str], jobs: int | None = None) -> list[str]:
+    """The compile step's argv from the service's: the same, less the staging port, plus `--compile-only` (and
+    `--compile-jobs` when given)."""
     out: list[str] = []
     skip = False
     for arg in argv:
@@ -85,7 +86,8 @@ def compile_argv(argv: list[str]) -> list[str]:
             skip = True
         elif not arg.startswith("--stage-port="):
             out.append(arg)
-    return out if "--compile-only" in out else [*out, "--compile-only"]
+    out = out if "--compile-only" in out else [*out, "--compile-only"]
+    return out if jobs is None or jobs <= 1 else [*out, "--compile-jobs", str(jobs)]
 
 
 def step_pid_file(install_dir: str) -> str:
@@ -93,13 +95,13 @@ def step_pid_file(install_dir: str) -> str:
     return f"{install_dir}/compile.pid"
 
 
-def step_launch(launch: Launch) -> Launch:
+def step_launch(launch: Launch, jobs: int | None = None) -> Launch:
     """The compile step of a service's launch: its interpreter, arguments, folder and environment (secret
     references included), with `--compile-only`; its own log (`<log dir>/compile.log`) and pid file."""
     log_dir = str(PurePosixPath(launch.log_file).parent)
     return launch.model_copy(
         update={
-            "argv": compile_argv(launch.argv),
+            "argv": compile_argv(launch.argv, jobs),
             "log_file": f"{log_dir}/compile.log",
             "pid_file": step_pid_file(launch.install_dir),
         }
@@ -108,11 +110,18 @@ def step_launch(launch: Launch) -> Launch:
 
 @task(cache_policy=NO_CACHE)
 def compile_functions(
-    host: Host, target: Target, release: Release, *, offline: bool = False, where: str
+    host: Host,
+    target: Target,
+    release: Release,
+    *,
+    offline: bool = False,
+    where: str,
+    jobs: int | None = None,
 ) -> CompileResult:
     """Run the compile step for the new service of `release` (its argv and environment as `start_new_service`
-    gives them); `CompileFailed` when it fails. `where`: said in the log and the record."""
-    launch = step_launch(service_launch(target, release, offline=offline))
+    gives them) in `jobs` processes side by side; `CompileFailed` when it fails. `where`: said in the log and
+    the record."""
+    launch = step_launch(service_launch(target, release, offline=offline), jobs)
     return run_step(host, launch, target.new.compile_timeout_s, where)
 
 
@@ -188,6 +197,8 @@ def describe(report: CompileReport, seconds: float) -> str:
     if not report.built:
         return f"{report.model}: {report.note or 'nothing built'}"
     peak = f", peak VRAM {report.peak_vram_gb:.1f} GiB" if report.peak_vram_gb is not None else ""
+    if report.jobs > 1:
+        peak = f" by {report.jobs} processes side by side{peak} (their peaks summed)"
     problems = f"; {len(report.problems)} problem(s), see the warnings" if report.problems else ""
     return (
         f"{report.model}: {len(report.functions)} compiled function(s) ready ({report.reused} reused from disk, "

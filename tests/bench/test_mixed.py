@@ -32,7 +32,11 @@ def test_the_table_shows_every_request_and_judges_the_worst() -> None:
         "restart": {"ready_s": 12.5},
     }
     text = "\n".join(mixed_lines("sdxl", mixed))
-    assert "compile step 300.0 s (compiling 280.0 s), peak GPU memory 9.5 GiB: 2 built, 0 reused" in text
+    assert text.startswith("sdxl (base only): mixed sizes")
+    assert (
+        "compile step 300.0 s in 1 process(es) (compiling 280.0 s), peak GPU memory 9.5 GiB (summed over "
+        "processes): 2 built, 0 reused" in text
+    )
     assert "unet 2x4x128x128, unet 2x4xHxW" in text and "restart to ready 12.5 s" in text
     assert "x0.40" in text and "x0.70" in text and "  30" in text
     assert "worst request: 512x512 at x0.70 its uncompiled time (target <= 0.6): OVER" in text

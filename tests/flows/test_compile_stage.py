@@ -1,7 +1,7 @@
 """Stage `compile` (flows/tasks/compile.py): the real compile step (`serve --compile-only`) run on a local box
 with the new service's command line and environment, recorded as the stage's evidence; a step that fails
 fails the stage before anything of the old service is touched. The staged deploy that runs it with compile on
-and reuses every function is tests/flows/test_staged.py's first test."""
+and reuses every function is tests/flows/test_staged_compile.py."""
 
 from __future__ import annotations
 
@@ -201,3 +201,31 @@ def test_a_stop_first_deploy_compiles_before_the_stop_only_where_the_card_has_ro
     assert ("19.1 GiB, fits in 19.6 GiB free VRAM" if beside else "does not fit in 6.4 GiB") in steps[
         compile_at
     ]
+
+
+@pytest.mark.parametrize(
+    ("free_gb", "env", "jobs"),
+    [(19.6, {}, 1), (60.0, {}, 3), (79.0, {}, 4), (79.0, {"SDXL_COMPILE_JOBS": "2"}, None)],
+    ids=["3090-beside-sd15", "60-gib", "h100", "set-by-target"],
+)
+def test_the_compile_step_runs_as_many_processes_as_the_card_holds_copies_of_the_model(
+    free_gb: float, env: dict[str, str], jobs: int | None
+) -> None:
+    """Each process of the step loads the model: a 24 GiB card beside SD1.5 runs one, an empty H100 four (the
+    most), and a target that sets SDXL_COMPILE_JOBS is left to it; the plan's command line says how many."""
+    target = with_new(Target(), start_mode="stop-first", env=env)
+    model = NewModel(kind="known", spec=REGISTRY["sdxl"], measured_as="sdxl")
+    decision = decide_start_mode(LocalHost(), target, _facts(free_gb), model)
+    assert decision.compile_jobs == jobs
+    step = next(s for s in deploy_plan(target, "PID 1", decision).splitlines() if "build the compiled" in s)
+    assert (f"--compile-only --compile-jobs {jobs}" in step) is bool(jobs and jobs > 1), step
+    if jobs is None:
+        assert "its processes side by side: 2 (new.env SDXL_COMPILE_JOBS)" in step
+    elif jobs > 1:
+        assert (
+            f"{jobs} processes side by side, each loading the model (19.1 GiB each, {free_gb:g} GiB free"
+            in step
+        )
+    assert compile_argv(["py", "serve"], jobs) == ["py", "serve", "--compile-only"] + (
+        ["--compile-jobs", str(jobs)] if jobs and jobs > 1 else []
+    )

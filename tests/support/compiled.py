@@ -75,9 +75,11 @@ def service_env(model_cache: Path, compile_cache: Path) -> dict[str, str]:
     }
 
 
-def run_step(model_cache: Path, compile_cache: Path, timeout: float = 1200) -> CompileReport:
+def run_step(
+    model_cache: Path, compile_cache: Path, timeout: float = 1200, extra_env: dict[str, str] | None = None
+) -> CompileReport:
     """Run the compile step (`sdxl-deploy serve --compile-only`) in a process of its own; its report."""
-    env = {**os.environ, **service_env(model_cache, compile_cache)}
+    env = {**os.environ, **service_env(model_cache, compile_cache), **(extra_env or {})}
     result = subprocess.run(
         [sys.executable, "-m", "sdxl_deploy.cli", "serve", "--model", MODEL, "--compile-only"],
         env=env,
