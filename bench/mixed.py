@@ -40,7 +40,7 @@ TINY_SIZES: tuple[tuple[int, int], ...] = ((128, 128), (64, 64), (64, 96), (96, 
 STEPS = {"sdxl": 30, "sd15": 20}
 REPEATS = 2
 AFTER_COMPILE_NEEDS_S = 90.0  # budget kept for the service's start, the requests and the restart
-TARGET_RATIO = 0.6  # each request at most this share of its size's uncompiled time (issue 24)
+TARGET_RATIO = 0.6  # each request at most this share of its size's uncompiled time
 
 
 def sizes_of(bench: Bench) -> tuple[tuple[int, int], ...]:

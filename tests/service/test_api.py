@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import importlib.metadata
 import json
 
 import httpx
@@ -68,6 +69,7 @@ def test_health_reports_the_fields_operators_read(sdxl: ServiceClient) -> None:
     assert health.model == "tiny-sdxl" and health.backend == "sdxl"
     assert health.refiner_loaded is True
     assert health.device == "cpu"
+    assert health.version == importlib.metadata.version("sdxl-deploy")  # the installed release's own
     assert health.uptime_s >= 0
     assert health.prompt_cache is not None
     assert health.prompt_cache["size"] == 64 and set(health.prompt_cache) == {
