@@ -213,13 +213,14 @@ def test_the_compile_step_builds_static_and_dynamic_functions_and_a_second_run_r
 ) -> None:
     folder, built = compiled_cache(model_cache)
     covers = {(f.module, f.covers, f.dynamic) for f in built.functions}
-    # the default size (512 px: latents 64x64), the ready size 256x256, and one function for every other size
-    assert covers == {("unet", "2x4x64x64", False), ("unet", "2x4x32x32", False), ("unet", "2x4xHxW", True)}
-    assert built.built and built.compiled == 3 and built.reused == 0 and built.problems == []
+    # the default size (512 px: latents 64x64, the ready size too: one static function) and one function for
+    # every other size
+    assert covers == {("unet", "2x4x64x64", False), ("unet", "2x4xHxW", True)}
+    assert built.built and built.compiled == 2 and built.reused == 0 and built.problems == []
     assert built.peak_vram_gb is None and built.compile_s > 0  # CPU: no GPU memory to report
 
     again = run_step(model_cache, copy_of(folder, tmp_path / "cc"))  # a release that changes nothing
-    assert again.compiled == 0 and again.reused == 3 and again.problems == []
+    assert again.compiled == 0 and again.reused == 2 and again.problems == []
     assert {f.file for f in again.functions} == {f.file for f in built.functions}
 
 
@@ -229,7 +230,7 @@ def test_the_service_loads_the_functions_and_serves_a_size_it_never_saw_compiled
     model_cache: Path, tmp_path: Path
 ) -> None:
     """What a restart does too: the service loads everything the step built, compiles nothing (torch's
-    `fail_on_recompile` stance held while it serves), answers 320x192 (outside the ready sizes) through the
+    `fail_on_recompile` stance held while it serves), answers 320x192 (outside the default size) through the
     dynamic function at once, and a size no function accepts (288 px: latents 36, not a multiple of the
     UNet's 8) uncompiled, counted in /metrics."""
     folder, _ = compiled_cache(model_cache)
@@ -243,10 +244,9 @@ def test_the_service_loads_the_functions_and_serves_a_size_it_never_saw_compiled
         compiles, startup = health["compiles"], health["startup"]
         assert {(f["covers"], f["source"]) for f in compiles["functions"]} == {
             ("2x4x64x64", "loaded"),
-            ("2x4x32x32", "loaded"),
             ("2x4xHxW", "loaded"),
         }, compiles
-        assert startup["compiled_functions"] == 0 and startup["loaded_functions"] == 3, startup
+        assert startup["compiled_functions"] == 0 and startup["loaded_functions"] == 2, startup
         assert startup["warnings"] == [] and compiles["problems"] == []
         with torch.compiler.set_stance("fail_on_recompile"):
             for width, height in ((320, 192), (288, 288)):
