@@ -64,7 +64,7 @@ def service_url(model_cache: Path) -> Iterator[Callable[..., str]]:
 
 # The modules that take longest (measured under xdist): started first, so that none of them starts last
 LONGEST_FIRST = (
-    "tests/service/test_saved_compile.py",  # builds the CPU compile cache that test_staged uses too
+    "tests/service/test_saved_compile.py",  # builds the CPU compile cache that test_staged_compile uses too
     "tests/flows/test_fleet.py",
     "tests/flows/test_fleet_failures.py",
     "tests/flows/test_e2e.py",
@@ -73,6 +73,9 @@ LONGEST_FIRST = (
     "tests/bench/test_bench.py",
     "tests/flows/test_faults.py",
     "tests/service/test_hub_mirror.py",
+    # after the others: by the time a test process takes it, the compile cache it copies is built, so the
+    # process does not sit waiting for the build
+    "tests/flows/test_staged_compile.py",
 )
 
 

@@ -1,45 +1,25 @@
 """The staged deploy: the new service starts beside the old one, is gated while the old one serves, and takes
 the app's port over in a cut-over; a failure before it never touches the old service, one at it puts the old
 one back. Real processes on the local host (the legacy stand-in as the old service, a real tiny-sdxl `serve`
-under its supervisor), the real prober on the app's port with the app's request sent back to back."""
+under its supervisor), the real prober on the app's port with the app's request sent back to back (the `staged`
+fixture, tests/support/flows.py). The staged deploy with compile on is tests/flows/test_staged_compile.py."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner
 
-from bench.launch import free_port
 from flows.deploy_state import DeployState, load_state, save_state
 from flows.downtime import Downtime
 from flows.hosts import LocalHost
 from flows.procs import find_service, is_running, listener_pids, start_detached
-from flows.runbook import STAGED_STAGES, deploy_sdxl, recover
+from flows.runbook import deploy_sdxl, recover
 from flows.target import Target
 from flows.tasks.rollback import current_answers, new_service_process
-from sdxl_deploy.cli import app
-from service.schema import HealthResponse
-from tests.support.compiled import compiled_cache, copy_of, service_env
-from tests.support.flows import fast, is_legacy, legacy_target, summary_of
+from tests.support.flows import is_legacy, summary_of
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("fault_counts")]
-
-
-@pytest.fixture
-def staged(tmp_path: Path):
-    """A box with the legacy stand-in serving; a staged target whose prober sends the app's request back
-    to back (so a cut-over that drops requests shows up); everything stopped afterwards."""
-    from flows.demo import start_current, stop_all
-
-    host = LocalHost()
-    target = legacy_target(tmp_path / "box", free_port(), start_mode="staged")
-    target = fast(target).model_copy(update={"probe": target.probe.model_copy(update={"app_pause_s": 0.05})})
-    start_current(host, target)
-    try:
-        yield host, target
-    finally:
-        stop_all(host, target)
 
 
 @pytest.mark.parametrize("stage", ["warmup", "benchmark", "gate"])
@@ -132,49 +112,3 @@ def test_a_second_staged_deploy_cuts_over_from_the_release_that_serves(
     assert len(records) == 2 and not serving_now(host, records[0]) and serving_now(host, records[1])
     answer = current_answers(host, target.current)
     assert answer is not None and answer.listening == [target.current.port]
-
-
-# last in the file: the module's other deploys run while the suite's compile cache is built (another process)
-@pytest.mark.timeout(1500)
-def test_a_staged_deploy_cuts_over_without_a_failed_request(
-    prefect_api: None, staged: tuple[LocalHost, Target], wheel: str, tmp_path: Path, model_cache: Path
-) -> None:
-    """With compile forced on (tiny-sd15 on the CPU): stage compile runs the compile step beside the old
-    service, finds every function in the compile cache (a copy of the suite's, tests/support/compiled.py) and
-    keeps it; the new service loads them all and compiles nothing; `sdxl-deploy compile` then runs the same
-    step for the release that serves, beside it."""
-    host, target = staged
-    settings = service_env(model_cache, copy_of(compiled_cache(model_cache)[0], tmp_path / "compile-cache"))
-    ready_sizes = settings.pop("SDXL_READY_SIZES").split(",")  # the deploy sets it on the command line
-    new = {"model": "tiny-sd15", "ready_sizes": ready_sizes, "env": {**target.new.env, **settings}}
-    target = target.model_copy(update={"new": target.new.model_copy(update=new)})
-    old = find_service(host, target.current.port)
-    state = deploy_sdxl(target=target, wheel=wheel, runs_dir=str(tmp_path / "runs"), return_state=True)
-    assert state.is_completed(), state.message
-    summary = summary_of(state)
-    assert [s["name"] for s in summary["stages"]] == list(STAGED_STAGES)
-    downtime = summary["downtime"]
-    assert downtime["mode"] == "staged" and downtime["app_requests"] > 5, downtime
-    assert downtime["failed_requests"] == 0 and downtime["longest_outage_s"] < 2, downtime
-    assert summary["facts"]["cutover"]["seconds"] < target.new.cutover_timeout_s
-    assert summary["facts"]["cutover"]["max_downtime_s"]["verdict"] == "pass"
-    report = summary["facts"]["compile"]["report"]
-    assert report["built"] and report["reused"] == 2 and report["compiled"] == 0, report
-    answer = current_answers(host, target.current)
-    assert answer is not None
-    health = HealthResponse.model_validate(answer.model_dump())  # this release's service: its whole schema
-    assert health.model == "tiny-sd15" and health.listening == [target.current.port]
-    assert health.compiles is not None
-    functions = health.compiles.functions
-    assert {f.file for f in functions} == {f["file"] for f in report["functions"]}, functions
-    assert {f.source for f in functions} == {"loaded"} and health.startup.compiled_functions == 0
-    assert not is_running(host, old) and listener_pids(host, target.new.staging_port) == []
-    recorded = load_state(host, target)
-    assert (recorded.mode, recorded.cut_over, recorded.status) == ("staged", True, "deployed")
-    target_file = tmp_path / "target.json"
-    target_file.write_text(target.model_dump_json())
-    on_demand = CliRunner().invoke(app, ["compile", "--target", str(target_file)], env={"COLUMNS": "200"})
-    assert on_demand.exit_code == 0, on_demand.output
-    assert f"{len(functions)} compiled function(s) ready ({len(functions)} reused from disk, 0 compiled)" in (
-        on_demand.output
-    )

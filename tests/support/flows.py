@@ -112,6 +112,20 @@ def legacy(tmp_path: Path) -> Iterator[tuple[LocalHost, Target]]:
 
 
 @pytest.fixture
+def staged(tmp_path: Path) -> Iterator[tuple[LocalHost, Target]]:
+    """A box with the legacy stand-in serving; a staged target whose prober sends the app's request back
+    to back (so a cut-over that drops requests shows up); everything stopped afterwards."""
+    host = LocalHost()
+    target = legacy_target(tmp_path / "box", free_port(), start_mode="staged")
+    target = fast(target).model_copy(update={"probe": target.probe.model_copy(update={"app_pause_s": 0.05})})
+    start_current(host, target)
+    try:
+        yield host, target
+    finally:
+        stop_all(host, target)
+
+
+@pytest.fixture
 def fault_counts(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[dict[str, int]]:
     """Count the requests the services logged during the test; the test adds the faults it injected and
     the backups it verified. With SDXL_FAULT_COUNTS=<file> the totals are written there (RELIABILITY.md)."""
