@@ -104,13 +104,13 @@ def _compiled(
     out["requests"] = requests
     with BenchedService(model_dir, bench.log_file(f"serve-{family}-mixed.log"), env) as svc:
         out["start"] = svc.start()
-        out["compiles_at_ready"] = svc.health().get("compiles")
+        out["compiles_at_ready"] = _compiles(svc)
         bench.save()
         for size in sizes_of(bench):
             for _ in range(REPEATS):
                 requests.append(_timed(bench, svc, family, size))
                 bench.save()
-        out["compiles_at_end"] = svc.health().get("compiles")
+        out["compiles_at_end"] = _compiles(svc)
     with BenchedService(model_dir, bench.log_file(f"serve-{family}-mixed-restart.log"), env) as svc:
         out["restart"] = svc.start()
     bench.save()
@@ -118,13 +118,19 @@ def _compiled(
 
 def _timed(bench: Bench, svc: BenchedService, family: str, size: tuple[int, int]) -> dict[str, Any]:
     answer = svc.generate(body(bench, family, size, next(bench.takes)))
-    compiles = svc.health().get("compiles") or {}
+    compiles = svc.health().compiles
     return {
         "size": f"{size[0]}x{size[1]}",
         "e2e_s": answer["_client_s"],
         "server_total_s": answer["timings"].get("total"),
-        "uncompiled_calls_after": compiles.get("uncompiled_calls", 0),
+        "uncompiled_calls_after": compiles.uncompiled_calls if compiles else 0,
     }
+
+
+def _compiles(svc: BenchedService) -> dict[str, Any] | None:
+    """`/health`'s compiled functions, as bench.json keeps them."""
+    compiles = svc.health().compiles
+    return compiles.model_dump(mode="json") if compiles else None
 
 
 def mixed_lines(family: str, m: dict[str, Any]) -> list[str]:

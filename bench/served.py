@@ -19,6 +19,7 @@ from bench.launch import ServiceProcess
 from bench.measure import free_memory, gpu_state, p50
 from bench.scenarios import SAME_IMAGE_MIN_PSNR_DB, TARGETS, Scenario, scenario_sizes, setup_key
 from bench.startup import NO_STARTUP_FACTS, startup_figures
+from service.schema import HealthResponse
 
 if TYPE_CHECKING:
     from bench.harness import Bench
@@ -45,7 +46,7 @@ class BenchedService:
         """Start, wait for /ready; the start-up figures from `/health`'s `startup` (`bench.startup`)."""
         self.process.start()
         self.client = httpx.Client(base_url=self.process.url, timeout=600)
-        startup = self.health().get("startup")
+        startup = self.health().startup
         if startup is None:
             log.warning(NO_STARTUP_FACTS)
         assert self.process.ready_s is not None
@@ -62,9 +63,10 @@ class BenchedService:
         data["_client_s"] = round(elapsed, 4)
         return data
 
-    def health(self) -> dict[str, Any]:
+    def health(self) -> HealthResponse:
+        """`/health`, typed by the service's own schema (the service under measurement is this checkout's)."""
         assert self.client is not None, "not started"
-        return self.client.get("/health").json()
+        return HealthResponse.model_validate(self.client.get("/health").json())
 
     def stop(self) -> None:
         if self.client is not None:
@@ -103,7 +105,7 @@ def run_service(
         out["cold_start"] = svc.start()
         out["gpu_ready"] = gpu_state()
         bench.save()
-        out["quality_options"] = svc.health().get("quality_options", [])
+        out["quality_options"] = svc.health().quality_options
         for s in bench.scenarios(family):
             timed, image = time_http(bench, svc, s, compare=True, judge=not out["quality_options"])
             out[s.name] = timed
@@ -114,7 +116,7 @@ def run_service(
                 timed["same_seed_vs_default"] = image_diff(image, bench.service_images[image_key])
             bench.save()
         if label == "default":
-            out["health_after"] = svc.health()
+            out["health_after"] = svc.health().model_dump(mode="json")
             out["gpu_after"] = gpu_state()
             if bench.c.concurrency > 1 and not bench.c.restart:
                 out["concurrency"] = concurrency(bench, svc, bench.scenarios(family)[0])

@@ -18,6 +18,7 @@ from bench.launch import REPO, ServiceProcess
 from bench.scenarios import SCENARIOS, scenario_sizes
 from bench.startup import NO_STARTUP_FACTS, startup_figures
 from bench.table import table
+from service.schema import StartupFacts
 
 
 def test_scenarios_cover_the_issue_targets() -> None:
@@ -61,25 +62,27 @@ def test_table_puts_baseline_beside_service_and_says_met_or_missed() -> None:
 
 # What a service started at epoch 1_795_000_000.0 states in `/health` (`service.schema.StartupFacts`) once ready.
 SPAWNED_AT = 1_795_000_000.0
-STARTUP = {
-    "phase": "ready",
-    "milestones": {
-        "started": SPAWNED_AT + 6.5,
-        "loading_started": SPAWNED_AT + 7.0,
-        "base_loaded": SPAWNED_AT + 8.25,
-        "warmup_started": SPAWNED_AT + 9.0,
-        "warmup_done": SPAWNED_AT + 70.0,
-        "ready": SPAWNED_AT + 70.1,
-    },
-    "load_s": 1.3,
-    "warmup_s": 61.0,
-    "compile": True,
-    "compiled_functions": 2,
-    "loaded_functions": 4,
-    "compile_fallbacks": [],
-    "compiled_shapes": ["base 512x512 x1", "base 512x512 x2"],
-    "warnings": [],
-}
+STARTUP = StartupFacts.model_validate(
+    {
+        "phase": "ready",
+        "milestones": {
+            "started": SPAWNED_AT + 6.5,
+            "loading_started": SPAWNED_AT + 7.0,
+            "base_loaded": SPAWNED_AT + 8.25,
+            "warmup_started": SPAWNED_AT + 9.0,
+            "warmup_done": SPAWNED_AT + 70.0,
+            "ready": SPAWNED_AT + 70.1,
+        },
+        "load_s": 1.3,
+        "warmup_s": 61.0,
+        "compile": True,
+        "compiled_functions": 2,
+        "loaded_functions": 4,
+        "compile_fallbacks": [],
+        "compiled_shapes": ["base 512x512 x1", "base 512x512 x2"],
+        "warnings": [],
+    }
+)
 
 
 def test_startup_figures_come_from_the_services_own_startup_facts() -> None:
@@ -97,8 +100,10 @@ def test_startup_figures_come_from_the_services_own_startup_facts() -> None:
     }
     assert figures["saved_compile"] == {"loaded": 4, "compiled": 2}
     assert figures["startup_warnings"] == [] and figures["target_ready_s"] == 60.0
-    off = {**STARTUP, "warnings": ["torch.compile does not work here (x): serving uncompiled"]}
-    assert startup_figures(off, ready_s=1, spawned_at=SPAWNED_AT)["startup_warnings"] == off["warnings"]
+    off = STARTUP.model_copy(
+        update={"warnings": ["torch.compile does not work here (x): serving uncompiled"]}
+    )
+    assert startup_figures(off, ready_s=1, spawned_at=SPAWNED_AT)["startup_warnings"] == off.warnings
 
 
 def test_startup_figures_of_a_service_without_startup_facts_say_so() -> None:
