@@ -185,7 +185,8 @@ def test_a_call_that_cannot_be_compiled_whole_runs_under_plain_compile_in_the_st
     torch.testing.assert_close(net(x), expected)
     torch.testing.assert_close(net(x), expected)
     assert len(step.problems) == 1 and "cannot be compiled whole" in step.problems[0]  # tried once
-    assert step.compiled == [] and not any(tmp_path.iterdir()) and step._plain is not None
+    saved = [p.name for p in tmp_path.iterdir() if p.suffix != ".claim"]  # its build claim may stay: no file
+    assert step.compiled == [] and saved == [] and step._plain is not None
     served = saved_compile(net, tmp_path, "breaks", "default")
     torch.testing.assert_close(net(x), expected)
     assert served.uncompiled_calls == 1 and served._plain is None
