@@ -131,11 +131,12 @@ def releases(target_file: TargetOption) -> None:
     from rich.console import Console
 
     from flows.hostfs import home_dir
+    from flows.hosts import open_host
     from flows.releases import load_releases, releases_table, serving_now
 
     target = _load(target_file)
     with ExitStack() as stack:
-        host = stack.enter_context(target.connection.open())
+        host = stack.enter_context(open_host(target.connection))
         target = target.on_host(home_dir(host))
         records = load_releases(host, target)
         serving = {record.id: serving_now(host, record) for record in records}
@@ -167,6 +168,7 @@ def compile_release(
 
     from flows.errors import FlowError
     from flows.hostfs import home_dir
+    from flows.hosts import open_host
     from flows.lock import host_lock, new_owner
     from flows.tasks.compile import functions_table
 
@@ -178,7 +180,7 @@ def compile_release(
     logger.setLevel(logging.INFO)
     try:
         with ExitStack() as stack:
-            host = stack.enter_context(target.connection.open())
+            host = stack.enter_context(open_host(target.connection))
             target = target.on_host(home_dir(host))
             owner = new_owner("compile", "sdxl-deploy compile")
             stack.enter_context(host_lock(host, target.new.install_dir, owner, force_unlock))

@@ -29,7 +29,7 @@ from flows.common import run_logger
 from flows.deploy_state import DeployState, interrupted_deploy, load_state, save_state
 from flows.errors import CutoverFailed, DeployFailed, GateFailed, RollbackFailed, VerifyFailed
 from flows.hostfs import home_dir
-from flows.hosts import Host
+from flows.hosts import Host, open_host
 from flows.lock import host_lock, new_owner
 from flows.model_check import check_new_model
 from flows.prober import Prober, watch_downtime
@@ -130,7 +130,7 @@ def choose_target(target: Target | None, target_file: str | None) -> Target:
 
 def connect(stack: ExitStack, target: Target) -> tuple[Host, Target]:
     """Open the host and resolve the target's `~/` paths there."""
-    host = stack.enter_context(target.connection.open())
+    host = stack.enter_context(open_host(target.connection))
     return host, target.on_host(home_dir(host))
 
 
@@ -527,7 +527,7 @@ def _old_service_answers(host: Host | None, target: Target, port: int) -> bool |
     try:
         if host is not None:
             return current_answers(host, service) is not None
-        with target.connection.open() as fresh:
+        with open_host(target.connection) as fresh:
             return current_answers(fresh, service) is not None
     except Exception:
         return None

@@ -8,7 +8,6 @@ the host's `$HOME` once connected (`Target.on_host`).
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
@@ -95,27 +94,6 @@ class Connection(_Model):
         if self.kind == "ssh" and not (self.hostname or "").strip():
             raise ValueError("connection.hostname is required when connection.kind is 'ssh'")
         return self
-
-    def open(self):  # -> flows.hosts.Host
-        """Open the host this connection describes (a context manager)."""
-        from flows.hosts import HostError, LocalHost, SSHHost
-
-        if self.kind == "local":
-            if not local_host_supported():
-                raise HostError(
-                    "connection.kind 'local' runs the box's POSIX shell commands on this machine, which is not "
-                    "POSIX (Windows); set connection.kind: ssh and connection.hostname to reach the GPU box"
-                )
-            return LocalHost()
-        return SSHHost(
-            self.hostname or "",
-            port=self.port,
-            username=self.username,
-            key_filename=_expand_local(self.key_filename),
-            known_hosts=_expand_local(self.known_hosts),
-            trust_new_host=self.trust_new_host,
-            connect_timeout=self.connect_timeout,
-        )
 
     def describe(self) -> str:
         """`local` or `user@host:port`, for logs and reports."""
@@ -487,16 +465,6 @@ def expand_home(path: str, home: str) -> str:
     if path.startswith("~"):
         raise ValueError(f"path {path!r}: only '~/' is supported, not '~user'")
     return path
-
-
-def local_host_supported() -> bool:
-    """Whether this machine can itself be the box (`connection.kind: local`): POSIX only. A Windows
-    control side reaches its box over SSH."""
-    return os.name == "posix"
-
-
-def _expand_local(path: str | None) -> str | None:
-    return str(Path(path).expanduser()) if path else None
 
 
 M = TypeVar("M", bound=BaseModel)

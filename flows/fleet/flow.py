@@ -51,6 +51,7 @@ from flows.fleet.report import fleet_markdown
 from flows.fleet.summary import Event, FleetSummary, HostRecord
 from flows.fleet.target import Fleet, FleetHost, load_fleet
 from flows.hostfs import home_dir
+from flows.hosts import open_host
 from flows.procs import find_service
 from flows.releases import release_of
 from flows.runbook import deploy_sdxl, rollback_sdxl
@@ -70,7 +71,7 @@ def release_id_of(wheel: Path) -> str:
 
 def serving_release(target: Target) -> tuple[str, str | None]:
     """(what serves on the host now, in words; its recorded release id or None for the current service)."""
-    with target.connection.open() as host:
+    with open_host(target.connection) as host:
         target = target.on_host(home_dir(host))
         process = find_service(host, target.new.port, target.new.pid_file) or find_service(
             host, target.current.port, target.current.pid_file
@@ -96,7 +97,7 @@ class Rollout:
     ) -> None:
         self.fleet, self.wheel, self.run_dir, self.fail_at = fleet, wheel, run_dir, fail_at
         self.balancer = fleet.load_balancer
-        self._lb_host = fleet.load_balancer.via.open() if fleet.load_balancer.via else None
+        self._lb_host = open_host(fleet.load_balancer.via) if fleet.load_balancer.via else None
         self.api = HAProxyAPI(self.balancer, self._lb_host)
         self._lock = threading.Lock()
         self.started = time.monotonic()
@@ -409,7 +410,7 @@ class Rollout:
                 continue
             target = self.target(host)
             try:
-                with target.connection.open() as box:
+                with open_host(target.connection) as box:
                     interrupted = interrupted_deploy(box, target.on_host(home_dir(box))) is not None
                 touched = interrupted or serving_release(target)[1] == self.summary.release_id
             except Exception as exc:  # unreachable: rollback-sdxl says what it can, the others go on

@@ -17,7 +17,7 @@ from flows.capacity import StartDecision, decide_start_mode
 from flows.errors import HostError, PreflightRefused
 from flows.fleet.target import Fleet, FleetHost
 from flows.hostfs import home_dir
-from flows.hosts import Host
+from flows.hosts import Host, open_host
 from flows.model_check import NewModel, check_new_model
 from flows.target import Target
 from flows.tasks.preflight import inspect_current, inspect_host, require_ready
@@ -45,7 +45,7 @@ def check_hosts(fleet: Fleet, hosts: list[FleetHost] | None = None) -> list[Host
         for fleet_host in hosts:
             try:
                 target = fleet.host_target(fleet_host)
-                box = stack.enter_context(target.connection.open())
+                box = stack.enter_context(open_host(target.connection))
                 boxes[fleet_host.name] = box, target.on_host(home_dir(box))
                 models[fleet_host.name] = check_new_model(*boxes[fleet_host.name])
             except (PreflightRefused, HostError) as exc:

@@ -23,7 +23,7 @@ from bench.launch import free_port
 from flows.commands import print_summary
 from flows.demo import run_demo, start_current, stop_all
 from flows.deploy_state import DeployState, load_state, save_state
-from flows.hosts import LocalHost
+from flows.hosts import LocalHost, open_host
 from flows.procs import find_service, is_running, listener_pids
 from flows.runbook import (
     STAGED_STAGES,
@@ -241,7 +241,7 @@ def test_ssh_staged_deploy_tunnel_verify_and_rollback(
     new = target.new.model_copy(update={"env": {**target.new.env, "HF_HUB_OFFLINE": "1"}})
     target = target.model_copy(update={"connection": ssh_connection(sshd), "new": new})
     try:
-        with target.connection.open() as host:
+        with open_host(target.connection) as host:
             start_current(host, target)
         runs = str(tmp_path / "runs")
         deployed = deploy_sdxl(target=target, wheel=wheel, runs_dir=runs, return_state=True)

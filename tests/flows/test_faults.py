@@ -33,7 +33,7 @@ from bench.launch import free_port
 from flows.demo import TINY_REQUEST, start_current, stop_all
 from flows.deploy_state import load_state
 from flows.errors import HostLocked, SecretUnavailable
-from flows.hosts import LocalHost, q
+from flows.hosts import LocalHost, open_host, q
 from flows.lock import acquire_lock, lock_path, new_owner, read_lock, release_lock
 from flows.procs import (
     find_service,
@@ -216,7 +216,7 @@ def test_link_cut_during_upload_changes_nothing(
         archive.writestr("sdxl_deploy/padding.bin", os.urandom(48 * 1024 * 1024))
     releases = Path(target.new.install_dir) / "releases"
     try:
-        with target.connection.open() as host:
+        with open_host(target.connection) as host:
             start_current(host, target)
         before = find_service(local, target.current.port)
         with cut_link_when(lambda: any(releases.glob("*/*.whl.part")), private_sshd) as killed:
@@ -255,7 +255,7 @@ def test_link_cut_during_warmup_is_survived_secrets_stay_private_and_restarts_ar
     target = target.model_copy(update={"connection": ssh_connection(private_sshd)})
     new, runs = target.new, str(tmp_path / "runs")
     try:
-        with target.connection.open() as host:
+        with open_host(target.connection) as host:
             start_current(host, target)
         with cut_link_when(stage_is(new.state_file, "warmup"), private_sshd) as killed:
             deployed = deploy_sdxl(target=target, wheel=wheel, runs_dir=runs, return_state=True)

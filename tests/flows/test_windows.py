@@ -11,9 +11,9 @@ from pathlib import Path, PureWindowsPath
 
 import pytest
 
-from flows import target as target_module
+from flows import hosts as hosts_module
 from flows.hostfs import read_text, remote_child, write_text
-from flows.hosts import HostError, LocalHost
+from flows.hosts import HostError, LocalHost, open_host
 from flows.lock import new_owner, owner_alive, stale_reason
 from flows.target import Connection, load_target
 
@@ -99,8 +99,8 @@ def test_files_reach_the_box_byte_for_byte(tmp_path: Path) -> None:
 
 
 def test_a_local_target_on_a_non_posix_machine_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(target_module, "local_host_supported", lambda: False)
+    monkeypatch.setattr(hosts_module, "local_host_supported", lambda: False)
     with pytest.raises(HostError, match="set connection.kind: ssh"):
-        Connection(kind="local").open()
+        open_host(Connection(kind="local"))
     monkeypatch.undo()
-    assert isinstance(Connection(kind="local").open(), LocalHost)
+    assert isinstance(open_host(Connection(kind="local")), LocalHost)
