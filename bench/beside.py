@@ -6,15 +6,15 @@
 3. The new service staged beside it as a deploy starts it (`serve --model NEW --port A --stage-port B`, compile
    as it ships, on an empty compile cache), waited for until `/ready` on B. Memory of each process is sampled
    all along: VRAM from `nvidia-smi --query-compute-apps` on a GPU, RSS (psutil) on the CPU (said so).
-4. The cut-over as the deploy does it (`flows/tasks/cutover.py`): SIGUSR1 to the new service, SIGTERM to the old
+4. The cut-over as the deploy does it (`flows/stages/cutover.py`): SIGUSR1 to the new service, SIGTERM to the old
    one once the new one says `taking_over` (the old finishes what is in flight), until `/health` on A is the new
    service listening on A; meanwhile `/health` on A every 0.25 s. The longest outage is worked out from the
-   health probes and the load's requests together, by `flows.downtime.summarize` (the deploy's own arithmetic).
+   health probes and the load's requests together, by `flows.evidence.downtime.summarize` (the deploy's own arithmetic).
 5. A plain-text table printed last and `beside.json` (every request and sample too) under `--out`.
 
-Prefect is not on the GPU box, so this does not import `flows/tasks/cutover.py` or `flows/prober.py`; it
-repeats their few steps with the process handles it owns. Generated models are built before anything starts,
-so the new service's start is load and compile only.
+Prefect is not on the GPU box, so this does not import `flows/stages/cutover.py` or `flows/record/prober.py`;
+it repeats their few steps with the process handles it owns. Generated models are built before anything
+starts, so the new service's start is load and compile only.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ import httpx
 import numpy as np
 
 from bench.launch import ServiceProcess, free_port
-from flows.downtime import Probe, summarize
+from flows.evidence.downtime import Probe, summarize
 from service.schema import HealthResponse, ServiceHealth, serving
 
 log = logging.getLogger("bench")
@@ -298,7 +298,7 @@ def latency_by_phase(rows: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def wait_serving(url: str, model: str, port: int, deadline: float) -> tuple[HealthResponse, float]:
-    """Poll `/health` on the app's port until it is the new service listening there (flows/tasks/cutover.py's
+    """Poll `/health` on the app's port until it is the new service listening there (flows/stages/cutover.py's
     `serves_port`); (its body, when it was first seen)."""
     body: HealthResponse | None = None
     with httpx.Client(timeout=5) as client:
@@ -315,7 +315,7 @@ def wait_serving(url: str, model: str, port: int, deadline: float) -> tuple[Heal
 def cut_over(
     new: ServiceProcess, old: ServiceProcess, app_url: str, model: str, port: int, timeout_s: float
 ) -> dict[str, Any]:
-    """As `flows/tasks/cutover.py`: SIGUSR1 to the new service, SIGTERM to the old one (and wait for it) once
+    """As `flows/stages/cutover.py`: SIGUSR1 to the new service, SIGTERM to the old one (and wait for it) once
     the new one's `/health` (on its staging port, `new.url`) says `taking_over`, while a second thread
     watches the app's port for the new service; the figures of the cut-over."""
     told = time.monotonic()

@@ -13,7 +13,7 @@ from typing import IO, Any
 
 import httpx
 
-from flows.ports import free_port
+from flows.box.ports import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 

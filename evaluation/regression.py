@@ -1,7 +1,7 @@
 """The regression benchmark of one running service: generate a prompt set, CLIP-score it, time it, compare
 with the history, append to it, and write the run directory with its report.
 
-The Prefect flow `regression-benchmark` (flows/regression.py) wraps `run_regression_benchmark`.
+The Prefect flow `regression-benchmark` (flows/runbooks/regression.py) wraps `run_regression_benchmark`.
 """
 
 from __future__ import annotations

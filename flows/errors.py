@@ -35,7 +35,7 @@ class HostCommandError(HostError):
 
 
 class CommandFailed(HostCommandError):
-    """A command exited non-zero where success was required (`flows.hostfs.run_checked`)."""
+    """A command exited non-zero where success was required (`flows.box.hostfs.run_checked`)."""
 
 
 class ProcessError(FlowError):

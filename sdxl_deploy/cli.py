@@ -9,8 +9,8 @@ from types import ModuleType
 import typer
 
 from evaluation import commands as evaluation_commands
-from flows import commands as flow_commands
-from flows.fleet import commands as fleet_commands
+from flows.runbooks import commands as flow_commands
+from flows.runbooks.fleet import commands as fleet_commands
 from service import commands as service_commands
 
 BENCH_COMMANDS = ("bench-gpu", "bench-unet", "bench-beside")
@@ -50,9 +50,9 @@ PREFECT_COMMANDS = frozenset({"deploy", "verify", "rollback", "approve", "demo",
 
 @app.callback()
 def prefect_settings(ctx: typer.Context) -> None:
-    """Prefect's defaults for the commands that run it (`flows.cli_run.prefect_defaults`)."""
+    """Prefect's defaults for the commands that run it (`flows.runbooks.cli_run.prefect_defaults`)."""
     if ctx.invoked_subcommand in PREFECT_COMMANDS:
-        from flows.cli_run import prefect_defaults
+        from flows.runbooks.cli_run import prefect_defaults
 
         prefect_defaults()
 

@@ -36,7 +36,7 @@ XET_CHUNK_CACHE = "HF_XET_CHUNK_CACHE_SIZE_BYTES"
 
 
 class Event(BaseModel):
-    """One JSON line of the prefetch (the contract with `flows.tasks.prefetch`)."""
+    """One JSON line of the prefetch (the contract with `flows.stages.prefetch`)."""
 
     event: EventKind
     message: str = ""

@@ -48,11 +48,11 @@ def test_a_new_cycle_or_a_forbidden_import_breaks_them(tmp_path: Path) -> None:
     with (tmp_path / "service" / "models.py").open("a", encoding="utf-8") as models:
         models.write("\nimport sdxl_deploy  # noqa: E402,F401\n")
     with (tmp_path / "bench" / "table.py").open("a", encoding="utf-8") as table:
-        table.write("\nimport flows.runbook  # noqa: E402,F401\n")
+        table.write("\nimport flows.runbooks.runbook  # noqa: E402,F401\n")
     result = lint_imports(tmp_path)
     assert result.returncode != 0
     assert "No cycles are allowed in service" in result.stdout, result.stdout
     assert "evaluation.stats -> service.engine" in result.stdout, result.stdout
     assert "service.models -> sdxl_deploy" in result.stdout, result.stdout
-    assert "bench.table -> flows.runbook" in result.stdout, result.stdout
+    assert "bench.table -> flows.runbooks.runbook" in result.stdout, result.stdout
     assert "1 kept, 4 broken" in result.stdout, result.stdout

@@ -155,7 +155,7 @@ def test_the_deploys_wheel_holds_no_benchmark_and_its_cli_says_where_they_are(
 ) -> None:
     """The wheel the deploy builds (`pip wheel --no-deps --no-build-isolation`) and installs on the box, from a
     copy of this checkout whose setuptools staging folder still holds the benchmark modules of an older build."""
-    from flows.tasks import deploy
+    from flows.stages import deploy
 
     checkout = tmp_path / "checkout"
     shutil.copytree(

@@ -270,7 +270,7 @@ def test_evaluation_artifacts_have_stable_keys(prefect_api: None, evaluation: Ev
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, ArtifactFilterKey
     from prefect.runtime import flow_run
 
-    from flows.artifacts import publish_evaluation
+    from flows.record.artifacts import publish_evaluation
 
     assert publish_evaluation(evaluation) is False, "outside a Prefect run it only logs"
 
@@ -299,8 +299,8 @@ def test_regression_flow_fails_on_a_planted_slowdown(
 
     from evaluation.history import HistoryStore
     from evaluation.regression import series_key
-    from flows.regression import regression_benchmark
-    from flows.target import Connection, NewService, Target, Workload
+    from flows.config.target import Connection, NewService, Target, Workload
+    from flows.runbooks.regression import regression_benchmark
 
     port = int(services[1].rsplit(":", 1)[1])
     target = Target(

@@ -16,10 +16,10 @@ from evaluation.metrics import TimingSummary
 from evaluation.report.charts import svg_uri, verdict_zones
 from evaluation.report.comparison import VERDICT_CHART
 from evaluation.stats import comparison_size, outcome, paired_stats, verdict
-from flows.rundir import RunSummary, report_markdown
-from flows.target import Criterion
-from flows.tasks.gates import Evidence, gates_markdown, judge, require_passed
-from flows.tasks.quality import judge_comparison, sizing_hint
+from flows.config.target import Criterion
+from flows.evidence.gates import Evidence, gates_markdown, judge, require_passed
+from flows.record.rundir import RunSummary, report_markdown
+from flows.stages.quality import judge_comparison, sizing_hint
 
 MARGIN = 1.0
 RUNS = 1000

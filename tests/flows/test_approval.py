@@ -20,15 +20,16 @@ from prefect import flow, tags
 
 from bench.launch import free_port
 from evaluation.stats import comparison_size
-from flows.approval import Approval, ask_person, decide, needs_decision, require_promoted
-from flows.demo import start_current, stop_all
+from flows.box.hosts import LocalHost
+from flows.box.procs import find_service
+from flows.config.target import Criterion, QualityCheck, Target
 from flows.errors import NotPromoted
-from flows.hosts import LocalHost
-from flows.procs import find_service
-from flows.runbook import deploy_sdxl
-from flows.target import Criterion, QualityCheck, Target
-from flows.tasks.gates import Evidence, QualityResult, judge
-from flows.tasks.rollback import current_answers
+from flows.evidence.gates import Evidence, judge
+from flows.evidence.results import QualityResult
+from flows.record.approval import Approval, ask_person, decide, needs_decision, require_promoted
+from flows.runbooks.demo import start_current, stop_all
+from flows.runbooks.runbook import deploy_sdxl
+from flows.stages.rollback import current_answers
 from tests.support.flows import fast, is_legacy, legacy_target, summary_of
 from tests.support.person import Person
 

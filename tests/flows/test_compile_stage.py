@@ -1,5 +1,5 @@
-"""Stage `compile` (flows/tasks/compile.py): the real compile step (`serve --compile-only`) run on a local box
-with the new service's command line and environment, recorded as the stage's evidence; a step that fails
+"""Stage `compile` (flows/stages/compile.py): the real compile step (`serve --compile-only`) run on a local
+box with the new service's command line and environment, recorded as the stage's evidence; a step that fails
 fails the stage before anything of the old service is touched. The staged deploy that runs it with compile on
 and reuses every function is tests/flows/test_staged_compile.py."""
 
@@ -10,12 +10,15 @@ from pathlib import Path
 
 import pytest
 
-from flows.capacity import decide_start_mode
+from flows.box.capacity import decide_start_mode
+from flows.box.hosts import LocalHost
+from flows.box.model_check import NewModel
+from flows.box.procs import find_service, is_running, pid_from_file, process_info
+from flows.config.target import Target
 from flows.errors import StageFailed
-from flows.hosts import LocalHost
-from flows.model_check import NewModel
-from flows.procs import find_service, is_running, pid_from_file, process_info
-from flows.runbook import (
+from flows.evidence.results import GpuInfo, HostFacts
+from flows.record.rundir import RunRecord
+from flows.runbooks.runbook import (
     STAGED_STAGES,
     STOP_FIRST_COMPILE_AFTER_STOP,
     STOP_FIRST_STAGES,
@@ -25,12 +28,9 @@ from flows.runbook import (
     stages_of,
     touches_old_service,
 )
-from flows.rundir import RunRecord
-from flows.target import Target
-from flows.tasks.compile import compile_argv
-from flows.tasks.deploy import Release
-from flows.tasks.preflight import GpuInfo, HostFacts
-from flows.tasks.rollback import current_answers
+from flows.stages.compile import compile_argv
+from flows.stages.deploy import Release
+from flows.stages.rollback import current_answers
 from service.models import REGISTRY
 from tests.support.flows import is_legacy
 

@@ -1,4 +1,4 @@
-"""`demo --simulate-failure STAGE` can rehearse every stage of the runbook (flows/demo.py)."""
+"""`demo --simulate-failure STAGE` can rehearse every stage of the runbook (flows/runbooks/demo.py)."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from flows.demo import demo_target, rehearsal_target
-from flows.runbook import STAGES, STAGES_OF
+from flows.runbooks.demo import demo_target, rehearsal_target
+from flows.runbooks.runbook import STAGES, STAGES_OF
 
 
 @pytest.mark.parametrize("stage", STAGES)

@@ -16,17 +16,17 @@ from pathlib import Path
 
 import pytest
 
-from flows.capacity import decide_start_mode
-from flows.common import service_url
+from flows.box.capacity import decide_start_mode
+from flows.box.common import service_url
+from flows.box.hosts import LocalHost
+from flows.box.model_check import check_model, check_new_model
+from flows.box.procs import find_service
+from flows.config.target import NewService, Target
 from flows.errors import PreflightRefused
-from flows.hosts import LocalHost
-from flows.model_check import check_model, check_new_model
-from flows.prober import Prober
-from flows.procs import find_service
-from flows.runbook import deploy_sdxl
-from flows.target import NewService, Target
-from flows.tasks.deploy import serve_argv
-from flows.tasks.preflight import GpuInfo, HostFacts
+from flows.evidence.results import GpuInfo, HostFacts
+from flows.record.prober import Prober
+from flows.runbooks.runbook import deploy_sdxl
+from flows.stages.deploy import serve_argv
 from service.models import GENERATED_FAMILIES
 from tests.support.flows import summary_of
 

@@ -20,12 +20,14 @@ import pytest
 from rich.console import Console
 
 from bench.launch import free_port
-from flows.commands import print_summary
-from flows.demo import run_demo, start_current, stop_all
-from flows.deploy_state import DeployState, load_state, save_state
-from flows.hosts import LocalHost, open_host
-from flows.procs import find_service, is_running, listener_pids
-from flows.runbook import (
+from flows.box.deploy_state import DeployState, load_state, save_state
+from flows.box.hosts import LocalHost, open_host
+from flows.box.procs import find_service, is_running, listener_pids
+from flows.config.target import Target
+from flows.record.runlog import console_view
+from flows.runbooks.commands import print_summary
+from flows.runbooks.demo import run_demo, start_current, stop_all
+from flows.runbooks.runbook import (
     STAGED_STAGES,
     STOP_FIRST_STAGES,
     deploy_sdxl,
@@ -33,12 +35,10 @@ from flows.runbook import (
     touches_old_service,
     verify_sdxl,
 )
-from flows.runlog import console_view
-from flows.target import Target
-from flows.tasks.backup import backup_current, list_backups, verify_backup
-from flows.tasks.deploy import ship_release, start_new_service, stop_service
-from flows.tasks.preflight import inspect_current
-from flows.tasks.rollback import current_answers, new_service_process
+from flows.stages.backup import backup_current, list_backups, verify_backup
+from flows.stages.deploy import ship_release, start_new_service, stop_service
+from flows.stages.preflight import inspect_current
+from flows.stages.rollback import current_answers, new_service_process
 from tests.support.flows import is_legacy, legacy_target, ssh_connection, summary_of
 from tests.support.sshd import SSHServer
 

@@ -30,12 +30,10 @@ from prefect.settings import get_current_settings
 from pydantic import ValidationError
 
 from bench.launch import free_port
-from flows.demo import TINY_REQUEST, start_current, stop_all
-from flows.deploy_state import load_state
-from flows.errors import HostLocked, SecretUnavailable
-from flows.hosts import LocalHost, open_host, q
-from flows.lock import acquire_lock, lock_path, new_owner, read_lock, release_lock
-from flows.procs import (
+from flows.box.deploy_state import load_state
+from flows.box.hosts import LocalHost, open_host, q
+from flows.box.lock import acquire_lock, lock_path, new_owner, read_lock, release_lock
+from flows.box.procs import (
     find_service,
     group_members,
     is_running,
@@ -45,12 +43,14 @@ from flows.procs import (
     start_detached,
     stop_process,
 )
-from flows.runbook import deploy_sdxl, rollback_sdxl, verify_sdxl
-from flows.secrets import api_key, service_env
-from flows.supervisor import prepare_supervisor, read_restarts, supervisor_paths
-from flows.target import NewService, Target
-from flows.tasks.backup import backup_current, list_backups, verify_backup
-from flows.tasks.rollback import current_answers, new_service_process
+from flows.box.supervisor import prepare_supervisor, read_restarts, supervisor_paths
+from flows.config.secrets import api_key, service_env
+from flows.config.target import NewService, Target
+from flows.errors import HostLocked, SecretUnavailable
+from flows.runbooks.demo import TINY_REQUEST, start_current, stop_all
+from flows.runbooks.runbook import deploy_sdxl, rollback_sdxl, verify_sdxl
+from flows.stages.backup import backup_current, list_backups, verify_backup
+from flows.stages.rollback import current_answers, new_service_process
 from service.client import ServiceClient
 from tests.support.flows import fast, is_legacy, legacy_target, ssh_connection, summary_of
 from tests.support.sshd import SSHServer
@@ -308,8 +308,8 @@ def test_link_cut_during_warmup_is_survived_secrets_stay_private_and_restarts_ar
 
 KILLED_DEPLOY = """
 import sys
-from flows.runbook import deploy_sdxl
-from flows.target import Target
+from flows.runbooks.runbook import deploy_sdxl
+from flows.config.target import Target
 deploy_sdxl(target=Target.model_validate_json(sys.argv[1]), wheel=sys.argv[2], runs_dir=sys.argv[3])
 """
 

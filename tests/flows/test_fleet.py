@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 from prefect import tags
 
-from flows.demo import TINY_REQUEST
-from flows.fleet.analysis import GroupTraffic, judge
-from flows.fleet.flow import deploy_fleet
-from flows.fleet.load import SteadyLoad
-from flows.fleet.target import Analysis, Rollout
+from flows.config.fleet import Analysis, Rollout
+from flows.runbooks.demo import TINY_REQUEST
+from flows.runbooks.fleet.analysis import GroupTraffic, judge
+from flows.runbooks.fleet.flow import deploy_fleet
+from flows.runbooks.fleet.load import SteadyLoad
 from tests.support.fleet import NAMES, FleetBed, model_of, run_under_load
 from tests.support.person import Person
 
@@ -85,8 +85,8 @@ def test_analysis_verdicts() -> None:
 
 
 def test_fleet_file_errors_name_the_field(tmp_path: Path) -> None:
+    from flows.config.fleet import load_fleet
     from flows.errors import FleetFileError
-    from flows.fleet.target import load_fleet
 
     target = tmp_path / "h1.yaml"
     target.write_text("connection: {kind: local}\n")
@@ -138,7 +138,7 @@ def test_the_fleet_demo_upgrades_three_hosts_under_load_without_a_failed_request
 ) -> None:
     """`sdxl-deploy demo --fleet 3` as the README runs it: three hosts behind a real HAProxy that the demo
     starts, a steady load through it, the fleet's record in summary.json, everything stopped after."""
-    from flows.fleet.demo import run_fleet_demo
+    from flows.runbooks.fleet.demo import run_fleet_demo
 
     result = run_fleet_demo(hosts=3, runs_dir=str(tmp_path / "runs"))
 

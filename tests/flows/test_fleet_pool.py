@@ -23,16 +23,16 @@ from prefect.settings import PREFECT_API_URL
 from prefect.states import Cancelling
 
 from bench.launch import free_port
-from flows.demo import TINY_REQUEST, start_current, stop_all
-from flows.fleet.flow import RUN_DIR_LABEL, deploy_fleet
-from flows.fleet.haproxy import HAProxyAPI
-from flows.fleet.summary import FleetSummary
-from flows.fleet.target import Analysis, Fleet, FleetHost, HostRuns, LoadBalancer, Rollout
-from flows.hosts import LocalHost
-from flows.procs import find_service
-from flows.runbook import deploy_sdxl, rollback_sdxl
-from flows.target import Target
-from flows.tasks.rollback import current_answers
+from flows.box.hosts import LocalHost
+from flows.box.procs import find_service
+from flows.config.fleet import Analysis, Fleet, FleetHost, HostRuns, LoadBalancer, Rollout
+from flows.config.target import Target
+from flows.runbooks.demo import TINY_REQUEST, start_current, stop_all
+from flows.runbooks.fleet.flow import RUN_DIR_LABEL, deploy_fleet
+from flows.runbooks.fleet.haproxy import HAProxyAPI
+from flows.runbooks.fleet.summary import FleetSummary
+from flows.runbooks.runbook import deploy_sdxl, rollback_sdxl
+from flows.stages.rollback import current_answers
 from tests.support.flows import fast, is_legacy, legacy_target
 from tests.support.haproxy import haproxy
 
@@ -52,7 +52,7 @@ def workers(prefect_api: None, tmp_path_factory: pytest.TempPathFactory) -> Iter
         for host in HOSTS:
             client.create_work_queue(name=f"q-{host}", work_pool_name=POOL)
     for flow_ in (deploy_sdxl, rollback_sdxl):
-        flow_.from_source(str(ROOT), f"flows/runbook.py:{flow_.fn.__name__}").deploy(
+        flow_.from_source(str(ROOT), f"flows/runbooks/runbook.py:{flow_.fn.__name__}").deploy(
             name=flow_.name, work_pool_name=POOL, print_next_steps=False
         )
     env = os.environ | {
@@ -197,7 +197,7 @@ def test_a_cancel_in_prefect_rolls_back_what_the_rollout_upgraded(
     """deploy-fleet as a deployment on the pool (as the UI runs it), cancelled during the canary's analysis:
     the worker kills the run's process and runs the cancel hook in a process of its own, which reopens the
     rollout from its run directory and rolls the canary back; h2 is never touched, both serve in HAProxy."""
-    deploy_fleet.from_source(str(ROOT), "flows/fleet/flow.py:deploy_fleet").deploy(
+    deploy_fleet.from_source(str(ROOT), "flows/runbooks/fleet/flow.py:deploy_fleet").deploy(
         name="deploy-fleet", work_pool_name=POOL, work_queue_name="q-h1", print_next_steps=False
     )
     before = find_service(LocalHost(), hosts["h2"].current.port)

@@ -1,5 +1,5 @@
-"""The fleet's preflight (flows/fleet/preflight.py): every host's deploy preflight before the canary is
-touched, on real `LocalHost` boxes in temporary folders; no balancer, no service is started."""
+"""The fleet's preflight (flows/runbooks/fleet/preflight.py): every host's deploy preflight before the canary
+is touched, on real `LocalHost` boxes in temporary folders; no balancer, no service is started."""
 
 from __future__ import annotations
 
@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 
+from flows.config.fleet import Fleet, FleetHost, LoadBalancer
+from flows.config.target import NewService, Target
 from flows.errors import PreflightRefused
-from flows.fleet.flow import deploy_fleet
-from flows.fleet.preflight import check_hosts
-from flows.fleet.target import Fleet, FleetHost, LoadBalancer
-from flows.target import NewService, Target
+from flows.runbooks.fleet.flow import deploy_fleet
+from flows.runbooks.fleet.preflight import check_hosts
 
 
 def _target(box: Path, model: str, **request: object) -> Target:

@@ -19,8 +19,8 @@ import httpx
 import pytest
 
 from bench.launch import free_port
-from flows.hostfs import run_checked
-from flows.hosts import (
+from flows.box.hostfs import run_checked
+from flows.box.hosts import (
     CommandFailed,
     CommandTimeout,
     Host,

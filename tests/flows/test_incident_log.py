@@ -17,13 +17,14 @@ import typer
 from prefect import flow, task
 from rich.console import Console
 
-from flows.cli_run import run_flow
-from flows.commands import print_summary
+from flows.config.target import Criterion, Target
 from flows.errors import DeployFailed, RehearsedFailure, StageFailed
-from flows.rundir import RunRecord, RunSummary
-from flows.runlog import RUN_LOG, TOLD_BY_SUMMARY, console_view, service_log
-from flows.target import Criterion, Target
-from flows.tasks.gates import Evidence, evaluate_gates
+from flows.evidence.gates import Evidence
+from flows.record.rundir import RunRecord, RunSummary
+from flows.record.runlog import RUN_LOG, TOLD_BY_SUMMARY, console_view, service_log
+from flows.runbooks.cli_run import run_flow
+from flows.runbooks.commands import print_summary
+from flows.stages.gates import evaluate_gates
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -55,7 +56,7 @@ def test_fifty_refused_channels_are_one_console_line_with_the_count(
     console: io.StringIO, tmp_path: Path
 ) -> None:
     run = RunRecord("deploy-sdxl", Target(), tmp_path)
-    forward, transport = logging.getLogger("flows.hosts.forward"), logging.getLogger("paramiko.transport")
+    forward, transport = logging.getLogger("flows.box.hosts.forward"), logging.getLogger("paramiko.transport")
     for channel in range(50):
         transport.error("Secsh channel %d open FAILED: Connection refused: Connect failed", channel)
         forward.warning(
@@ -152,7 +153,7 @@ def test_a_real_flow_failure_is_told_once_by_the_cli(
 
 
 _TELEMETRY = (
-    "import os; from flows.cli_run import prefect_defaults; prefect_defaults(); "
+    "import os; from flows.runbooks.cli_run import prefect_defaults; prefect_defaults(); "
     "print(os.environ['PREFECT_SERVER_ANALYTICS_ENABLED'])"
 )
 

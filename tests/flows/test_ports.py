@@ -1,5 +1,6 @@
-"""Ports for the services the project starts itself (flows/ports.py): outside the kernel's ephemeral range,
-never one that something listens on, and reserved across processes until the reserving process exits."""
+"""Ports for the services the project starts itself (flows/box/ports.py): outside the kernel's ephemeral
+range, never one that something listens on, and reserved across processes until the reserving process
+exits."""
 
 from __future__ import annotations
 
@@ -8,10 +9,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-from flows import ports
+from flows.box import ports
 
 REPO = Path(__file__).resolve().parents[2]
-_RESERVE = "from flows.ports import free_port; print(*[free_port() for _ in range(200)])"
+_RESERVE = "from flows.box.ports import free_port; print(*[free_port() for _ in range(200)])"
 
 
 def test_ports_come_from_outside_the_ephemeral_range_with_their_staging_port_free() -> None:

@@ -16,8 +16,8 @@ import httpx
 import pytest
 
 from bench.launch import free_port
-from flows.demo import TINY_REQUEST
-from flows.target import Connection, Criterion, NewService, Target, Workload
+from flows.config.target import Connection, Criterion, NewService, Target, Workload
+from flows.runbooks.demo import TINY_REQUEST
 
 pytestmark = pytest.mark.slow
 

@@ -18,15 +18,15 @@ from urllib.parse import urlparse
 import pytest
 from pydantic import ValidationError
 
-from flows.capacity import StartDecision
+from flows.box.capacity import StartDecision
+from flows.box.hosts import LocalHost, SSHHost
+from flows.box.model_check import check_model
+from flows.box.procs import find_service
+from flows.config.target import NewService, PrefetchSettings, Target
 from flows.errors import PreflightRefused
-from flows.hosts import LocalHost, SSHHost
-from flows.model_check import check_model
-from flows.procs import find_service
-from flows.runbook import deploy_plan, deploy_sdxl
-from flows.target import NewService, PrefetchSettings, Target
-from flows.tasks.deploy import Release
-from flows.tasks.prefetch import prefetch_weights
+from flows.runbooks.runbook import deploy_plan, deploy_sdxl
+from flows.stages.deploy import Release
+from flows.stages.prefetch import prefetch_weights
 from service.prefetch import XET_CHUNK_CACHE, Event, HubFile, Meter
 from service.prefetch import main as prefetch_main
 from tests.support.flows import fast, summary_of

@@ -14,12 +14,12 @@ from pathlib import Path
 import pytest
 
 from bench.launch import free_port
-from flows.downtime import Probe, find_outages, summarize
-from flows.hosts import LocalHost
-from flows.prober import Prober
-from flows.runbook import deploy_sdxl, rollback_sdxl
-from flows.target import DEFAULT_CRITERIA, Criterion, ProbeSettings, Target
-from flows.tasks.gates import Evidence, criteria_for_mode, judge
+from flows.box.hosts import LocalHost
+from flows.config.target import DEFAULT_CRITERIA, Criterion, ProbeSettings, Target
+from flows.evidence.downtime import Probe, find_outages, summarize
+from flows.evidence.gates import Evidence, criteria_for_mode, judge
+from flows.record.prober import Prober
+from flows.runbooks.runbook import deploy_sdxl, rollback_sdxl
 from tests.support.flows import summary_of
 from tests.support.legacy_api import Handler
 

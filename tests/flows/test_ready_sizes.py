@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
-from flows.target import NewService, Target, Workload
-from flows.tasks.deploy import serve_argv
+from flows.config.target import NewService, Target, Workload
+from flows.stages.deploy import serve_argv
 
 
 def _sizes_arg(target: Target) -> str | None:

@@ -15,13 +15,13 @@ import pytest
 import tomllib
 from packaging.requirements import Requirement
 
-from flows.compat import BOX_STACK, KNOWN_BROKEN, MIN_PYTHON, assess_stack
-from flows.hosts import LocalHost
-from flows.procs import find_service
-from flows.runbook import deploy_sdxl
-from flows.target import Target
-from flows.tasks.deploy import Release, check_compile
-from flows.tasks.rollback import current_answers
+from flows.box.compat import BOX_STACK, KNOWN_BROKEN, MIN_PYTHON, assess_stack
+from flows.box.hosts import LocalHost
+from flows.box.procs import find_service
+from flows.config.target import Target
+from flows.runbooks.runbook import deploy_sdxl
+from flows.stages.deploy import Release, check_compile
+from flows.stages.rollback import current_answers
 from tests.support.boxenv import box_python, wheel_of_installed
 from tests.support.flows import is_legacy, summary_of
 
@@ -87,7 +87,7 @@ def test_cuda_problems_are_refused_when_the_box_has_a_gpu() -> None:
 
 
 def test_pyproject_states_the_tested_bounds() -> None:
-    """pyproject's lower bounds are the oldest tested stack (flows.compat) and the release pins."""
+    """pyproject's lower bounds are the oldest tested stack (flows.box.compat) and the release pins."""
     project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
     bounds = {Requirement(r).name: Requirement(r).specifier for r in project["dependencies"]}
     for req in BOX_STACK:

@@ -11,11 +11,10 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from flows.deploy_state import DeployState, load_state, save_state
-from flows.errors import ReleaseError
-from flows.hosts import LocalHost
-from flows.procs import find_service, is_running, process_info, start_detached, stop_process
-from flows.releases import (
+from flows.box.deploy_state import DeployState, load_state, save_state
+from flows.box.hosts import LocalHost
+from flows.box.procs import find_service, is_running, process_info, start_detached, stop_process
+from flows.box.releases import (
     get_release,
     load_releases,
     record_release,
@@ -23,12 +22,13 @@ from flows.releases import (
     releases_file,
     serving_now,
 )
-from flows.runbook import deploy_sdxl, rollback_sdxl
-from flows.supervisor import Launch
-from flows.target import Target
-from flows.tasks.backup import backup_current
-from flows.tasks.preflight import inspect_current
-from flows.tasks.rollback import current_answers, roll_back
+from flows.box.supervisor import Launch
+from flows.config.target import Target
+from flows.errors import ReleaseError
+from flows.runbooks.runbook import deploy_sdxl, rollback_sdxl
+from flows.stages.backup import backup_current
+from flows.stages.preflight import inspect_current
+from flows.stages.rollback import current_answers, roll_back
 from sdxl_deploy.cli import app
 from tests.support.flows import fast, is_legacy, legacy_target, summary_of
 

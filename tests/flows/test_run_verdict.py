@@ -1,7 +1,8 @@
-"""The run's one verdict (flows/rundir.py `RunRecord.finish`, flows/tasks/gates.py `judge_downtime`): a
-failed run never says its gates passed, the downtime gate is judged over the whole run (rollback included),
-and the console table, `summary.json`, `gates.md` and `report.md` tell the same verdict. Unit level: the run
-record is driven stage by stage as the runbook drives it, with the prober's record set directly."""
+"""The run's one verdict (flows/record/rundir.py `RunRecord.finish`, flows/evidence/gates.py
+`judge_downtime`): a failed run never says its gates passed, the downtime gate is judged over the whole run
+(rollback included), and the console table, `summary.json`, `gates.md` and `report.md` tell the same verdict.
+Unit level: the run record is driven stage by stage as the runbook drives it, with the prober's record set
+directly."""
 
 from __future__ import annotations
 
@@ -11,14 +12,14 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
-from flows.commands import print_summary
-from flows.demo import demo_target
-from flows.downtime import Downtime
+from flows.config.target import StartMode, Target
 from flows.errors import GateFailed, StageFailed
-from flows.runbook import STAGES_OF, touches_old_service
-from flows.rundir import RunRecord, RunSummary
-from flows.target import StartMode, Target
-from flows.tasks.gates import DESCRIPTIONS, Evidence, GateReport, GateRow, criteria_for_mode, judge
+from flows.evidence.downtime import Downtime
+from flows.evidence.gates import DESCRIPTIONS, Evidence, GateReport, GateRow, criteria_for_mode, judge
+from flows.record.rundir import RunRecord, RunSummary
+from flows.runbooks.commands import print_summary
+from flows.runbooks.demo import demo_target
+from flows.runbooks.runbook import STAGES_OF, touches_old_service
 
 # What the prober saw before the cut-over, and over the whole run once a rollback's outage is in it.
 QUIET = {"longest_outage_s": 0.0, "failed_requests": 0, "probes": 185, "outages": 0, "total_outage_s": 0.0}

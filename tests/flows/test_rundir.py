@@ -1,4 +1,5 @@
-"""The run record's stage wrapper (flows/rundir.py): the one failure path every stage of the runbook takes."""
+"""The run record's stage wrapper (flows/record/rundir.py): the one failure path every stage of the runbook
+takes."""
 
 from __future__ import annotations
 
@@ -6,11 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from flows.commands import STAGE_NAMES
-from flows.demo import demo_target
 from flows.errors import StageFailed
-from flows.runbook import STAGES, STAGES_OF, STOP_FIRST_COMPILE_AFTER_STOP
-from flows.rundir import RunRecord
+from flows.record.rundir import RunRecord
+from flows.runbooks.commands import STAGE_NAMES
+from flows.runbooks.demo import demo_target
+from flows.runbooks.runbook import STAGES, STAGES_OF, STOP_FIRST_COMPILE_AFTER_STOP
 
 
 @pytest.mark.parametrize(

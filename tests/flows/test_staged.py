@@ -10,13 +10,13 @@ from pathlib import Path
 
 import pytest
 
-from flows.deploy_state import DeployState, load_state, save_state
-from flows.downtime import Downtime
-from flows.hosts import LocalHost
-from flows.procs import find_service, is_running, listener_pids, start_detached
-from flows.runbook import deploy_sdxl, recover
-from flows.target import Target
-from flows.tasks.rollback import current_answers, new_service_process
+from flows.box.deploy_state import DeployState, load_state, save_state
+from flows.box.hosts import LocalHost
+from flows.box.procs import find_service, is_running, listener_pids, start_detached
+from flows.config.target import Target
+from flows.evidence.downtime import Downtime
+from flows.runbooks.runbook import deploy_sdxl, recover
+from flows.stages.rollback import current_answers, new_service_process
 from tests.support.flows import is_legacy, summary_of
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("fault_counts")]
@@ -95,7 +95,7 @@ def test_a_second_staged_deploy_cuts_over_from_the_release_that_serves(
 ) -> None:
     """The old service is this project's own earlier release, under the same supervisor files: the staged one
     starts beside it, and the cut-over stops the old supervisor's whole group."""
-    from flows.releases import load_releases, serving_now
+    from flows.box.releases import load_releases, serving_now
 
     host, target = staged
     runs = str(tmp_path / "runs")

@@ -12,12 +12,12 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from flows.deploy_state import load_state
-from flows.hosts import LocalHost
-from flows.procs import find_service, is_running, listener_pids
-from flows.runbook import STAGED_STAGES, deploy_sdxl
-from flows.target import Target
-from flows.tasks.rollback import current_answers
+from flows.box.deploy_state import load_state
+from flows.box.hosts import LocalHost
+from flows.box.procs import find_service, is_running, listener_pids
+from flows.config.target import Target
+from flows.runbooks.runbook import STAGED_STAGES, deploy_sdxl
+from flows.stages.rollback import current_answers
 from sdxl_deploy.cli import app
 from service.schema import HealthResponse
 from tests.support.compiled import compiled_cache, copy_of, service_env

@@ -23,19 +23,19 @@ from prefect.states import Completed, exception_to_failed_state
 import flows
 from bench.launch import free_port
 from flows import errors
-from flows.common import retry_transient
-from flows.demo import demo_target
+from flows.box.common import retry_transient
+from flows.box.hostfs import digests, write_text
+from flows.box.hosts import LocalHost
+from flows.box.procs import ProcessInfo, find_service, is_running, listener_pids, start_detached, stop_process
+from flows.config.target import DEFAULT_CRITERIA, Criterion, Target, expand_home, load_target
 from flows.errors import BackupError, DeployError, RehearsedFailure, StageFailed, TargetFileError
-from flows.hostfs import digests, write_text
-from flows.hosts import LocalHost
-from flows.procs import ProcessInfo, find_service, is_running, listener_pids, start_detached, stop_process
-from flows.rundir import RunRecord, make_run_dir
-from flows.target import DEFAULT_CRITERIA, Criterion, Target, expand_home, load_target
-from flows.tasks.backup import backup_current, list_backups, prune_backups, verify_backup
-from flows.tasks.benchmark import BenchmarkResult, ImageCheck, LogScan, check_image, percentile
-from flows.tasks.gates import Evidence, QualityResult, judge
-from flows.tasks.rollback import restore_files
-from flows.tasks.tunnel import AppCheck
+from flows.evidence.gates import Evidence, judge
+from flows.evidence.results import AppCheck, BenchmarkResult, ImageCheck, LogScan, QualityResult
+from flows.record.rundir import RunRecord, make_run_dir
+from flows.runbooks.demo import demo_target
+from flows.stages.backup import backup_current, list_backups, prune_backups, verify_backup
+from flows.stages.benchmark import check_image, percentile
+from flows.stages.rollback import restore_files
 from tests.support.flows import legacy_target
 
 REPO = Path(__file__).resolve().parents[2]
@@ -255,26 +255,29 @@ def test_prefect_yaml_declares_the_deployments() -> None:
     assert nightly_schedule["active"] is False  # no target by default: it would probe localhost every night
     closing = (REPO / "scripts" / "ui.sh").read_text().split("Deployments:")[1].split("Ctrl-C")[0]
     assert all(name in closing for name in deployments)  # make ui's closing message names every deployment
-    import flows.runbook as runbook
+    import flows.runbooks.runbook as runbook
 
     for name in ("deploy-sdxl", "verify-sdxl", "rollback-sdxl"):
         path, function = deployments[name]["entrypoint"].split(":")
-        assert path == "flows/runbook.py" and getattr(runbook, function).name == name
+        assert path == "flows/runbooks/runbook.py" and getattr(runbook, function).name == name
         assert set(deployments[name]["parameters"]) <= set(getattr(runbook, function).parameters.properties)
-    from flows.regression import regression_benchmark
+    from flows.runbooks.regression import regression_benchmark
 
     nightly = deployments["regression-benchmark"]["parameters"]
     assert "target_file" in nightly and set(nightly) <= set(regression_benchmark.parameters.properties)
-    from flows.fleet.flow import deploy_fleet
+    from flows.runbooks.fleet.flow import deploy_fleet
 
     fleet = deployments["deploy-fleet"]
-    assert fleet["entrypoint"] == "flows/fleet/flow.py:deploy_fleet" and deploy_fleet.name == "deploy-fleet"
+    assert (
+        fleet["entrypoint"] == "flows/runbooks/fleet/flow.py:deploy_fleet"
+        and deploy_fleet.name == "deploy-fleet"
+    )
     assert set(fleet["parameters"]) <= set(deploy_fleet.parameters.properties)
     assert fleet["parameters"]["dry_run"] is True
 
 
 def test_the_ui_shows_the_target_field_by_field() -> None:
-    from flows.runbook import deploy_sdxl
+    from flows.runbooks.runbook import deploy_sdxl
 
     schema = deploy_sdxl.parameters
     assert {"Target", "Connection", "CurrentService", "NewService", "Criterion"} <= set(schema.definitions)
@@ -419,7 +422,7 @@ class _CorruptingHost(LocalHost):
 
 
 def test_a_corrupted_upload_is_refused_before_anything_is_installed(tmp_path: Path) -> None:
-    from flows.tasks.deploy import ship_release
+    from flows.stages.deploy import ship_release
 
     wheel = tmp_path / "sdxl_deploy-9.9.9-py3-none-any.whl"
     wheel.write_bytes(b"not really a wheel, but its bytes are what is checked" * 100)
@@ -439,8 +442,8 @@ def test_a_corrupted_upload_is_refused_before_anything_is_installed(tmp_path: Pa
 def test_warm_up_reads_the_compile_time_from_health(tmp_path: Path) -> None:
     """The warm-up task against a real service process: the compile time is /health's `startup.warmup_s`
     (the service's own number, to the millisecond), not a line of its log."""
-    from flows.tasks.deploy import Started, serve_argv
-    from flows.tasks.warmup import warm_up
+    from flows.stages.deploy import Started, serve_argv
+    from flows.stages.warmup import warm_up
 
     host = LocalHost()
     target = demo_target(tmp_path, free_port())

@@ -11,24 +11,24 @@ from pathlib import Path, PureWindowsPath
 
 import pytest
 
-from flows import hosts as hosts_module
-from flows.hostfs import read_text, remote_child, write_text
-from flows.hosts import HostError, LocalHost, open_host
-from flows.lock import new_owner, owner_alive, stale_reason
-from flows.target import Connection, load_target
+from flows.box import hosts as hosts_module
+from flows.box.hostfs import read_text, remote_child, write_text
+from flows.box.hosts import HostError, LocalHost, open_host
+from flows.box.lock import new_owner, owner_alive, stale_reason
+from flows.config.target import Connection, load_target
 
 REPO = Path(__file__).resolve().parents[2]
 # Modules that run on the control side only (flows' host commands run on the box and stay POSIX).
 CONTROL_SIDE = [
     REPO / "flows" / name
     for name in (
-        "lock.py",
-        "rundir.py",
-        "commands.py",
-        "runbook.py",
-        "releases.py",
-        "secrets.py",
-        "target.py",
+        "box/lock.py",
+        "record/rundir.py",
+        "runbooks/commands.py",
+        "runbooks/runbook.py",
+        "box/releases.py",
+        "config/secrets.py",
+        "config/target.py",
     )
 ] + sorted((REPO / "evaluation").glob("*.py"))
 POSIX_ONLY = re.compile(

@@ -15,11 +15,11 @@ from pathlib import Path
 import httpx
 import pytest
 
-from flows.demo import TINY_REQUEST
-from flows.hosts import LocalHost
-from flows.runbook import deploy_sdxl
-from flows.target import Target
-from flows.tasks.rollback import current_answers
+from flows.box.hosts import LocalHost
+from flows.config.target import Target
+from flows.runbooks.demo import TINY_REQUEST
+from flows.runbooks.runbook import deploy_sdxl
+from flows.stages.rollback import current_answers
 from service.hub import ModelFilesMissing, plan_load
 from service.schema import HealthResponse
 from tests.support.flows import summary_of

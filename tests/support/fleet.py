@@ -9,17 +9,17 @@ from pathlib import Path
 
 import pytest
 
-from flows.demo import TINY_REQUEST, start_current, stop_all
-from flows.fleet.flow import deploy_fleet
-from flows.fleet.haproxy import HAProxyAPI
-from flows.fleet.load import SteadyLoad
-from flows.fleet.summary import FleetSummary
-from flows.fleet.target import Analysis, Fleet, FleetHost, LoadBalancer, Rollout
-from flows.hosts import LocalHost
-from flows.ports import free_port
-from flows.procs import ProcessInfo, find_service
-from flows.target import Target
-from flows.tasks.rollback import current_answers
+from flows.box.hosts import LocalHost
+from flows.box.ports import free_port
+from flows.box.procs import ProcessInfo, find_service
+from flows.config.fleet import Analysis, Fleet, FleetHost, LoadBalancer, Rollout
+from flows.config.target import Target
+from flows.runbooks.demo import TINY_REQUEST, start_current, stop_all
+from flows.runbooks.fleet.flow import deploy_fleet
+from flows.runbooks.fleet.haproxy import HAProxyAPI
+from flows.runbooks.fleet.load import SteadyLoad
+from flows.runbooks.fleet.summary import FleetSummary
+from flows.stages.rollback import current_answers
 from tests.support.flows import fast, is_legacy, legacy_target, ssh_connection
 from tests.support.haproxy import haproxy
 from tests.support.sshd import SSHServer

@@ -16,10 +16,10 @@ from prefect.settings import PREFECT_HOME, temporary_settings
 from prefect.testing.utilities import prefect_test_harness
 
 from bench.launch import free_port
-from flows.demo import demo_target, start_current, stop_all
-from flows.hosts import LocalHost, q
-from flows.target import Connection, CurrentService, Target
-from flows.tasks.deploy import build_wheel
+from flows.box.hosts import LocalHost, q
+from flows.config.target import Connection, CurrentService, Target
+from flows.runbooks.demo import demo_target, start_current, stop_all
+from flows.stages.deploy import build_wheel
 from service.schema import ServiceHealth
 from tests.support.sshd import SSHServer
 

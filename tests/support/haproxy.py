@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from flows.fleet.local_lb import HAPROXY, LocalHAProxy
+from flows.runbooks.fleet.local_lb import HAPROXY, LocalHAProxy
 
 
 @contextmanager

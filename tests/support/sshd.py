@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from bench.launch import free_port
-from flows.hosts import SSHHost
+from flows.box.hosts import SSHHost
 
 SSHD = Path("/usr/sbin/sshd")
 

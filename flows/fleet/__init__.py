@@ -1,6 +1,0 @@
-"""The fleet: several GPU boxes behind a load balancer (HAProxy), upgraded canary first, then in waves.
-
-`target` (the fleet file), `haproxy` (the runtime-API client), `analysis` (canary vs old release over
-live traffic), `flow` (the `deploy-fleet` flow), `report` (the one-page fleet report), `local_lb` (a real
-HAProxy on loopback for the demo and the tests).
-"""
