@@ -1,7 +1,8 @@
 """The packages' layering (`.importlinter`), checked by import-linter over the real import graph: service imports
 nothing of flows, evaluation, bench or sdxl_deploy; evaluation reaches the service only through its client and
-schema; bench reaches flows only for its plain modules; nothing that ships imports bench; no import cycle between
-the modules of a package."""
+schema; bench reaches flows only for its plain modules; nothing that ships imports bench; flows' floors import only
+the floors below them and its evidence imports nothing of Prefect; no import cycle between the modules of a
+package."""
 
 from __future__ import annotations
 
@@ -31,13 +32,14 @@ def lint_imports(root: Path) -> subprocess.CompletedProcess[str]:
 def test_the_layering_contracts_hold() -> None:
     result = lint_imports(REPO)
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "5 kept, 0 broken" in result.stdout
+    assert "7 kept, 0 broken" in result.stdout
 
 
 def test_a_new_cycle_or_a_forbidden_import_breaks_them(tmp_path: Path) -> None:
     """The same contracts fail on a copy of the tree with an import cycle inside service (errors <-> app), an
-    evaluation module that imports the engine, a service module that imports the CLI's package and a bench module
-    that imports the runbook."""
+    evaluation module that imports the engine, a service module that imports the CLI's package, a bench module
+    that imports the runbook, a box module that imports a stage (a floor reaching up) and an evidence module that
+    imports Prefect."""
     for package in PACKAGES:
         shutil.copytree(REPO / package, tmp_path / package, ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copy(REPO / ".importlinter", tmp_path / ".importlinter")
@@ -49,10 +51,16 @@ def test_a_new_cycle_or_a_forbidden_import_breaks_them(tmp_path: Path) -> None:
         models.write("\nimport sdxl_deploy  # noqa: E402,F401\n")
     with (tmp_path / "bench" / "table.py").open("a", encoding="utf-8") as table:
         table.write("\nimport flows.runbooks.runbook  # noqa: E402,F401\n")
+    with (tmp_path / "flows" / "box" / "procs.py").open("a", encoding="utf-8") as procs:
+        procs.write("\nimport flows.stages.deploy  # noqa: E402,F401\n")
+    with (tmp_path / "flows" / "evidence" / "results.py").open("a", encoding="utf-8") as results:
+        results.write("\nimport prefect  # noqa: E402,F401\n")
     result = lint_imports(tmp_path)
     assert result.returncode != 0
     assert "No cycles are allowed in service" in result.stdout, result.stdout
     assert "evaluation.stats -> service.engine" in result.stdout, result.stdout
     assert "service.models -> sdxl_deploy" in result.stdout, result.stdout
     assert "bench.table -> flows.runbooks.runbook" in result.stdout, result.stdout
-    assert "1 kept, 4 broken" in result.stdout, result.stdout
+    assert "flows.box.procs -> flows.stages.deploy" in result.stdout, result.stdout
+    assert "flows.evidence.results -> prefect" in result.stdout, result.stdout
+    assert "1 kept, 6 broken" in result.stdout, result.stdout
