@@ -6,7 +6,9 @@ package."""
 
 from __future__ import annotations
 
+import configparser
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -64,3 +66,25 @@ def test_a_new_cycle_or_a_forbidden_import_breaks_them(tmp_path: Path) -> None:
     assert "flows.box.procs -> flows.stages.deploy" in result.stdout, result.stdout
     assert "flows.evidence.results -> prefect" in result.stdout, result.stdout
     assert "1 kept, 6 broken" in result.stdout, result.stdout
+
+
+def test_the_floors_are_the_folder_list_and_the_architecture_page_draws_them() -> None:
+    """flows/ holds its floors and nothing else, and docs/ARCHITECTURE.md draws them top to bottom in the order of
+    the layers contract."""
+    config = configparser.ConfigParser()
+    config.read(REPO / ".importlinter", encoding="utf-8")
+    layers = config["importlinter:contract:flows-floors"]["layers"].split()
+    on_disk = {  # modules and packages (a folder left behind with only bytecode in it is neither)
+        f"flows.{path.name.removesuffix('.py')}"
+        for path in (REPO / "flows").iterdir()
+        if (path.suffix == ".py" and path.name != "__init__.py")
+        or (path.is_dir() and (path / "__init__.py").exists())
+    }
+    assert on_disk == set(layers)
+    page = (REPO / "docs" / "ARCHITECTURE.md").read_text(encoding="utf-8")
+    picture = page.split("\n## flows/\n", 1)[1].split("```")[1]
+    drawn = [
+        name.removesuffix(".py").rstrip("/").replace("/", ".")
+        for name in re.findall(r"^(flows/\w+(?:/|\.py))\s", picture, re.M)
+    ]
+    assert drawn == layers
