@@ -56,25 +56,19 @@ system-deps:
 demo: setup
 	$(PY) -m sdxl_deploy.cli demo
 
-# The main suite's processes wait on the services they started much of the time, so the seed environment is
-# installed (at a lower priority) and the seed suite then run (in two processes, at the same priority: its tests
-# time their services out like the main suite's, and a starved one fails) beside it. Their output goes to
-# .cache/setup-seed.log and .cache/test-seed.log; the seed suite's is shown after the main suite's.
+# The seed environment is installed while the main suite runs (its tests wait on processes much of the time);
+# its output goes to .cache/setup-seed.log, shown if it fails.
 test: setup
 	$(PY) -m ruff check --no-cache .
-	@{ nice -n 10 $(MAKE) --no-print-directory setup-seed > .cache/setup-seed.log 2>&1 || exit 3; \
-	  $(MAKE) --no-print-directory test-seed TEST_WORKERS=2 > .cache/test-seed.log 2>&1; } & seed=$$!; \
+	@nice -n 10 $(MAKE) --no-print-directory setup-seed > .cache/setup-seed.log 2>&1 & seed=$$!; \
 	$(PY) $(PYTEST); status=$$?; \
-	wait $$seed; seed_status=$$?; \
-	if [ $$seed_status = 3 ]; then tail -n 40 .cache/setup-seed.log; echo "make setup-seed failed (.cache/setup-seed.log)"; exit 1; fi; \
-	echo "--- make test-seed (beside the main suite; .cache/test-seed.log)"; cat .cache/test-seed.log; \
-	[ $$status = 0 ] && [ $$seed_status = 0 ]
+	wait $$seed || { tail -n 40 .cache/setup-seed.log; echo "make setup-seed failed (.cache/setup-seed.log)"; exit 1; }; \
+	exit $$status
+	@$(MAKE) --no-print-directory test-seed
 
-# Its own model cache (the generated models are written by that stack's diffusers) and Prefect home (it runs
-# beside the main suite, whose pytest-xdist processes have the same names).
+# Its own model cache: the generated models are written by that stack's diffusers.
 test-seed: setup $(SEED_STAMP)
-	SDXL_DEPLOY_CACHE=$(CURDIR)/.cache/models-seed PREFECT_HOME=$(CURDIR)/.cache/prefect-seed \
-	$(SEED_PY) $(PYTEST) $(SEED_TESTS) $(SEED_SKIP)
+	SDXL_DEPLOY_CACHE=$(CURDIR)/.cache/models-seed $(SEED_PY) $(PYTEST) $(SEED_TESTS) $(SEED_SKIP)
 
 # The main suite under coverage (every Python process the tests start too), then one report of what ships.
 COVERAGE := COVERAGE_FILE=$(CURDIR)/.cache/coverage/data $(PY) -m coverage
