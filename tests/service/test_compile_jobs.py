@@ -10,12 +10,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch import nn
 
 from service.compile_step import merge
 from service.saved_compile import available, saved_compile, signature
 from service.schema import CompiledFunction, CompileReport
 from tests.support.compiled import compiled_cache, copy_of, run_step
+from tests.support.small_modules import Conv
 
 pytestmark = pytest.mark.skipif(not available(), reason="this torch cannot save compiled functions (< 2.10)")
 
@@ -26,17 +26,6 @@ fcntl.flock(fd, fcntl.LOCK_EX)
 print("held", flush=True)
 time.sleep(600)
 """
-
-
-class Conv(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.down = nn.Conv2d(4, 8, 3, stride=2, padding=1)
-        self.up = nn.Conv2d(8, 4, 3, padding=1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = torch.relu(self.down(x))
-        return self.up(nn.functional.interpolate(y, scale_factor=2.0, mode="nearest"))
 
 
 class Sibling:

@@ -29,6 +29,7 @@ from service.saved_compile import available, saved_compile, signature
 from service.settings import ServiceSettings
 from tests.support.compiled import compiled_cache, copy_of, run_step, service_env
 from tests.support.servers import thread_server
+from tests.support.small_modules import Conv
 
 pytestmark = pytest.mark.skipif(not available(), reason="this torch cannot save compiled functions (< 2.10)")
 
@@ -59,19 +60,6 @@ class Breaks(Net):
         y = torch.relu(self.a(x))
         torch._dynamo.graph_break()  # cannot be compiled whole
         return self.b(y) * scale
-
-
-class Conv(nn.Module):
-    """Latents in, latents out, with a down- and an up-sampling (the UNet's size constraints in small)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.down = nn.Conv2d(4, 8, 3, stride=2, padding=1)
-        self.up = nn.Conv2d(8, 4, 3, padding=1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = torch.relu(self.down(x))
-        return self.up(nn.functional.interpolate(y, scale_factor=2.0, mode="nearest"))
 
 
 def _net(cls: type[nn.Module] = Net) -> Any:
