@@ -22,8 +22,9 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
+import tempfile
 import time
-from typing import Any
+from pathlib import Path
 
 from service.accel import compile_status, plan_speed, saved_compiles
 from service.engine import Engine, resolve_device
@@ -88,29 +89,30 @@ def _build_side_by_side(settings: ServiceSettings, started: float) -> CompileRep
     jobs = settings.compile_jobs
     one = settings.model_copy(update={"compile_jobs": 1})
     context = multiprocessing.get_context("spawn")  # a fresh interpreter each: no CUDA state is forked
-    answers = context.SimpleQueue()
-    processes = [
-        context.Process(target=_job, args=(index, one, answers), name=f"compile-job-{index}")
-        for index in range(1, jobs + 1)
-    ]
-    log.info("compile step: %d processes side by side, each loading %s", jobs, settings.model)
-    for process in processes:
-        process.start()
-    for process in processes:
-        process.join()
-    failed = [f"job {i} exited with code {p.exitcode}" for i, p in enumerate(processes, 1) if p.exitcode]
-    if failed:
-        raise RuntimeError(f"compile step: {'; '.join(failed)} (its log lines above say why)")
-    reports = [CompileReport.model_validate_json(answers.get()) for _ in processes]
+    with tempfile.TemporaryDirectory(prefix="compile-jobs-") as folder:
+        answers = [Path(folder) / f"job-{index}.json" for index in range(1, jobs + 1)]
+        processes = [
+            context.Process(target=_job, args=(index, one, answer), name=f"compile-job-{index}")
+            for index, answer in enumerate(answers, 1)
+        ]
+        log.info("compile step: %d processes side by side, each loading %s", jobs, settings.model)
+        for process in processes:
+            process.start()
+        for process in processes:
+            process.join()
+        failed = [f"job {i} exited with code {p.exitcode}" for i, p in enumerate(processes, 1) if p.exitcode]
+        if failed:
+            raise RuntimeError(f"compile step: {'; '.join(failed)} (its log lines above say why)")
+        reports = [CompileReport.model_validate_json(answer.read_text()) for answer in answers]
     return merge(reports, seconds=time.perf_counter() - started)
 
 
-def _job(index: int, settings: ServiceSettings, answers: Any) -> None:
-    """One process of a side-by-side step: its log lines say which job; its report goes back on `answers`."""
+def _job(index: int, settings: ServiceSettings, answer: Path) -> None:
+    """One process of a side-by-side step: its log lines say which job; its report goes to `answer`."""
     logging.basicConfig(
         level=logging.INFO, format=f"%(asctime)s %(levelname)s job {index} %(name)s: %(message)s", force=True
     )
-    answers.put(_build_here(settings, time.perf_counter()).model_dump_json())
+    answer.write_text(_build_here(settings, time.perf_counter()).model_dump_json())
 
 
 def merge(reports: list[CompileReport], seconds: float) -> CompileReport:
