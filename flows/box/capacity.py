@@ -167,8 +167,8 @@ def decide_start_mode(host: Host, target: Target, facts: HostFacts, model: NewMo
     the room is unknown or too small, and says so."""
     new, requested = target.new, target.new.start_mode
     if requested == "stop-first":
-        beside, why = compile_placement(host, target, facts, model)
-        _, _, need, free = room_for_both(host, target, facts, model)
+        fits, room, need, free = room_for_both(host, target, facts, model)
+        beside, why = compile_placement(fits, room)
         jobs, jobs_why = compile_jobs(target, need if facts.gpus else None, free)
         return StartDecision(
             mode="stop-first",
@@ -220,10 +220,9 @@ def compile_jobs(target: Target, need: float | None, free: float | None) -> tupl
     )
 
 
-def compile_placement(host: Host, target: Target, facts: HostFacts, model: NewModel) -> tuple[bool, str]:
+def compile_placement(fits: bool, why: str) -> tuple[bool, str]:
     """(beside, why) for a stop-first deploy: the compile step runs before the old service stops where the box
-    has room for it beside the old one (the room test of staging), else after the stop."""
-    fits, why, _, _ = room_for_both(host, target, facts, model)
+    has room for it beside the old one (`fits`: the room test of staging, `why` its reason), else after the stop."""
     if fits:
         return True, f"it runs before the old service stops: {why}"
     return False, (
