@@ -16,6 +16,7 @@ A deploy runs in one of two orders, decided in preflight (`flows/box/capacity.py
 
 from __future__ import annotations
 
+import functools
 from contextlib import AbstractContextManager, ExitStack, nullcontext
 from pathlib import Path
 from typing import Any, Literal
@@ -242,20 +243,20 @@ def deploy_sdxl(
             with run.stage("prefetch"):  # the weights onto the box while the old service serves
                 fetched = prefetch_weights(host, target, release)
                 run.summary.facts["prefetch"] = fetched.model_dump()
+            compile_step = functools.partial(
+                build_compiled,
+                run,
+                host,
+                target,
+                release,
+                fetched.offline_ready,
+                gpu=bool(host_facts.gpus),
+                jobs=decision.compile_jobs,
+            )
             compile_first = staged or decision.compile_beside
             if compile_first:  # while the old service serves: the new one only loads what the step built
                 with run.stage("compile"):
-                    where = "beside the old service" if staged else "before the old service stops"
-                    build_compiled(
-                        run,
-                        host,
-                        target,
-                        release,
-                        fetched.offline_ready,
-                        where,
-                        gpu=bool(host_facts.gpus),
-                        jobs=decision.compile_jobs,
-                    )
+                    compile_step("beside the old service" if staged else "before the old service stops")
             if staged:
                 with run.stage("start_staged"):  # beside the old service, on the staging port
                     started = start_new_service(
@@ -267,17 +268,7 @@ def deploy_sdxl(
                     stop_service(host, current.process, target.current.port, target.current.stop_timeout_s)
                 if not compile_first:
                     with run.stage("compile"):  # no room for it beside the old service: the app waits for it
-                        where = "after the old service stopped (no room beside it)"
-                        build_compiled(
-                            run,
-                            host,
-                            target,
-                            release,
-                            fetched.offline_ready,
-                            where,
-                            gpu=bool(host_facts.gpus),
-                            jobs=decision.compile_jobs,
-                        )
+                        compile_step("after the old service stopped (no room beside it)")
                 with run.stage("start_new"):
                     started = start_new_service(host, target, release, offline=fetched.offline_ready)
                     note_started(host, target, state, started)
