@@ -100,7 +100,7 @@ def check_new_model(host: Host, target: Target) -> NewModel:
     """`new.model` on the box, the app's requests against it, the settings `new.env` passes the service and
     the criteria's thresholds; `PreflightRefused` naming each field and value, and what would be accepted, when
     the real run would fail on any (or judge a gate no deploy can pass). What `/generate` would warn the app's
-    request of (unknown fields, ignored options) is logged and kept in `NewModel.warnings`."""
+    request of (options the model ignores) is logged and kept in `NewModel.warnings`."""
     settings, problems = service_settings(target.new)
     problems += criteria_problems(target.criteria, target.workload.size)
     try:
@@ -296,17 +296,28 @@ def check_hub_repos(host: Host, target: Target, repos: dict[str, str]) -> str:
 
 def check_requests(target: Target, spec: ModelSpec, settings: ServiceSettings) -> tuple[list[str], list[str]]:
     """The app's request and `new.ready_sizes` against the model's own request schema and bounds, with the
-    service's `settings`: the problems (what `/generate` refuses with 422), each naming the field and value,
-    and the warnings `/generate` would answer the request with, each naming `workload.app_request`."""
+    service's `settings`: the problems (what `/generate` refuses with 422, and the fields it would ignore, each
+    with the nearest known name as its `warnings` give it), each naming the field and value, and the warnings
+    `/generate` would answer the request with (options the loaded model ignores), each naming
+    `workload.app_request`."""
     field = "workload.app_request"
+    # Read without validation, so an unknown field is named beside a refused value.
+    unknown = GenerateRequest.model_construct(**target.workload.app_request).unknown_fields()
+    problems = []
+    if unknown:
+        accepted = ", ".join(GenerateRequest.model_fields)
+        problems.append(
+            f"{field}: unknown fields {', '.join(unknown)}, which /generate would ignore; accepted: {accepted}"
+        )
+    problems += _ready_size_problems(target, spec)
     try:
         request = GenerateRequest.model_validate(target.workload.app_request)
     except ValidationError as exc:
-        problems = [
+        refused = [
             f"{field}.{'.'.join(str(p) for p in err['loc'])}: {err['msg']} (got {err.get('input')!r})"
             for err in exc.errors()
         ]
-        return problems + _ready_size_problems(target, spec), []
+        return refused + problems, []
     refiner = spec.refiner is not None or settings.refiner is not None or spec.generated
     try:
         params = resolve_params(
@@ -318,8 +329,8 @@ def check_requests(target: Target, spec: ModelSpec, settings: ServiceSettings) -
             cfg_cutoff=settings.cfg_cutoff,
         )
     except ValidationFailed as exc:
-        return [f"{field}.{exc}", *_ready_size_problems(target, spec)], []
-    return _ready_size_problems(target, spec), [f"{field}: {warning}" for warning in params.warnings]
+        return [f"{field}.{exc}", *problems], []
+    return problems, [f"{field}: {warning}" for warning in params.warnings]
 
 
 def _ready_size_problems(target: Target, spec: ModelSpec) -> list[str]:

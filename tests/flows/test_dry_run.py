@@ -349,15 +349,26 @@ def test_ready_sizes_set_in_the_target_are_checked_against_the_models_range() ->
     )
 
 
-def test_unknown_app_request_fields_are_warned_of_as_generate_does(
+def test_unknown_app_request_fields_are_refused_with_the_nearest_known_one(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    """Accepted, as /generate accepts them, and named with the field they resemble (its `warnings`)."""
+    """Named as /generate's `warnings` name them (the field it resembles), and refused: /generate would ignore
+    them. An option the model ignores stays a warning, as /generate answers it."""
+    host = LocalHost()
+    with pytest.raises(PreflightRefused) as refused:
+        check_new_model(host, _with_request("tiny-sdxl", width=64, height=63, widht=64, codeformer=1))
+    assert str(refused.value) == (
+        "workload.app_request.height: Input should be a multiple of 8 (got 63); workload.app_request: unknown "
+        "fields codeformer, widht (did you mean width?), which /generate would ignore; accepted: prompt, "
+        "negative_prompt, num_inference_steps, width, height, guidance_scale, seed, use_refiner, refiner_split, "
+        "use_face_restoration, hires_fix, hires_scale, hires_strength, output_format, sampler, batch_size"
+    )
     with caplog.at_level("WARNING"):
-        model = check_new_model(LocalHost(), _with_request("tiny-sdxl", width=64, height=64, widht=64))
-    expected = "workload.app_request: unknown fields ignored: widht (did you mean width?)"
+        model = check_new_model(
+            host, _with_request("tiny-sdxl", width=64, height=64, use_face_restoration=True)
+        )
+    expected = "workload.app_request: use_face_restoration ignored: no face restorer is installed"
     assert model.warnings == [expected] and expected in caplog.messages
-    assert not check_new_model(LocalHost(), _with_request("tiny-sdxl", width=64, height=64)).warnings
 
 
 # --- the settings new.env passes the service, and the criteria's thresholds -----------------------------
