@@ -7,13 +7,9 @@ Every test stops what it started, by PID.
 
 from __future__ import annotations
 
-import io
 import json
-import logging
 import re
 import subprocess
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -24,7 +20,6 @@ from flows.box.deploy_state import DeployState, load_state, save_state
 from flows.box.hosts import LocalHost, open_host
 from flows.box.procs import find_service, is_running, listener_pids
 from flows.config.target import Target
-from flows.record.runlog import console_view
 from flows.runbooks.commands import print_summary
 from flows.runbooks.demo import run_demo, start_current, stop_all
 from flows.runbooks.runbook import (
@@ -39,7 +34,7 @@ from flows.stages.backup import backup_current, list_backups, verify_backup
 from flows.stages.deploy import ship_release, start_new_service, stop_service
 from flows.stages.preflight import inspect_current
 from flows.stages.rollback import current_answers, new_service_process
-from tests.support.flows import is_legacy, legacy_target, ssh_connection, summary_of
+from tests.support.flows import cli_console, is_legacy, legacy_target, ssh_connection, summary_of
 from tests.support.sshd import SSHServer
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("fault_counts")]
@@ -88,20 +83,6 @@ def test_demo_upgrades_tiny_sd15_to_tiny_sdxl(prefect_api: None, tmp_path: Path)
 # failure path, tests/flows/test_rundir.py): no backup yet; backed up and shipped, old untouched; failing as it
 # stops the old service; old stopped, new not started; new started; the last stage before the end.
 BOX_STATES = ("backup", "prefetch", "stop_current", "start_new", "warmup", "approval")
-
-
-@contextmanager
-def cli_console() -> Iterator[io.StringIO]:
-    """What a console handler on the root logger writes while the block runs, seen as the CLI shows a run
-    (`console_view`: the summary follows)."""
-    text = io.StringIO()
-    handler = logging.StreamHandler(text)
-    logging.getLogger().addHandler(handler)
-    try:
-        with console_view([handler], summary_follows=True):
-            yield text
-    finally:
-        logging.getLogger().removeHandler(handler)
 
 
 @pytest.mark.parametrize("stage", BOX_STATES)

@@ -8,12 +8,15 @@ import sys
 from pathlib import Path
 
 import pytest
+from rich.console import Console
 
 from flows.config.fleet import Fleet, FleetHost, LoadBalancer
 from flows.config.target import NewService, Target
 from flows.errors import PreflightRefused
+from flows.runbooks.fleet.commands import print_fleet
 from flows.runbooks.fleet.flow import deploy_fleet
 from flows.runbooks.fleet.preflight import check_hosts
+from tests.support.flows import cli_console
 
 
 def _target(box: Path, model: str, **request: object) -> Target:
@@ -57,9 +60,11 @@ def test_the_fleet_dry_run_refuses_a_misspelt_model_before_the_canary(
     prefect_api: None, tmp_path: Path
 ) -> None:
     """deploy-fleet's dry run through the flow: refused in its preflight, before the balancer is asked (its
-    socket does not even exist here) and before any host, the canary first, is touched."""
+    socket does not even exist here) and before any host, the canary first, is touched. The console as the
+    CLI shows it tells each refusal once: in the summary printed after the run."""
     fleet, hosts = _fleet(tmp_path)
-    state = deploy_fleet(fleet=fleet, dry_run=True, runs_dir=str(tmp_path / "runs"), return_state=True)
+    with cli_console() as log:
+        state = deploy_fleet(fleet=fleet, dry_run=True, runs_dir=str(tmp_path / "runs"), return_state=True)
     assert state.is_failed()
     assert "dry run refused: host 'h2': new.model: 'sdxll' is not a known model" in state.message
     (run_dir,) = (tmp_path / "runs").iterdir()
@@ -67,3 +72,9 @@ def test_the_fleet_dry_run_refuses_a_misspelt_model_before_the_canary(
     assert summary["status"] == "failed"
     assert {record["outcome"] for record in summary["hosts"]} == {"not reached"}  # the canary included
     assert not any((tmp_path / name).exists() for name in hosts)
+    shown = Console(record=True, width=250)
+    print_fleet(run_dir / "summary.json", shown)
+    console = log.getvalue() + shown.export_text()
+    assert "fleet: preflight refused (why: the summary below)" in log.getvalue()
+    for refusal in ("new.model: 'sdxll' is not a known model", "workload.app_request.width: Input should be"):
+        assert console.count(refusal) == 1, console

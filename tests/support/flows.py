@@ -1,14 +1,18 @@
 """Helpers and fixtures for the runbook tests: targets inside a temporary "box", the legacy stand-in
-service, a throwaway Prefect server, the project's wheel (registered as a plugin in conftest.py)."""
+service, a throwaway Prefect server, the project's wheel (registered as a plugin in conftest.py), the console
+as the CLI shows a run."""
 
 from __future__ import annotations
 
+import io
 import json
+import logging
 import os
 import re
 import shutil
 import sys
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -18,6 +22,7 @@ from prefect.testing.utilities import prefect_test_harness
 from bench.launch import free_port
 from flows.box.hosts import LocalHost, q
 from flows.config.target import Connection, CurrentService, Target
+from flows.record.runlog import console_view
 from flows.runbooks.demo import demo_target, start_current, stop_all
 from flows.stages.deploy import build_wheel
 from service.schema import ServiceHealth
@@ -69,6 +74,20 @@ def ssh_connection(server: SSHServer, known_hosts: str | None = None) -> Connect
         key_filename=str(server.key_filename),
         known_hosts=str(known_hosts or server.known_hosts),
     )
+
+
+@contextmanager
+def cli_console() -> Iterator[io.StringIO]:
+    """What a console handler on the root logger writes while the block runs, seen as the CLI shows a run
+    (`console_view`: the summary follows)."""
+    text = io.StringIO()
+    handler = logging.StreamHandler(text)
+    logging.getLogger().addHandler(handler)
+    try:
+        with console_view([handler], summary_follows=True):
+            yield text
+    finally:
+        logging.getLogger().removeHandler(handler)
 
 
 def summary_of(state) -> dict:

@@ -40,6 +40,7 @@ from prefect import flow
 from prefect.artifacts import create_markdown_artifact
 from prefect.context import FlowRunContext
 
+from flows.box.common import run_logger
 from flows.box.deploy_state import interrupted_deploy
 from flows.box.hostfs import home_dir
 from flows.box.hosts import open_host
@@ -50,6 +51,7 @@ from flows.config.target import Target
 from flows.errors import BalancerError, FleetFailed, FleetFileError, HostError, PreflightRefused
 from flows.record.approval import wait_for_person
 from flows.record.rundir import RunSummary, make_run_dir
+from flows.record.runlog import TOLD_BY_SUMMARY
 from flows.runbooks.fleet.analysis import AnalysisResult, analyse
 from flows.runbooks.fleet.haproxy import HAProxyAPI, ServerStat
 from flows.runbooks.fleet.pool import run_on_pool
@@ -129,10 +131,12 @@ class Rollout:
     def record(self, host: FleetHost) -> HostRecord:
         return next(r for r in self.summary.hosts if r.name == host.name)
 
-    def event(self, event: str, detail: str = "") -> None:
+    def event(self, event: str, detail: str = "", told_by_summary: str | bool = False) -> None:
+        """Add an event to the timeline and tell it. `told_by_summary`: its detail is in the run's closing
+        message, which the summary the CLI prints shows: that console shows this line instead (True: none)."""
         with self._lock:
             self.summary.timeline.append(Event(at=_now(), event=event, detail=detail))
-            print(f"fleet: {event}{': ' + detail if detail else ''}")
+            _tell(f"fleet: {event}{': ' + detail if detail else ''}", told_by_summary)
             self.save()
 
     def save(self) -> None:
@@ -337,7 +341,7 @@ class Rollout:
             plans = check_hosts(self.fleet)
             self.require_servers()
         except (PreflightRefused, FleetFileError, BalancerError, HostError) as exc:
-            self.event("preflight refused", str(exc))
+            self.event("preflight refused", str(exc), "fleet: preflight refused (why: the summary below)")
             summary = self.finish("failed", f"dry run refused: {exc}")
             raise FleetFailed(f"deploy-fleet {summary.message}", str(self.run_dir)) from None
         for plan in plans:
@@ -427,7 +431,8 @@ class Rollout:
         unavailable host)."""
         self.summary.aborted = why
         hosts = self.upgraded() + (cut or [])
-        self.event("abort", f"{why}; rolling back {[h.name for h in hosts] or 'no host'}")
+        back = f"rolling back {[h.name for h in hosts] or 'no host'}"
+        self.event("abort", f"{why}; {back}", f"fleet: abort, {back} (why: the summary below)")
         with ThreadPoolExecutor(
             max_workers=self.fleet.rollout.max_unavailable, thread_name_prefix="fleet"
         ) as pool:
@@ -448,8 +453,18 @@ class Rollout:
         report = fleet_markdown(self.summary)
         (self.run_dir / "report.md").write_text(report, encoding="utf-8")
         create_markdown_artifact(key="deploy-fleet-summary", markdown=report, description=message[:200])
-        print(f"deploy-fleet {status}: {message}\nrun directory: {self.run_dir}")
+        _tell(f"deploy-fleet {status}: {message}\nrun directory: {self.run_dir}", True)
         return self.summary
+
+
+def _tell(line: str, told_by_summary: str | bool = False) -> None:
+    """Tell `line` in the flow run's log (printed outside a run: a cancel hook in a worker's process).
+    `told_by_summary`: what the line says is in the summary the CLI prints after the run, so that console
+    shows this instead (True: nothing)."""
+    if told_by_summary and FlowRunContext.get() is not None:
+        run_logger().info("%s", line, extra={TOLD_BY_SUMMARY: told_by_summary})
+    else:
+        print(line)
 
 
 def _left(deadline: float) -> float:
@@ -605,7 +620,8 @@ def deploy_fleet(
             ):
                 break
     except Exception as exc:  # the balancer or a host became unreachable: return what was upgraded
-        rollout.event("error", f"{type(exc).__name__}: {exc}")
+        # the abort's reason, which the closing message tells, unless the rollout was aborted already
+        rollout.event("error", f"{type(exc).__name__}: {exc}", rollout.summary.aborted is None)
         if rollout.summary.aborted is None:
             rollout.roll_back_all(f"{type(exc).__name__}: {exc}")
     # not reached when a Prefect cancel (TerminationSignal) ends the run: _on_cancel rolls back then
