@@ -239,11 +239,12 @@ class NewService(_Model):
         30.0, gt=0, description="How long the cut-over may take to see the new service on the app's port."
     )
 
-    # ----- compiled before /ready -----
+    # ----- compiled by the compile step -----
     ready_sizes: list[str] | None = Field(
         None,
-        description="Sizes (WIDTHxHEIGHT) the service compiles before /ready besides its model's default; "
-        "default: the size of workload.app_request. Other sizes are served uncompiled while they compile.",
+        description="Sizes (WIDTHxHEIGHT) that get a static compiled function (the fastest) besides the model's "
+        "default; default: the size of workload.app_request. Every other size runs through the dynamic-shape "
+        "function the same step builds.",
     )
 
     @field_validator("ready_sizes")
