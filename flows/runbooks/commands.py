@@ -78,7 +78,7 @@ def deploy(
 
 def verify(target_file: TargetOption, runs_dir: RunsOption = Path("runs")) -> None:
     """Check the running service against the success criteria (changes nothing)."""
-    from flows.runbooks.runbook import verify_sdxl
+    from flows.runbooks.verify import verify_sdxl
 
     run_flow(verify_sdxl, print_summary, target=_load(target_file), runs_dir=str(runs_dir))
 
@@ -90,7 +90,7 @@ def rollback(
     force_unlock: ForceUnlockOption = False,
 ) -> None:
     """Put back what served before the last deploy: the earlier release, else the old service from its backup."""
-    from flows.runbooks.runbook import rollback_sdxl
+    from flows.runbooks.rollback import rollback_sdxl
 
     run_flow(
         rollback_sdxl,

@@ -103,7 +103,7 @@ def rehearsal_target(target: Target, simulate_failure: str | None) -> Target:
     """`target` as the rehearsal of a failure at `simulate_failure` needs it: a stage only the stop-first
     order has (stopping the old service, starting the new one in its place) is rehearsed in that order, since
     the demo's box has room to stage and `auto` would never reach it."""
-    from flows.runbooks.runbook import STAGED_STAGES, STOP_FIRST_STAGES
+    from flows.runbooks.plan import STAGED_STAGES, STOP_FIRST_STAGES
 
     if simulate_failure not in set(STOP_FIRST_STAGES) - set(STAGED_STAGES):
         return target

@@ -24,7 +24,7 @@ from flows.config.secrets import api_key
 from flows.config.target import Target
 from flows.record.artifacts import publish_regression
 from flows.record.rundir import make_run_dir
-from flows.runbooks.runbook import choose_target, connect
+from flows.runbooks.hostrun import choose_target, connect
 
 
 @task(cache_policy=NO_CACHE)

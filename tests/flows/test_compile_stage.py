@@ -18,15 +18,17 @@ from flows.config.target import Target
 from flows.errors import StageFailed
 from flows.evidence.results import GpuInfo, HostFacts
 from flows.record.rundir import RunRecord
-from flows.runbooks.runbook import (
+from flows.runbooks.plan import (
     STAGED_STAGES,
     STOP_FIRST_COMPILE_AFTER_STOP,
     STOP_FIRST_STAGES,
-    build_compiled,
-    compile_forced,
     deploy_plan,
     stages_of,
     touches_old_service,
+)
+from flows.runbooks.runbook import (
+    build_compiled,
+    compile_forced,
 )
 from flows.stages.compile import compile_argv
 from flows.stages.deploy import Release

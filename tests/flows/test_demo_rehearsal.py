@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from flows.runbooks.demo import demo_target, rehearsal_target
-from flows.runbooks.runbook import STAGES, STAGES_OF
+from flows.runbooks.plan import STAGES, STAGES_OF
 
 
 @pytest.mark.parametrize("stage", STAGES)

@@ -22,14 +22,10 @@ from flows.box.procs import find_service, is_running, listener_pids
 from flows.config.target import Target
 from flows.runbooks.commands import print_summary
 from flows.runbooks.demo import run_demo, start_current, stop_all
-from flows.runbooks.runbook import (
-    STAGED_STAGES,
-    STOP_FIRST_STAGES,
-    deploy_sdxl,
-    rollback_sdxl,
-    touches_old_service,
-    verify_sdxl,
-)
+from flows.runbooks.plan import STAGED_STAGES, STOP_FIRST_STAGES, touches_old_service
+from flows.runbooks.rollback import rollback_sdxl
+from flows.runbooks.runbook import deploy_sdxl
+from flows.runbooks.verify import verify_sdxl
 from flows.stages.backup import backup_current, list_backups, verify_backup
 from flows.stages.deploy import ship_release, start_new_service, stop_service
 from flows.stages.preflight import inspect_current

@@ -48,7 +48,9 @@ from flows.config.secrets import api_key, service_env
 from flows.config.target import NewService, Target
 from flows.errors import HostLocked, SecretUnavailable
 from flows.runbooks.demo import TINY_REQUEST, start_current, stop_all
-from flows.runbooks.runbook import deploy_sdxl, rollback_sdxl, verify_sdxl
+from flows.runbooks.rollback import rollback_sdxl
+from flows.runbooks.runbook import deploy_sdxl
+from flows.runbooks.verify import verify_sdxl
 from flows.stages.backup import backup_current, list_backups, verify_backup
 from flows.stages.rollback import current_answers, new_service_process
 from service.client import ServiceClient

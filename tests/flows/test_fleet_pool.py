@@ -31,7 +31,8 @@ from flows.runbooks.demo import TINY_REQUEST, start_current, stop_all
 from flows.runbooks.fleet.flow import RUN_DIR_LABEL, deploy_fleet
 from flows.runbooks.fleet.haproxy import HAProxyAPI
 from flows.runbooks.fleet.summary import FleetSummary
-from flows.runbooks.runbook import deploy_sdxl, rollback_sdxl
+from flows.runbooks.rollback import rollback_sdxl
+from flows.runbooks.runbook import deploy_sdxl
 from flows.stages.rollback import current_answers
 from tests.support.flows import fast, is_legacy, legacy_target
 from tests.support.haproxy import haproxy
@@ -51,8 +52,8 @@ def workers(prefect_api: None, tmp_path_factory: pytest.TempPathFactory) -> Iter
         client.create_work_pool(WorkPoolCreate(name=POOL, type="process"), overwrite=True)
         for host in HOSTS:
             client.create_work_queue(name=f"q-{host}", work_pool_name=POOL)
-    for flow_ in (deploy_sdxl, rollback_sdxl):
-        flow_.from_source(str(ROOT), f"flows/runbooks/runbook.py:{flow_.fn.__name__}").deploy(
+    for flow_, module in ((deploy_sdxl, "runbook"), (rollback_sdxl, "rollback")):
+        flow_.from_source(str(ROOT), f"flows/runbooks/{module}.py:{flow_.fn.__name__}").deploy(
             name=flow_.name, work_pool_name=POOL, print_next_steps=False
         )
     env = os.environ | {

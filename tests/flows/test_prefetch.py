@@ -24,7 +24,8 @@ from flows.box.model_check import check_model
 from flows.box.procs import find_service
 from flows.config.target import NewService, PrefetchSettings, Target
 from flows.errors import PreflightRefused
-from flows.runbooks.runbook import deploy_plan, deploy_sdxl
+from flows.runbooks.plan import deploy_plan
+from flows.runbooks.runbook import deploy_sdxl
 from flows.stages.deploy import Release
 from flows.stages.prefetch import prefetch_weights
 from service.prefetch import XET_CHUNK_CACHE, Event, HubFile, Meter

@@ -19,7 +19,8 @@ from flows.config.target import DEFAULT_CRITERIA, Criterion, ProbeSettings, Targ
 from flows.evidence.downtime import Probe, find_outages, summarize
 from flows.evidence.gates import Evidence, criteria_for_mode, judge
 from flows.record.prober import Prober
-from flows.runbooks.runbook import deploy_sdxl, rollback_sdxl
+from flows.runbooks.rollback import rollback_sdxl
+from flows.runbooks.runbook import deploy_sdxl
 from tests.support.flows import summary_of
 from tests.support.legacy_api import Handler
 

@@ -25,7 +25,8 @@ from flows.box.releases import (
 from flows.box.supervisor import Launch
 from flows.config.target import Target
 from flows.errors import ReleaseError
-from flows.runbooks.runbook import deploy_sdxl, rollback_sdxl
+from flows.runbooks.rollback import rollback_sdxl
+from flows.runbooks.runbook import deploy_sdxl
 from flows.stages.backup import backup_current
 from flows.stages.preflight import inspect_current
 from flows.stages.rollback import current_answers, roll_back

@@ -19,7 +19,7 @@ from flows.evidence.gates import DESCRIPTIONS, Evidence, GateReport, GateRow, cr
 from flows.record.rundir import RunRecord, RunSummary
 from flows.runbooks.commands import print_summary
 from flows.runbooks.demo import demo_target
-from flows.runbooks.runbook import STAGES_OF, touches_old_service
+from flows.runbooks.plan import STAGES_OF, touches_old_service
 
 # What the prober saw before the cut-over, and over the whole run once a rollback's outage is in it.
 QUIET = {"longest_outage_s": 0.0, "failed_requests": 0, "probes": 185, "outages": 0, "total_outage_s": 0.0}

@@ -11,7 +11,7 @@ from flows.errors import StageFailed
 from flows.record.rundir import RunRecord
 from flows.runbooks.commands import STAGE_NAMES
 from flows.runbooks.demo import demo_target
-from flows.runbooks.runbook import STAGES, STAGES_OF, STOP_FIRST_COMPILE_AFTER_STOP
+from flows.runbooks.plan import STAGES, STAGES_OF, STOP_FIRST_COMPILE_AFTER_STOP
 
 
 @pytest.mark.parametrize(

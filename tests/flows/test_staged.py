@@ -15,7 +15,8 @@ from flows.box.hosts import LocalHost
 from flows.box.procs import find_service, is_running, listener_pids, start_detached
 from flows.config.target import Target
 from flows.evidence.downtime import Downtime
-from flows.runbooks.runbook import deploy_sdxl, recover
+from flows.runbooks.recovery import recover
+from flows.runbooks.runbook import deploy_sdxl
 from flows.stages.rollback import current_answers, new_service_process
 from tests.support.flows import is_legacy, summary_of
 

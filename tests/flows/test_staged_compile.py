@@ -16,7 +16,8 @@ from flows.box.deploy_state import load_state
 from flows.box.hosts import LocalHost
 from flows.box.procs import find_service, is_running, listener_pids
 from flows.config.target import Target
-from flows.runbooks.runbook import STAGED_STAGES, deploy_sdxl
+from flows.runbooks.plan import STAGED_STAGES
+from flows.runbooks.runbook import deploy_sdxl
 from flows.stages.rollback import current_answers
 from sdxl_deploy.cli import app
 from service.schema import HealthResponse

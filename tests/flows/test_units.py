@@ -255,12 +255,18 @@ def test_prefect_yaml_declares_the_deployments() -> None:
     assert nightly_schedule["active"] is False  # no target by default: it would probe localhost every night
     closing = (REPO / "scripts" / "ui.sh").read_text().split("Deployments:")[1].split("Ctrl-C")[0]
     assert all(name in closing for name in deployments)  # make ui's closing message names every deployment
-    import flows.runbooks.runbook as runbook
+    import flows.runbooks.rollback
+    import flows.runbooks.runbook
+    import flows.runbooks.verify
 
-    for name in ("deploy-sdxl", "verify-sdxl", "rollback-sdxl"):
+    for name, module in (
+        ("deploy-sdxl", flows.runbooks.runbook),
+        ("verify-sdxl", flows.runbooks.verify),
+        ("rollback-sdxl", flows.runbooks.rollback),
+    ):
         path, function = deployments[name]["entrypoint"].split(":")
-        assert path == "flows/runbooks/runbook.py" and getattr(runbook, function).name == name
-        assert set(deployments[name]["parameters"]) <= set(getattr(runbook, function).parameters.properties)
+        assert path == module.__name__.replace(".", "/") + ".py" and getattr(module, function).name == name
+        assert set(deployments[name]["parameters"]) <= set(getattr(module, function).parameters.properties)
     from flows.runbooks.regression import regression_benchmark
 
     nightly = deployments["regression-benchmark"]["parameters"]
