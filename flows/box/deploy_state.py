@@ -11,9 +11,9 @@ from pydantic import BaseModel, ValidationError
 
 from flows.box.hostfs import read_text, write_text
 from flows.box.hosts import Host
-from flows.box.procs import ProcessInfo
 from flows.config.target import Target
 from flows.errors import HostUnreachable
+from flows.evidence.results import ProcessInfo
 
 Status = Literal["in_progress", "deployed", "failed", "rolled_back"]
 

@@ -9,25 +9,10 @@ from __future__ import annotations
 import shlex
 import time
 
-from pydantic import BaseModel
-
 from flows.box.hostfs import make_dirs, run_checked
 from flows.box.hosts import Host, q
 from flows.errors import HostCommandError, ProcessError
-
-
-class ProcessInfo(BaseModel):
-    """One running process, as recorded when it was found or started."""
-
-    pid: int
-    start_ticks: int
-    cmdline: str
-    group_leader: bool
-
-    def describe(self) -> str:
-        # Long command lines keep both ends: the program and its last arguments (model, port).
-        text = self.cmdline if len(self.cmdline) <= 160 else f"{self.cmdline[:70]} ... {self.cmdline[-85:]}"
-        return f"PID {self.pid} ({text})"
+from flows.evidence.results import ProcessInfo
 
 
 def process_info(host: Host, pid: int) -> ProcessInfo | None:

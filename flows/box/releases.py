@@ -20,10 +20,11 @@ from pydantic import BaseModel, ValidationError
 from flows.box.common import get_health, service_url
 from flows.box.hostfs import file_size, read_text, tail_bytes, write_text
 from flows.box.hosts import Host, HostUnreachable
-from flows.box.procs import ProcessInfo, is_running, listener_pids, process_info, stop_process
+from flows.box.procs import is_running, listener_pids, process_info, stop_process
 from flows.box.supervisor import Launch, start_supervised
 from flows.config.target import Target
 from flows.errors import ReleaseError
+from flows.evidence.results import ProcessInfo
 from service.schema import ServiceHealth, serving
 
 KEEP_RELEASES = 50  # the newest records kept in releases.json

@@ -20,8 +20,9 @@ from pydantic import BaseModel
 
 from flows.box.hostfs import read_text, run_checked, write_text
 from flows.box.hosts import Host, q
-from flows.box.procs import ProcessInfo, start_detached
+from flows.box.procs import start_detached
 from flows.config.secrets import resolve_secret
+from flows.evidence.results import ProcessInfo
 
 MAX_QUICK_CRASHES = 3
 

@@ -24,6 +24,8 @@ from flows.config.target import Target
 from flows.errors import RehearsedFailure, StageFailed
 from flows.evidence.downtime import Downtime
 from flows.evidence.gates import GateReport, GateRow, gates_markdown, judge_downtime, shown_passed
+from flows.evidence.results import CompileResult
+from flows.record.facts import RunFacts
 from flows.record.runlog import TOLD_BY_SUMMARY, close_run_log, open_run_log
 
 RunStatus = Literal["running", "completed", "failed", "dry-run"]
@@ -59,7 +61,7 @@ class RunSummary(BaseModel):
     release_id: str | None = None
     downtime: Downtime | None = None
     warnings: list[str] = Field(default_factory=list)  # worth reading, not a failure (e.g. compile check)
-    facts: dict[str, Any] = Field(default_factory=dict)
+    facts: RunFacts = Field(default_factory=RunFacts)
 
 
 def _now() -> datetime:
@@ -209,9 +211,9 @@ def report_markdown(summary: RunSummary) -> str:
             lines.append(f"- {row.criterion}: **INCONCLUSIVE**, a person should look: {row.observed}")
     if summary.downtime:
         lines.append(f"- downtime: {summary.downtime.describe()}")
-    compiled = summary.facts.get("compile")  # the compile step's report (flows/stages/compile.py)
-    if isinstance(compiled, dict) and compiled.get("summary"):
-        lines.append(f"- compile step ({compiled.get('where')}): {compiled['summary']}")
+    compiled = summary.facts.compile  # the compile step's report (flows/stages/compile.py)
+    if isinstance(compiled, CompileResult) and compiled.summary:
+        lines.append(f"- compile step ({compiled.where}): {compiled.summary}")
     if summary.failed_stage or summary.rolled_back:
         lines.append(
             f"- rolled back: {'yes' if summary.rolled_back else 'no'}; old service answering afterwards: "

@@ -14,7 +14,7 @@ from flows.runbooks.cli_run import run_flow
 if TYPE_CHECKING:
     from flows.box.hosts.base import Host
     from flows.config.target import Target
-    from flows.stages.compile import CompileResult
+    from flows.evidence.results import CompileResult
 
 # Every stage of either order: staged (start_staged ... cutover) and stop-first (stop_current, start_new).
 STAGE_NAMES = (

@@ -66,7 +66,7 @@ def failing_as(
 def note_reconnects(run: RunRecord, host: Host | None) -> None:
     """Record how often the SSH link dropped and was re-established during the run."""
     if host is not None and getattr(host, "reconnects", 0):
-        run.summary.facts["ssh_reconnects"] = host.reconnects  # type: ignore[attr-defined]
+        run.summary.facts.ssh_reconnects = host.reconnects  # type: ignore[attr-defined]
 
 
 def finish_run(run: RunRecord, status: Literal["completed", "failed", "dry-run"], message: str) -> RunSummary:

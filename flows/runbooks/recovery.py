@@ -3,11 +3,10 @@ service put back (or, before a staged deploy's cut-over, only its staged service
 
 from __future__ import annotations
 
-from typing import Any
-
 from flows.box.deploy_state import DeployState, save_state
 from flows.box.hosts import Host, open_host
 from flows.config.target import StartMode, Target
+from flows.record.facts import Recovered
 from flows.record.rundir import RunRecord, StageFailed
 from flows.runbooks.hostrun import finish_run, note_reconnects
 from flows.runbooks.plan import touches_old_service
@@ -16,7 +15,7 @@ from flows.stages.cutover import discard_staged
 from flows.stages.rollback import current_answers, roll_back
 
 
-def recover(host: Host, target: Target, interrupted: DeployState) -> dict[str, Any]:
+def recover(host: Host, target: Target, interrupted: DeployState) -> Recovered:
     """Clean up after a deploy that died without finishing (control side killed, link lost): a staged one
     that never reached its cut-over only had its staged service started, which is stopped; any other puts
     the old service back."""
@@ -29,19 +28,19 @@ def recover(host: Host, target: Target, interrupted: DeployState) -> dict[str, A
             else "restoring the old service first"
         )
     )
-    facts: dict[str, Any] = {
-        "run_id": interrupted.run_id,
-        "stage": interrupted.stage,
-        "mode": interrupted.mode,
-        "stopped_compile": stop_leftover(host, step_pid_file(target.new.install_dir)),
-    }
+    facts = Recovered(
+        run_id=interrupted.run_id,
+        stage=interrupted.stage,
+        mode=interrupted.mode,
+        stopped_compile=stop_leftover(host, step_pid_file(target.new.install_dir)),
+    )
     if interrupted.mode == "staged" and not interrupted.cut_over:
-        facts["stopped_staged"] = discard_staged(host, target, interrupted.new_process)
+        facts.stopped_staged = discard_staged(host, target, interrupted.new_process)
         interrupted.status = "failed"
         save_state(host, target, interrupted)
         return facts
     result = roll_back(host, target)
-    return {**facts, **result.model_dump(exclude={"health"})}
+    return facts.model_copy(update=result.model_dump(exclude={"health"}))
 
 
 def after_failure(
@@ -69,7 +68,7 @@ def after_failure(
     elif host is not None and state is not None and state.new_process is not None:
         try:
             stopped = discard_staged(host, target, state.new_process)
-            run.summary.facts["discarded_staged"] = stopped
+            run.summary.facts.discarded_staged = stopped
             outcome = f"; the staged new service was stopped ({stopped}); the old service was not touched"
         except Exception as exc:
             outcome = f"; STOPPING THE STAGED SERVICE FAILED: {type(exc).__name__}: {exc}"

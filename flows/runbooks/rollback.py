@@ -42,7 +42,7 @@ def rollback_sdxl(
         # an interrupted deploy's compile step would hold memory beside the service put back
         stop_leftover(host, step_pid_file(target.new.install_dir))
         result = roll_back(host, target, backup)
-        run.summary.facts["rollback"] = result.model_dump()
+        run.summary.facts.rollback = result
         run.summary.backup_dir = result.backup_dir
         run.summary.rolled_back = True
         run.summary.old_service_answering = result.answering

@@ -33,6 +33,7 @@ from flows.config.target import Target
 from flows.errors import CutoverFailed, DeployFailed, GateFailed
 from flows.evidence.gates import Evidence, GateReport, criteria_for_mode, judge_downtime, require_passed
 from flows.record.approval import decide, require_promoted
+from flows.record.facts import CompileSkipped, CutoverFacts, PreflightFacts
 from flows.record.prober import Prober, watch_downtime
 from flows.record.rundir import RunRecord, RunSummary, StageFailed
 from flows.runbooks.hostrun import connect, finish_run, note_reconnects, open_run, take_lock
@@ -102,9 +103,9 @@ def deploy_sdxl(
                 prober = None if dry_run else stack.enter_context(watch_downtime(run, host, target))
                 interrupted = interrupted_deploy(host, target)
                 if interrupted and not dry_run:
-                    run.summary.facts["recovered"] = recover(host, target, interrupted)
+                    run.summary.facts.recovered = recover(host, target, interrupted)
                 model = check_new_model(host, target)  # the target's own errors first: refused at once
-                run.summary.facts["model"] = model.model_dump()
+                run.summary.facts.model = model
                 run.summary.warnings += model.warnings
                 host_facts = inspect_host(host, target)
                 current = inspect_current(host, target)
@@ -113,13 +114,10 @@ def deploy_sdxl(
                         f"an interrupted deploy ({interrupted.run_id}, stage {interrupted.stage}) left the host "
                         "as it is: a real deploy, or rollback-sdxl, restores the old service first"
                     )
-                run.summary.facts["preflight"] = {
-                    "host": host_facts.model_dump(),
-                    "current": current.model_dump(),
-                }
+                run.summary.facts.preflight = PreflightFacts(host=host_facts, current=current)
                 require_ready(host_facts, current)
                 decision = decide_start_mode(host, target, host_facts, model)
-                run.summary.facts["start"] = decision.model_dump()
+                run.summary.facts.start = decision
                 print(f"start mode: {decision.mode} ({decision.reason})")
                 print(f"compile step: {decision.compile_reason}")
                 if prober:
@@ -154,7 +152,7 @@ def deploy_sdxl(
                 state.backup_dir = run.summary.backup_dir = backup.path
             with run.stage("baseline"):
                 baseline = collect_baseline(host, target, run.dir / "quality")
-                run.summary.facts["quality_sizing"] = baseline.sizing if baseline else None
+                run.summary.facts.quality_sizing = baseline.sizing if baseline else None
             with run.stage("ship"):
                 release = ship_release(
                     host,
@@ -167,12 +165,12 @@ def deploy_sdxl(
                 run.summary.warnings += host_facts.notes
                 if host_facts.gpus:  # the service compiles on CUDA only: check it before the old one stops
                     compiled = check_compile(host, release)
-                    run.summary.facts["compile_check"] = compiled.model_dump()
+                    run.summary.facts.compile_check = compiled
                     if compiled.warning():
                         run.summary.warnings.append(compiled.warning())
             with run.stage("prefetch"):  # the weights onto the box while the old service serves
                 fetched = prefetch_weights(host, target, release)
-                run.summary.facts["prefetch"] = fetched.model_dump()
+                run.summary.facts.prefetch = fetched
             compile_step = functools.partial(
                 build_compiled,
                 run,
@@ -204,7 +202,7 @@ def deploy_sdxl(
                     note_started(host, target, state, started)
             with run.stage("warmup"), quiet(prober):  # the warm-up's requests are the new service's first
                 ready = warm_up(host, target, started)
-                run.summary.facts["warmup"] = ready.model_dump(exclude={"health"})
+                run.summary.facts.warmup = ready.facts()
             with run.stage("benchmark"):
                 with quiet(prober):
                     bench = run_benchmark(host, target, started.port)
@@ -214,7 +212,7 @@ def deploy_sdxl(
                 app = check_app_path(host, target, started.port)
                 if staged:  # the app's own way still reaches the old service, which serves until the cut-over
                     old_app = check_app_path(host, target, target.current.port)
-                    run.summary.facts["app_path_before_cutover"] = old_app.model_dump()
+                    run.summary.facts.app_path_before_cutover = old_app
                     if not (old_app.health_ok and old_app.generate_ok):
                         run.summary.warnings.append(
                             f"before the cut-over the old service did not answer the app's way: {old_app.detail}"
@@ -237,7 +235,7 @@ def deploy_sdxl(
                 require_passed(gates)
             with run.stage("approval"):  # an enforced INCONCLUSIVE row: a person (or the target) decides
                 approval = decide(gates, quality, target.quality)
-                run.summary.facts["approval"] = approval.model_dump() if approval else None
+                run.summary.facts.approval = approval
                 require_promoted(approval)
             if staged:
                 with run.stage("cutover", inject_at_start=False):
@@ -251,7 +249,7 @@ def deploy_sdxl(
                         started.port,
                         rehearse_failure=fail_at == "cutover",
                     )
-                    run.summary.facts["cutover"] = cut.model_dump(exclude={"health"})
+                    run.summary.facts.cutover = CutoverFacts(stopped_old=cut.stopped_old, seconds=cut.seconds)
                     check_after_cutover(run, host, target, prober, gates)
         except StageFailed as failure:
             after_failure(
@@ -275,12 +273,12 @@ def deploy_sdxl(
                 process=started.process,
                 run_id=run.dir.name,
             )
-            run.summary.facts["release"] = record.id
+            run.summary.facts.release = record.id
         state.status, state.stage = "deployed", "done"
         save_state(host, target, state)
         note_reconnects(run, host)
         run.summary.new_service_answering = True
-        how = f"cut over in {run.summary.facts['cutover']['seconds']:.2f} s; " if staged else ""
+        how = f"cut over in {cut.seconds:.2f} s; " if staged else ""
         return finish_run(
             run,
             "completed",
@@ -304,13 +302,13 @@ def build_compiled(
     force the compile on (new.env SDXL_COMPILE), has nothing to build: the step is not run, and the record
     says so."""
     if not gpu and not compile_forced(target):
-        run.summary.facts["compile"] = {
-            "skipped": "no GPU on the box and new.env does not set SDXL_COMPILE=on"
-        }
+        run.summary.facts.compile = CompileSkipped(
+            skipped="no GPU on the box and new.env does not set SDXL_COMPILE=on"
+        )
         run_logger().info("compile step: skipped (no GPU on the box: the service serves uncompiled)")
         return
     result = compile_functions(host, target, release, offline=offline, where=where, jobs=jobs)
-    run.summary.facts["compile"] = result.model_dump()
+    run.summary.facts.compile = result
     run.summary.warnings += result.warnings()
 
 
@@ -331,7 +329,7 @@ def check_after_cutover(
     """After the cut-over: the new service answers the app's request the app's way on the app's port, and
     the downtime, now including the cut-over's, is judged again (the gate saw only the time before it)."""
     app = check_app_path(host, target, target.current.port)
-    run.summary.facts["app_path_after_cutover"] = app.model_dump()
+    run.summary.facts.app_path_after_cutover = app
     if not (app.health_ok and app.generate_ok):
         raise CutoverFailed(
             f"after the cut-over the app's request failed on port {target.current.port}: {app.detail}"
@@ -343,7 +341,8 @@ def check_after_cutover(
     run.record_gates(gates)
     row = next((r for r in gates.rows if r.criterion == "max_downtime_s"), None)
     if row is not None:
-        run.summary.facts["cutover"]["max_downtime_s"] = row.model_dump()
+        if run.summary.facts.cutover is not None:
+            run.summary.facts.cutover.max_downtime_s = row
         if row.verdict == "fail":
             raise GateFailed("after the cut-over: max_downtime_s failed (observed: the criteria table)")
 

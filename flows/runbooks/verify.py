@@ -9,7 +9,7 @@ from prefect import flow
 
 from flows.box.deploy_state import load_state
 from flows.box.procs import find_service
-from flows.box.supervisor import Restarts, read_restarts
+from flows.box.supervisor import read_restarts
 from flows.config.target import Target
 from flows.errors import VerifyFailed
 from flows.evidence.gates import Evidence, require_passed
@@ -39,12 +39,12 @@ def verify_sdxl(
         with run.stage("health"):
             host, target = connect(stack, target)
             restarts = read_restarts(host, target.new.install_dir)
-            run.summary.facts["restarts"] = restarts.model_dump()
+            run.summary.facts.restarts = restarts
             if restarts.count or restarts.gave_up:
                 print(f"the service was restarted by its supervisor: {restarts.describe()}")
             health = new_service_health(host, target)
             process = find_service(host, target.new.port, target.new.pid_file)
-            run.summary.facts["process"] = process.describe() if process else None
+            run.summary.facts.process = process.describe() if process else None
         with run.stage("benchmark"):
             bench = run_benchmark(host, target)
             state = load_state(host, target)
@@ -68,7 +68,7 @@ def verify_sdxl(
 
 def restarts_note(run: RunRecord) -> str:
     """The supervisor's restarts, as a failed verify's message ends, when the run read any."""
-    recorded = Restarts(**run.summary.facts["restarts"]) if "restarts" in run.summary.facts else None
+    recorded = run.summary.facts.restarts
     if recorded and (recorded.count or recorded.gave_up):
         return f"; supervisor: {recorded.describe()}"
     return ""

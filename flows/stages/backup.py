@@ -21,9 +21,10 @@ from pydantic import BaseModel
 from flows.box.common import run_logger
 from flows.box.hostfs import Digest, digests, read_text, run_checked, write_text
 from flows.box.hosts import Host, q
-from flows.box.procs import ProcessInfo, listener_pids
+from flows.box.procs import listener_pids
 from flows.config.target import CurrentService, Target
 from flows.errors import BackupError
+from flows.evidence.results import ProcessInfo
 
 MANIFEST = "MANIFEST.json"
 

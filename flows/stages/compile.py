@@ -25,15 +25,16 @@ from typing import Any
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
-from pydantic import BaseModel, ValidationError
+from pydantic import ValidationError
 
 from flows.box.common import run_logger
 from flows.box.hostfs import file_size, make_dirs, read_text, run_checked, tail_bytes
 from flows.box.hosts import Host, q
-from flows.box.procs import ProcessInfo, is_running, pid_from_file, process_info, start_detached, stop_process
+from flows.box.procs import is_running, pid_from_file, process_info, start_detached, stop_process
 from flows.box.supervisor import Launch, resolved_env, write_env_file
 from flows.config.target import Target
 from flows.errors import CompileFailed, HostUnreachable, ProcessError
+from flows.evidence.results import CompileResult, ProcessInfo
 from flows.record.runlog import service_log
 from flows.stages.deploy import Release, service_launch
 from service.schema import CompileReport
@@ -50,21 +51,6 @@ echo $? > "$status"
 """
 # `2026-12-03 10:00:00,123 WARNING service.saved_compile: message`: the step's logging format
 _LOG_LINE = re.compile(r"^\S+ \S+ (?P<level>[A-Z]+) (?P<name>[\w.]+): (?P<message>.*)$")
-
-
-class CompileResult(BaseModel):
-    """What the compile stage did (`summary.json` facts `compile`): the step's own report and how it ran."""
-
-    report: CompileReport
-    summary: str  # one line: what was built or reused, or why nothing was
-    where: str  # beside the old service, after it stopped, beside the serving release
-    seconds: float
-    command: str  # the step's argv (its secrets are in its environment, never here)
-    log_file: str
-
-    def warnings(self) -> list[str]:
-        """The step's problems (files that could not be loaded, signatures not compiled whole)."""
-        return [f"compile step: {problem}" for problem in self.report.problems]
 
 
 def compile_argv(argv: list[str], jobs: int | None = None) -> list[str]:

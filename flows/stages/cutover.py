@@ -23,22 +23,16 @@ from concurrent.futures import ThreadPoolExecutor, wait
 import httpx
 from prefect import task
 from prefect.cache_policies import NO_CACHE
-from pydantic import BaseModel
 
 from flows.box.common import get_health, run_logger, service_url
 from flows.box.hosts import Host
-from flows.box.procs import ProcessInfo, is_running, stop_process
+from flows.box.procs import is_running, stop_process
 from flows.config.target import Target
 from flows.errors import CutoverFailed, RehearsedFailure
+from flows.evidence.results import Cutover, ProcessInfo
 from service.schema import ServiceHealth
 
 TOLD_TIMEOUT_S = 10.0  # SIGUSR1 through the supervisor to the service's takeover thread
-
-
-class Cutover(BaseModel):
-    stopped_old: str
-    seconds: float  # from telling the new service to it answering on the app's port
-    health: ServiceHealth
 
 
 def serves_port(health: ServiceHealth | None, target: Target) -> bool:

@@ -25,10 +25,11 @@ from pydantic import BaseModel
 from flows.box.common import run_logger
 from flows.box.hostfs import digests, file_size, make_dirs, read_text, remote_child, run_checked, write_text
 from flows.box.hosts import Host, q
-from flows.box.procs import ProcessInfo, stop_process, wait_port_free
+from flows.box.procs import stop_process, wait_port_free
 from flows.box.supervisor import Launch, start_supervised
 from flows.config.target import Target
 from flows.errors import DeployError
+from flows.evidence.results import CompileCheck, ProcessInfo
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 
@@ -40,23 +41,6 @@ class Release(BaseModel):
     wheel_sha256: str
     reused: bool
     python: str  # the interpreter the release runs with: <release>/venv/bin/python
-
-
-class CompileCheck(BaseModel):
-    """`python -m service.compile_check` run with the release's python (contract 2)."""
-
-    ok: bool
-    device: str
-    torch: str
-    error: str | None
-
-    def warning(self) -> str | None:
-        if self.ok:
-            return None
-        return (
-            f"torch.compile does not work with the release's python on {self.device} (torch {self.torch}): "
-            f"{self.error}; the service will serve uncompiled"
-        )
 
 
 class Started(BaseModel):

@@ -19,7 +19,6 @@ from typing import Any
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
-from pydantic import BaseModel
 from tenacity import (
     RetryCallState,
     Retrying,
@@ -32,29 +31,16 @@ from tenacity import (
 from flows.box.common import is_transient, run_logger
 from flows.box.hostfs import file_size, make_dirs, tail_bytes
 from flows.box.hosts import Host, q
-from flows.box.procs import ProcessInfo, is_running, process_info, stop_process
+from flows.box.procs import is_running, process_info, stop_process
 from flows.config.secrets import resolve_secret
 from flows.config.target import Target
 from flows.errors import PrefetchFailed, PrefetchInterrupted
+from flows.evidence.results import PrefetchResult, ProcessInfo
 from flows.stages.deploy import Release
 from service.prefetch import Event
 
 POLL_S = 1.0
 PLAN_GRACE_S = 120.0  # the box process's start and the hub listing, before any byte can move
-
-
-class PrefetchResult(BaseModel):
-    """What the prefetch stage did (`summary.json` facts `prefetch`)."""
-
-    files: int = 0  # hub files the new service loads
-    cached_files: int = 0  # of them, already in the box's cache when the stage began
-    bytes_total: int = 0
-    bytes_downloaded: int = 0  # brought to the box by this stage
-    seconds: float = 0.0
-    attempts: int = 0
-    offline_ready: bool = False  # every file cached: the new service starts with HF_HUB_OFFLINE=1
-    cache_dir: str | None = None
-    note: str = ""
 
 
 @task(cache_policy=NO_CACHE)

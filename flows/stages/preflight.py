@@ -9,18 +9,17 @@ from typing import Any
 import httpx
 from prefect import task
 from prefect.cache_policies import NO_CACHE
-from pydantic import BaseModel
 
 from flows.box.capacity import read_gpus
 from flows.box.common import get_health, retry_transient, run_logger, service_url
 from flows.box.compat import StackVerdict, assess_stack
 from flows.box.hostfs import free_disk_gb
 from flows.box.hosts import Host, q
-from flows.box.procs import ProcessInfo, find_service
+from flows.box.procs import find_service
 from flows.config.target import Target
 from flows.errors import PreflightRefused
-from flows.evidence.results import HostFacts
-from service.schema import ServiceHealth, serving
+from flows.evidence.results import CurrentFacts, HostFacts
+from service.schema import serving
 
 # What the box's python provides (module -> distribution), reported with versions and judged by
 # `flows.box.compat`; the service's other dependencies come with each release's own environment.
@@ -61,17 +60,6 @@ except Exception as exc:
     out["torch_error"] = repr(exc)
 print(json.dumps(out))
 """
-
-
-class CurrentFacts(BaseModel):
-    """The service answering today."""
-
-    process: ProcessInfo | None
-    health: ServiceHealth | None
-    health_error: str | None
-    baseline_s: float | None
-    baseline_error: str | None
-    problems: list[str]
 
 
 def needed_disk_gb(target: Target) -> float:

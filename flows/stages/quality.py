@@ -25,7 +25,7 @@ from flows.box.common import run_logger, service_url
 from flows.box.hosts import Host
 from flows.config.secrets import api_key
 from flows.config.target import Target
-from flows.evidence.results import QualityResult
+from flows.evidence.results import QualityResult, QualitySizing
 
 PASS_PROBABILITY = 0.95  # a sized comparison: how often two equal services pass
 
@@ -38,7 +38,7 @@ class Baseline:
     generations: Any = None  # pandas.DataFrame, one row per prompt x seed
     error: str | None = None
     prompts: list[Any] = field(default_factory=list)  # evaluation.prompts.Prompt, in prompt_id order
-    sizing: dict[str, Any] | None = None  # how many prompts, and why (summary.json facts.quality_sizing)
+    sizing: QualitySizing | None = None  # how many prompts, and why (summary.json facts.quality_sizing)
 
 
 def comparison_margin(target: Target) -> float:
@@ -61,7 +61,7 @@ def comparison_plan(target: Target) -> tuple[list[Any], int, Any]:
 
 def size_comparison(
     first: Any, run_dir: Path, target: Target, available: int, probability: float = PASS_PROBABILITY
-) -> dict[str, Any]:
+) -> QualitySizing:
     """How many prompts to compare, from the CLIP spread of the baseline's first batch (`first`, its
     generations): `evaluation.stats.comparison_size` at the margin, so that two equal services pass with
     `probability`; at least the batch, at most `max_prompts` (time) and the prompts there are."""
@@ -87,19 +87,19 @@ def size_comparison(
     prompts = max(batch, min(needed, cap))
     if needed > cap:
         why += f"; capped at {cap} (quality.max_prompts, prompts available): an equal candidate may be inconclusive"
-    return {
-        "mode": "sized",
-        "prompts": prompts,
-        "seeds": check.seeds,
-        "needed": needed,
-        "baseline_sd": None if not np.isfinite(sd) else round(sd, 4),
-        "first_batch": batch,
-        "max_prompts": check.max_prompts,
-        "margin": margin,
-        "probability": probability,
-        "capped": needed > cap,
-        "why": why,
-    }
+    return QualitySizing(
+        mode="sized",
+        prompts=prompts,
+        seeds=check.seeds,
+        needed=needed,
+        baseline_sd=None if not np.isfinite(sd) else round(sd, 4),
+        first_batch=batch,
+        max_prompts=check.max_prompts,
+        margin=margin,
+        probability=probability,
+        capped=bool(needed > cap),
+        why=why,
+    )
 
 
 @task(cache_policy=NO_CACHE)
@@ -122,16 +122,16 @@ def collect_baseline(host: Host, target: Target, run_dir: Path) -> Baseline | No
         with service_url(host, target.current.port) as url:
             if check.prompt_limit is not None:
                 info, generations = collect(url, "baseline", prompts, seeds, run_dir, settings)
-                sizing: dict[str, Any] = {"mode": "fixed", "prompts": len(prompts), "seeds": seeds}
+                sizing = QualitySizing(mode="fixed", prompts=len(prompts), seeds=seeds)
             else:
                 first = prompts[: check.sizing_batch]
                 info, generations = collect(url, "baseline", first, seeds, run_dir, settings)
                 sizing = size_comparison(generations, run_dir, target, len(prompts))
-                rest = prompts[len(first) : sizing["prompts"]]
+                rest = prompts[len(first) : sizing.prompts]
                 if rest:
                     _, more = collect(url, "baseline", rest, seeds, run_dir, settings, first_id=len(first))
                     generations = pd.concat([generations, more], ignore_index=True)
-                prompts = prompts[: sizing["prompts"]]
+                prompts = prompts[: sizing.prompts]
     except Exception as exc:  # the old script may not speak the full contract; the gate reports it
         run_logger().warning("quality baseline not collected: %s: %s", type(exc).__name__, exc)
         return Baseline(error=f"baseline from the current service failed: {type(exc).__name__}: {exc}")
@@ -139,7 +139,7 @@ def collect_baseline(host: Host, target: Target, run_dir: Path) -> Baseline | No
         "quality comparison: %d prompts x %d seed(s)%s",
         len(prompts),
         seeds,
-        f" ({sizing['why']})" if "why" in sizing else " (quality.prompt_limit)",
+        f" ({sizing.why})" if sizing.why is not None else " (quality.prompt_limit)",
     )
     return Baseline(info=info, generations=generations, prompts=prompts, sizing=sizing)
 

@@ -14,14 +14,12 @@ import time
 import httpx
 from prefect import task
 from prefect.cache_policies import NO_CACHE
-from pydantic import BaseModel
 
 from flows.box.common import get_health, run_logger, service_url
 from flows.box.deploy_state import load_state, save_state
 from flows.box.hostfs import digests, file_size, run_checked, tail_bytes
 from flows.box.hosts import Host, q
 from flows.box.procs import (
-    ProcessInfo,
     find_service,
     is_running,
     listener_pids,
@@ -35,19 +33,9 @@ from flows.box.releases import ReleaseRecord, get_release, release_health, resta
 from flows.config.secrets import SecretUnavailable
 from flows.config.target import CurrentService, Target
 from flows.errors import ReleaseError, RollbackError
+from flows.evidence.results import ProcessInfo, RollbackResult
 from flows.stages.backup import BackupFile, latest_backup, verify_backup
 from service.schema import ServiceHealth, serving
-
-
-class RollbackResult(BaseModel):
-    backup_dir: str | None
-    stopped_new: str
-    restored_files: list[str]
-    restarted: str
-    health: ServiceHealth | None
-    answering: bool
-    release: int | None = None  # the recorded release put back (None: the target's current service)
-    port: int = 0  # where the service put back answers
 
 
 def current_answers(host: Host, service: CurrentService) -> ServiceHealth | None:

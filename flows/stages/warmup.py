@@ -15,7 +15,6 @@ from typing import Any
 import httpx
 from prefect import task
 from prefect.cache_policies import NO_CACHE
-from pydantic import BaseModel
 
 from flows.box.common import get_health, retry_transient, run_logger, service_url
 from flows.box.hostfs import tail_bytes
@@ -25,6 +24,7 @@ from flows.box.supervisor import read_restarts
 from flows.config.secrets import api_key
 from flows.config.target import Target
 from flows.errors import HostUnreachable, ServiceDidNotStart
+from flows.evidence.results import WarmupResult
 from flows.record.runlog import service_log
 from flows.stages.deploy import Started
 from service.client import ServiceCallError, ServiceClient
@@ -32,16 +32,6 @@ from service.schema import HealthResponse, ServiceHealth
 
 POLL_S = 0.5
 LINK_GRACE_S = 120.0  # how long the SSH link may stay down during warm-up before it counts as a failure
-
-
-class WarmupResult(BaseModel):
-    ready_after_s: float
-    health: HealthResponse
-    warmup_s: list[float]
-    log_offset: int
-    compile_s: float | None = (
-        None  # the service's load-time warm-up (torch.compile): /health's startup.warmup_s
-    )
 
 
 @task(cache_policy=NO_CACHE)

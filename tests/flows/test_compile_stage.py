@@ -69,7 +69,7 @@ def test_the_compile_step_with_compile_off_records_that_nothing_was_built(
         # a box with a GPU runs the step; this one is the CPU, where the step finds compile off
         build_compiled(run, host, target, release_here(tmp_path), True, "beside the old service", gpu=True)
     summary = run.finish("completed", "compile only")
-    fact = summary.facts["compile"]
+    fact = summary.model_dump(mode="json")["facts"]["compile"]  # as summary.json has it
     report = fact["report"]
     assert report["built"] is False and report["functions"] == [] and report["model"] == "tiny-sd15"
     assert "nothing to build" in report["note"] and "serves uncompiled" in report["note"]
@@ -121,7 +121,7 @@ def test_a_failing_compile_step_fails_the_stage_with_the_old_service_untouched(
     assert expected in str(failed.value)
     if "SDXL_MAX_QUEUE" in str(change):
         assert "invalid setting max_queue (SDXL_MAX_QUEUE)" in str(failed.value)  # its log line, quoted
-    assert run.summary.failed_stage == "compile" and "compile" not in run.summary.facts
+    assert run.summary.failed_stage == "compile" and run.summary.facts.compile is None
     step = pid_from_file(host, f"{target.new.install_dir}/compile.pid")
     assert step is not None and process_info(host, step) is None  # not left running
     assert find_service(host, target.current.port) == old and is_running(host, old)
@@ -139,7 +139,7 @@ def test_a_box_without_a_gpu_skips_the_step_unless_the_target_forces_the_compile
     host, target = legacy
     run = RunRecord("deploy-sdxl", target, tmp_path / "runs")
     build_compiled(run, host, target, release_here(tmp_path), False, "beside the old service", gpu=False)
-    assert run.summary.facts["compile"] == {
+    assert run.summary.model_dump(mode="json")["facts"]["compile"] == {
         "skipped": "no GPU on the box and new.env does not set SDXL_COMPILE=on"
     }
     assert pid_from_file(host, f"{target.new.install_dir}/compile.pid") is None

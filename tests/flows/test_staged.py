@@ -86,7 +86,7 @@ def test_an_interrupted_staged_deploy_stops_only_its_staged_service(
         host, target, DeployState(run_id="r1", stage="warmup", mode="staged", new_process=staged_process)
     )
     facts = recover(host, target, load_state(host, target))
-    assert "stopped" in facts["stopped_staged"] and not is_running(host, staged_process)
+    assert "stopped" in (facts.stopped_staged or "") and not is_running(host, staged_process)
     assert find_service(host, target.current.port) == old and is_running(host, old)
     assert load_state(host, target).status == "failed"
 

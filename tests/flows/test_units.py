@@ -26,11 +26,11 @@ from flows import errors
 from flows.box.common import retry_transient
 from flows.box.hostfs import digests, write_text
 from flows.box.hosts import LocalHost
-from flows.box.procs import ProcessInfo, find_service, is_running, listener_pids, start_detached, stop_process
+from flows.box.procs import find_service, is_running, listener_pids, start_detached, stop_process
 from flows.config.target import DEFAULT_CRITERIA, Criterion, Target, expand_home, load_target
 from flows.errors import BackupError, DeployError, RehearsedFailure, StageFailed, TargetFileError
 from flows.evidence.gates import Evidence, judge
-from flows.evidence.results import AppCheck, BenchmarkResult, ImageCheck, LogScan, QualityResult
+from flows.evidence.results import AppCheck, BenchmarkResult, ImageCheck, LogScan, ProcessInfo, QualityResult
 from flows.record.rundir import RunRecord, make_run_dir
 from flows.runbooks.demo import demo_target
 from flows.stages.backup import backup_current, list_backups, prune_backups, verify_backup

@@ -11,9 +11,10 @@ import pytest
 
 from flows.box.hosts import LocalHost
 from flows.box.ports import free_port
-from flows.box.procs import ProcessInfo, find_service
+from flows.box.procs import find_service
 from flows.config.fleet import Analysis, Fleet, FleetHost, LoadBalancer, Rollout
 from flows.config.target import Target
+from flows.evidence.results import ProcessInfo
 from flows.runbooks.demo import TINY_REQUEST, start_current, stop_all
 from flows.runbooks.fleet.flow import deploy_fleet
 from flows.runbooks.fleet.haproxy import HAProxyAPI
