@@ -6,8 +6,9 @@ from __future__ import annotations
 from flows.box.deploy_state import DeployState, save_state
 from flows.box.hosts import Host, open_host
 from flows.config.target import StartMode, Target
+from flows.record.deploy_record import DeployRecord
 from flows.record.facts import Recovered
-from flows.record.rundir import RunRecord, StageFailed
+from flows.record.rundir import StageFailed
 from flows.runbooks.hostrun import finish_run, note_reconnects
 from flows.runbooks.plan import touches_old_service
 from flows.stages.compile import step_pid_file, stop_leftover
@@ -44,10 +45,9 @@ def recover(host: Host, target: Target, interrupted: DeployState) -> Recovered:
 
 
 def after_failure(
-    run: RunRecord,
+    run: DeployRecord,
     host: Host | None,
     target: Target,
-    state: DeployState | None,
     failure: StageFailed,
     mode: StartMode,
     order: tuple[str, ...] | None = None,
@@ -65,20 +65,15 @@ def after_failure(
             port = result.port or port
         except Exception as exc:  # report both failures: the stage's and the rollback's
             outcome = f"; ROLLBACK FAILED: {type(exc).__name__}: {exc}"
-    elif host is not None and state is not None and state.new_process is not None:
+    elif host is not None and run.state is not None and run.state.new_process is not None:
         try:
-            stopped = discard_staged(host, target, state.new_process)
+            stopped = discard_staged(host, target, run.state.new_process)
             run.summary.facts.discarded_staged = stopped
             outcome = f"; the staged new service was stopped ({stopped}); the old service was not touched"
         except Exception as exc:
             outcome = f"; STOPPING THE STAGED SERVICE FAILED: {type(exc).__name__}: {exc}"
     run.summary.old_service_answering = old_service_answers(host, target, port)
-    if host is not None and state:
-        state.status = "rolled_back" if run.summary.rolled_back else "failed"
-        try:
-            save_state(host, target, state)
-        except Exception as exc:  # the link may be gone: the next deploy or rollback finds "in_progress"
-            print(f"could not record the final deploy state: {exc}")
+    run.ended_failed()
     note_reconnects(run, host)
     answering = {True: "; old service answering", False: "; OLD SERVICE NOT ANSWERING", None: ""}
     finish_run(run, "failed", f"{failure}{outcome}{answering[run.summary.old_service_answering]}")

@@ -25,7 +25,7 @@ from prefect import flow
 
 from flows.box.capacity import StartDecision, decide_start_mode
 from flows.box.common import run_logger
-from flows.box.deploy_state import DeployState, interrupted_deploy, save_state
+from flows.box.deploy_state import interrupted_deploy
 from flows.box.hosts import Host
 from flows.box.model_check import check_new_model
 from flows.box.releases import record_release, release_of
@@ -33,10 +33,11 @@ from flows.config.target import Target
 from flows.errors import CutoverFailed, DeployFailed, GateFailed
 from flows.evidence.gates import Evidence, GateReport, criteria_for_mode, judge_downtime, require_passed
 from flows.record.approval import decide, require_promoted
+from flows.record.deploy_record import DeployRecord
 from flows.record.facts import CompileSkipped, CutoverFacts, PreflightFacts
 from flows.record.prober import Prober, watch_downtime
 from flows.record.rundir import RunRecord, RunSummary, StageFailed
-from flows.runbooks.hostrun import connect, finish_run, note_reconnects, open_run, take_lock
+from flows.runbooks.hostrun import choose_target, connect, finish_run, note_reconnects, take_lock
 from flows.runbooks.plan import Stage, deploy_plan, stages_of
 from flows.runbooks.recovery import after_failure, recover
 from flows.stages.backup import backup_current
@@ -45,7 +46,6 @@ from flows.stages.compile import compile_functions
 from flows.stages.cutover import cut_over
 from flows.stages.deploy import (
     Release,
-    Started,
     build_wheel,
     check_compile,
     ship_release,
@@ -84,17 +84,10 @@ def deploy_sdxl(
         force_unlock: Clear the host's deploy lock even when its owner cannot be checked from here
             (taken from another machine); a lock whose owner provably ended is cleared anyway.
     """
-    run, target = open_run("deploy-sdxl", target, target_file, runs_dir, fail_at)
-    state: DeployState | None = None
+    target = choose_target(target, target_file)
+    run = DeployRecord("deploy-sdxl", target, runs_dir, fail_at)
     host: Host | None = None
     decision: StartDecision | None = None
-
-    def record_progress(stage: str) -> None:
-        if state and host:
-            state.stage = stage
-            save_state(host, target, state)
-
-    run.on_stage = record_progress
     with ExitStack() as stack:
         try:
             with run.stage("preflight"):
@@ -136,20 +129,16 @@ def deploy_sdxl(
             staged = decision.mode == "staged"
             criteria = criteria_for_mode(target.criteria, decision.mode)
             serving = release_of(host, target, current.process)
-            state = save_state(
+            run.begin(
                 host,
                 target,
-                DeployState(
-                    run_id=run.dir.name,
-                    stage="backup",
-                    old_process=current.process,
-                    previous_release=serving.id if serving else None,
-                    mode=decision.mode,
-                ),
+                old_process=current.process,
+                previous_release=serving.id if serving else None,
+                mode=decision.mode,
             )
             with run.stage("backup"):
                 backup = backup_current(host, target, current.process)
-                state.backup_dir = run.summary.backup_dir = backup.path
+                run.backed_up(backup.path)
             with run.stage("baseline"):
                 baseline = collect_baseline(host, target, run.dir / "quality")
                 run.summary.facts.quality_sizing = baseline.sizing if baseline else None
@@ -161,7 +150,7 @@ def deploy_sdxl(
                     fixes=host_facts.release_fixes,
                     box_torch=host_facts.packages.get("torch"),
                 )
-                state.release_id = run.summary.release_id = release.release_id
+                run.shipped(release.release_id)
                 run.summary.warnings += host_facts.notes
                 if host_facts.gpus:  # the service compiles on CUDA only: check it before the old one stops
                     compiled = check_compile(host, release)
@@ -190,7 +179,7 @@ def deploy_sdxl(
                     started = start_new_service(
                         host, target, release, decision.stage_port, offline=fetched.offline_ready
                     )
-                    note_started(host, target, state, started)
+                    run.started(started.process, started.log_offset)
             else:
                 with run.stage("stop_current"):
                     stop_service(host, current.process, target.current.port, target.current.stop_timeout_s)
@@ -199,7 +188,7 @@ def deploy_sdxl(
                         compile_step("after the old service stopped (no room beside it)")
                 with run.stage("start_new"):
                     started = start_new_service(host, target, release, offline=fetched.offline_ready)
-                    note_started(host, target, state, started)
+                    run.started(started.process, started.log_offset)
             with run.stage("warmup"), quiet(prober):  # the warm-up's requests are the new service's first
                 ready = warm_up(host, target, started)
                 run.summary.facts.warmup = ready.facts()
@@ -239,8 +228,7 @@ def deploy_sdxl(
                 require_promoted(approval)
             if staged:
                 with run.stage("cutover", inject_at_start=False):
-                    state.cut_over = True  # from here on a failure (or an interruption) puts the old one back
-                    save_state(host, target, state)
+                    run.cutting_over()
                     cut = cut_over(
                         host,
                         target,
@@ -256,7 +244,6 @@ def deploy_sdxl(
                 run,
                 host,
                 target,
-                state,
                 failure,
                 decision.mode if decision else "stop-first",
                 stages_of(decision) if decision else None,
@@ -274,8 +261,7 @@ def deploy_sdxl(
                 run_id=run.dir.name,
             )
             run.summary.facts.release = record.id
-        state.status, state.stage = "deployed", "done"
-        save_state(host, target, state)
+        run.deployed()
         note_reconnects(run, host)
         run.summary.new_service_answering = True
         how = f"cut over in {cut.seconds:.2f} s; " if staged else ""
@@ -315,12 +301,6 @@ def build_compiled(
 def compile_forced(target: Target) -> bool:
     """Whether the target's new.env turns the compile on whatever the device (`SDXL_COMPILE`)."""
     return target.new.env.get("SDXL_COMPILE", "").strip().lower() in {"on", "true", "1", "yes"}
-
-
-def note_started(host: Host, target: Target, state: DeployState, started: Started) -> None:
-    """Record the new service's process on the host at once (a recovery must find it)."""
-    state.new_process, state.new_log_offset = started.process, started.log_offset
-    save_state(host, target, state)
 
 
 def check_after_cutover(
