@@ -74,26 +74,16 @@ class DeployError(FlowError):
 
 class PrefetchFailed(FlowError):
     """The weights could not be downloaded onto the box (too little disk, a missing repo, no progress after
-    every retry); nothing was stopped."""
+    every retry); nothing was stopped. `transient`: one attempt stalled or lost the hub, and another resumes
+    it (finished files stay in the cache)."""
 
-
-class PrefetchInterrupted(PrefetchFailed):
-    """One prefetch attempt stalled or lost the hub; another resumes (finished files stay in the cache)."""
-
-    transient = True
-
-
-class CompileFailed(FlowError):
-    """The compile step (`serve --compile-only`) exited non-zero, ran past `new.compile_timeout_s` or gave no
-    report; the message carries its last log lines. Nothing that serves was touched by it."""
+    def __init__(self, message: str, transient: bool = False) -> None:
+        super().__init__(message)
+        self.transient = transient
 
 
 class ServiceDidNotStart(FlowError):
     """The new service exited, or was not ready in time; the message carries its last log lines."""
-
-
-class CutoverFailed(FlowError):
-    """The staged new service did not take the app's port over (the old one is put back)."""
 
 
 class GateFailed(FlowError):
@@ -102,10 +92,6 @@ class GateFailed(FlowError):
 
 class NotPromoted(FlowError):
     """An inconclusive quality verdict was aborted: by a person, by the timeout, or by the target's rule."""
-
-
-class RollbackError(FlowError):
-    """The old service could not be put back; the message says where it stopped."""
 
 
 # ------------------------------------------------------------------------------------------------ runs
@@ -131,18 +117,6 @@ class RunFailed(FlowError):
         self.run_dir = run_dir
 
 
-class DeployFailed(RunFailed):
-    """The deploy failed at a stage (and was rolled back when the old service had been touched)."""
-
-
-class VerifyFailed(RunFailed):
-    """The running service does not meet the success criteria."""
-
-
-class RollbackFailed(RunFailed):
-    """The old service could not be put back."""
-
-
 # ----------------------------------------------------------------------------------------------- releases
 
 
@@ -159,7 +133,3 @@ class FleetFileError(FlowError, ValueError):
 
 class BalancerError(FlowError):
     """The load balancer's runtime API refused a command, or a server never reached the awaited state."""
-
-
-class FleetFailed(RunFailed):
-    """deploy-fleet failed (a canary or wave, a deadline, an abort); upgraded hosts were rolled back."""

@@ -200,7 +200,7 @@ def compile_serving_release(host: Host, target: Target, force: bool = False) -> 
     from flows.box.capacity import step_room
     from flows.box.procs import find_service
     from flows.box.releases import load_releases, release_of
-    from flows.errors import CompileFailed, ReleaseError
+    from flows.errors import FlowError, ReleaseError
     from flows.stages.compile import run_step, step_launch
 
     process = find_service(host, target.new.port, target.new.pid_file)
@@ -214,7 +214,7 @@ def compile_serving_release(host: Host, target: Target, force: bool = False) -> 
         )
     fits, why = step_room(host, record.model, target.new.vram_margin_gb)
     if not fits and not force:
-        raise CompileFailed(
+        raise FlowError(
             f"the compile step cannot run beside {record.describe()}: {why}; --force runs it anyway (the serving "
             "release may run out of memory), or deploy the release again (its stage compile runs before it starts)"
         )

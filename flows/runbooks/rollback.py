@@ -7,7 +7,7 @@ from contextlib import ExitStack
 from prefect import flow
 
 from flows.config.target import Target
-from flows.errors import RollbackFailed
+from flows.errors import RunFailed
 from flows.record.prober import watch_downtime
 from flows.record.rundir import RunSummary
 from flows.runbooks.hostrun import connect, failing_as, finish_run, open_run, take_lock
@@ -35,7 +35,7 @@ def rollback_sdxl(
         force_unlock: Clear the host's deploy lock even when its owner cannot be checked from here.
     """
     run, target = open_run("rollback-sdxl", target, target_file, runs_dir)
-    with ExitStack() as stack, failing_as(run, RollbackFailed), run.stage("rollback"):
+    with ExitStack() as stack, failing_as(run, RunFailed), run.stage("rollback"):
         host, target = connect(stack, target)
         take_lock(stack, host, target, run, force_unlock)
         stack.enter_context(watch_downtime(run, host, target))

@@ -30,7 +30,7 @@ from flows.box.hosts import Host
 from flows.box.model_check import check_new_model
 from flows.box.releases import record_release, release_of
 from flows.config.target import Target
-from flows.errors import CutoverFailed, DeployFailed, GateFailed
+from flows.errors import FlowError, GateFailed, RunFailed
 from flows.evidence.gates import Evidence, GateReport, criteria_for_mode, judge_downtime, require_passed
 from flows.record.approval import decide, require_promoted
 from flows.record.deploy_record import DeployRecord
@@ -248,7 +248,7 @@ def deploy_sdxl(
                 decision.mode if decision else "stop-first",
                 stages_of(decision) if decision else None,
             )
-            raise DeployFailed(f"deploy-sdxl {run.summary.message}", str(run.dir)) from None
+            raise RunFailed(f"deploy-sdxl {run.summary.message}", str(run.dir)) from None
 
         if started.launch is not None:
             record = record_release(
@@ -311,7 +311,7 @@ def check_after_cutover(
     app = check_app_path(host, target, target.current.port)
     run.summary.facts.app_path_after_cutover = app
     if not (app.health_ok and app.generate_ok):
-        raise CutoverFailed(
+        raise FlowError(
             f"after the cut-over the app's request failed on port {target.current.port}: {app.detail}"
         )
     if prober is None:

@@ -11,7 +11,7 @@ from flows.box.deploy_state import load_state
 from flows.box.procs import find_service
 from flows.box.supervisor import read_restarts
 from flows.config.target import Target
-from flows.errors import VerifyFailed
+from flows.errors import RunFailed
 from flows.evidence.gates import Evidence, require_passed
 from flows.record.rundir import RunRecord, RunSummary
 from flows.runbooks.hostrun import connect, failing_as, finish_run, open_run
@@ -35,7 +35,7 @@ def verify_sdxl(
         runs_dir: Where the run directory (summary.json, report.md) is written.
     """
     run, target = open_run("verify-sdxl", target, target_file, runs_dir)
-    with ExitStack() as stack, failing_as(run, VerifyFailed, lambda: restarts_note(run)):
+    with ExitStack() as stack, failing_as(run, RunFailed, lambda: restarts_note(run)):
         with run.stage("health"):
             host, target = connect(stack, target)
             restarts = read_restarts(host, target.new.install_dir)

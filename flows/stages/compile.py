@@ -33,7 +33,7 @@ from flows.box.hosts import Host, q
 from flows.box.procs import is_running, pid_from_file, process_info, start_detached, stop_process
 from flows.box.supervisor import Launch, resolved_env, write_env_file
 from flows.config.target import Target
-from flows.errors import CompileFailed, HostUnreachable, ProcessError
+from flows.errors import FlowError, HostUnreachable, ProcessError
 from flows.evidence.results import CompileResult, ProcessInfo
 from flows.record.runlog import service_log
 from flows.stages.deploy import Release, service_launch
@@ -98,7 +98,7 @@ def compile_functions(
     jobs: int | None = None,
 ) -> CompileResult:
     """Run the compile step for the new service of `release` (its argv and environment as `start_new_service`
-    gives them) in `jobs` processes side by side; `CompileFailed` when it fails. `where`: said in the log and
+    gives them) in `jobs` processes side by side; `FlowError` when it fails. `where`: said in the log and
     the record."""
     launch = step_launch(service_launch(target, release, offline=offline), jobs)
     return run_step(host, launch, target.new.compile_timeout_s, where)
@@ -106,7 +106,7 @@ def compile_functions(
 
 def run_step(host: Host, launch: Launch, timeout_s: float, where: str) -> CompileResult:
     """Run the compile step `launch` describes on the host, detached, follow its log, stop it after `timeout_s`;
-    its report, or `CompileFailed` with its last log lines."""
+    its report, or `FlowError` with its last log lines."""
     log = run_logger()
     log_dir = str(PurePosixPath(launch.log_file).parent)
     env_file, out, status = (
@@ -141,7 +141,7 @@ def run_step(host: Host, launch: Launch, timeout_s: float, where: str) -> Compil
     code = (read_text(host, status) or "").strip()
     if code != "0":
         why = f"exited with {code}" if code else "ended without an exit status (killed?)"
-        raise CompileFailed(
+        raise FlowError(
             f"the compile step {why} after {seconds:.0f} s; last log lines:\n{watch.recent_text()}"
         )
     report = parse_report(read_text(host, out) or "", watch.recent_text())
@@ -158,14 +158,14 @@ def run_step(host: Host, launch: Launch, timeout_s: float, where: str) -> Compil
 
 
 def parse_report(stdout: str, recent: str = "") -> CompileReport:
-    """The step's report: its last non-empty stdout line; `CompileFailed` when that is no report."""
+    """The step's report: its last non-empty stdout line; `FlowError` when that is no report."""
     lines = [line for line in stdout.splitlines() if line.strip()]
     try:
         return CompileReport.model_validate_json(lines[-1])
     except (IndexError, ValidationError) as exc:
         got = repr(lines[-1][:300]) if lines else "nothing"
         problem = f": {exc.errors()[0]['msg']}" if isinstance(exc, ValidationError) else ""
-        raise CompileFailed(
+        raise FlowError(
             f"the compile step exited 0 but its last stdout line is not a compile report{problem} (got {got}); "
             f"last log lines:\n{recent}"
         ) from None
@@ -245,7 +245,7 @@ class _Watch:
         return "\n".join(self.recent)
 
     def until_done(self, process: ProcessInfo | None, timeout_s: float) -> None:
-        """Follow the log until the step's process (its whole session) is gone; `CompileFailed` after
+        """Follow the log until the step's process (its whole session) is gone; `FlowError` after
         `timeout_s`, or when the SSH link stays down for `LINK_GRACE_S` (the step itself runs on)."""
         deadline = time.monotonic() + timeout_s
         down_since: float | None = None
@@ -257,7 +257,7 @@ class _Watch:
             except HostUnreachable as exc:
                 down_since = down_since or time.monotonic()
                 if time.monotonic() - down_since > LINK_GRACE_S:
-                    raise CompileFailed(
+                    raise FlowError(
                         f"lost the link to {self.host.name} for more than {LINK_GRACE_S:.0f} s during the "
                         "compile step"
                     ) from exc
@@ -270,7 +270,7 @@ class _Watch:
                 return
             if time.monotonic() > deadline:
                 self.flush()
-                raise CompileFailed(
+                raise FlowError(
                     f"the compile step did not finish within {timeout_s:.0f} s (new.compile_timeout_s); "
                     f"stopped it; last log lines:\n{self.recent_text()}"
                 )

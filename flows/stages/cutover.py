@@ -28,7 +28,7 @@ from flows.box.common import get_health, run_logger, service_url
 from flows.box.hosts import Host
 from flows.box.procs import is_running, stop_process
 from flows.config.target import Target
-from flows.errors import CutoverFailed, RehearsedFailure
+from flows.errors import FlowError, RehearsedFailure
 from flows.evidence.results import Cutover, ProcessInfo
 from service.schema import ServiceHealth
 
@@ -43,7 +43,7 @@ def serves_port(health: ServiceHealth | None, target: Target) -> bool:
 def tell_take_over(host: Host, process: ProcessInfo) -> None:
     """SIGUSR1 to the new service's supervisor (only while that very process runs: PID and start time)."""
     if not is_running(host, process):
-        raise CutoverFailed(f"the new service {process.describe()} is not running")
+        raise FlowError(f"the new service {process.describe()} is not running")
     host.run(f"kill -s USR1 {int(process.pid)}")
 
 
@@ -82,7 +82,7 @@ def cut_over(
             # commands run from this thread only; the watcher has its own way in (a port forward)
             while not watch.done():
                 if not is_running(host, new):
-                    raise CutoverFailed(f"the new service {new.describe()} exited during the cut-over")
+                    raise FlowError(f"the new service {new.describe()} exited during the cut-over")
                 wait([watch], timeout=0.25)
             health, seen_at = watch.result()
         finally:
@@ -106,7 +106,7 @@ def _wait_taking_over(host: Host, target: Target, stage_port: int, deadline: flo
         deadline,
     )
     if seen_at is None:
-        raise CutoverFailed(
+        raise FlowError(
             f"the new service did not say it was taking port {target.current.port} over within "
             f"{TOLD_TIMEOUT_S:.0f} s of SIGUSR1 (/health on port {stage_port}: "
             f"{health.model_dump() if health is not None else None}); "
@@ -123,7 +123,7 @@ def _wait_serving(
     )
     if seen_at is None:
         seen = f"/health answered {health.model_dump()}" if health is not None else "nothing answered"
-        raise CutoverFailed(
+        raise FlowError(
             f"the new service did not take port {target.current.port} over within "
             f"{target.new.cutover_timeout_s:.0f} s ({seen})"
         )

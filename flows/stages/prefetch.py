@@ -34,7 +34,7 @@ from flows.box.hosts import Host, q
 from flows.box.procs import is_running, process_info, stop_process
 from flows.config.secrets import resolve_secret
 from flows.config.target import Target
-from flows.errors import PrefetchFailed, PrefetchInterrupted
+from flows.errors import PrefetchFailed
 from flows.evidence.results import PrefetchResult, ProcessInfo
 from flows.stages.deploy import Release
 from service.prefetch import Event
@@ -176,8 +176,9 @@ class _Follow:
                         log.info("prefetch: %s", event.message)
                     return event
                 if event.event == "error":
-                    error = PrefetchInterrupted if event.retry else PrefetchFailed
-                    raise error(f"prefetch on {self.host.name}: {event.message}")
+                    raise PrefetchFailed(
+                        f"prefetch on {self.host.name}: {event.message}", transient=event.retry
+                    )
                 if event.event == "plan":
                     planned = True
                     self._plan(event)
@@ -192,13 +193,15 @@ class _Follow:
             # Before its plan the process starts and lists the repos (no bytes to count yet): a grace on top.
             if now - moved_at > s.stall_s + (0 if planned else PLAN_GRACE_S):
                 stuck = f" at {_size(last.bytes_done)} of {_size(last.bytes_missing)}" if last else ""
-                raise PrefetchInterrupted(
-                    f"prefetch stalled: no byte downloaded for {s.stall_s:g} s{stuck}; stopped the box process"
+                raise PrefetchFailed(
+                    f"prefetch stalled: no byte downloaded for {s.stall_s:g} s{stuck}; stopped the box process",
+                    transient=True,
                 )
             if not alive:
                 tail = (pending or (last.model_dump_json() if last else "nothing"))[-400:]
-                raise PrefetchInterrupted(
-                    f"the prefetch process on {self.host.name} ended without finishing: {tail}"
+                raise PrefetchFailed(
+                    f"the prefetch process on {self.host.name} ended without finishing: {tail}",
+                    transient=True,
                 )
             time.sleep(POLL_S)
 

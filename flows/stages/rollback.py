@@ -32,7 +32,7 @@ from flows.box.procs import (
 from flows.box.releases import ReleaseRecord, get_release, release_health, restart_release, serving_now
 from flows.config.secrets import SecretUnavailable
 from flows.config.target import CurrentService, Target
-from flows.errors import ReleaseError, RollbackError
+from flows.errors import FlowError, ReleaseError
 from flows.evidence.results import ProcessInfo, RollbackResult
 from flows.stages.backup import BackupFile, latest_backup, verify_backup
 from service.schema import ServiceHealth, serving
@@ -190,7 +190,7 @@ def restart_current(host: Host, service: CurrentService, install_dir: str) -> Pr
     if holders:
         holder = find_service(host, service.port)
         who = holder.describe() if holder else f"PIDs {holders}"
-        raise RollbackError(
+        raise FlowError(
             f"port {service.port} is held by {who}, which does not answer {service.health_path}; stop it first"
         )
     pid_file = service.pid_file or f"{install_dir}/{service.name}.pid"
@@ -213,9 +213,9 @@ def wait_healthy(host: Host, service: CurrentService, process: ProcessInfo) -> S
             return health
         if process_info(host, process.pid) is None:
             text, _ = tail_bytes(host, service.log_file, offset)
-            raise RollbackError(f"the restarted service exited; its log ends with:\n{text[-2000:]}")
+            raise FlowError(f"the restarted service exited; its log ends with:\n{text[-2000:]}")
         time.sleep(1.0)
-    raise RollbackError(
+    raise FlowError(
         f"the restarted service did not answer {service.health_path} within {service.health_timeout_s:.0f} s"
     )
 

@@ -18,7 +18,7 @@ from prefect import flow, task
 from rich.console import Console
 
 from flows.config.target import Criterion, Target
-from flows.errors import DeployFailed, RehearsedFailure, StageFailed
+from flows.errors import RehearsedFailure, RunFailed, StageFailed
 from flows.evidence.gates import Evidence
 from flows.record.rundir import RunRecord, RunSummary
 from flows.record.runlog import RUN_LOG, TOLD_BY_SUMMARY, console_view, service_log
@@ -129,7 +129,7 @@ def _failing_deploy(runs_dir: str) -> RunSummary:
             _cut_over()
     except StageFailed as failure:
         run.finish("failed", f"{failure}; rolled back: restarted the old service")
-        raise DeployFailed(f"deploy-sdxl {failure}", str(run.dir)) from None
+        raise RunFailed(f"deploy-sdxl {failure}", str(run.dir)) from None
     return run.finish("completed", "")
 
 

@@ -35,7 +35,7 @@ from prefect import flow
 from prefect.context import FlowRunContext
 
 from flows.config.fleet import Fleet, load_fleet
-from flows.errors import FleetFailed, FleetFileError
+from flows.errors import FleetFileError, RunFailed
 from flows.record.rundir import make_run_dir
 from flows.runbooks.fleet.analysis import analyse
 from flows.runbooks.fleet.rollout import Rollout
@@ -189,5 +189,5 @@ def deploy_fleet(
         summary = rollout.finish(
             "failed", f"{rollout.summary.aborted}; upgraded hosts rolled back: {rolled or 'none'}"
         )
-        raise FleetFailed(f"deploy-fleet failed: {summary.message}", str(run_dir))
+        raise RunFailed(f"deploy-fleet failed: {summary.message}", str(run_dir))
     return rollout.finish("completed", f"{len(fleet.hosts)} host(s) on release {rollout.summary.release_id}")

@@ -24,7 +24,7 @@ from flows.box.procs import find_service
 from flows.box.releases import release_of
 from flows.config.fleet import Fleet, FleetHost
 from flows.config.target import Target
-from flows.errors import BalancerError, FleetFailed, FleetFileError, HostError, PreflightRefused
+from flows.errors import BalancerError, FleetFileError, HostError, PreflightRefused, RunFailed
 from flows.record.approval import wait_for_person
 from flows.record.rundir import RunSummary
 from flows.record.runlog import TOLD_BY_SUMMARY
@@ -313,14 +313,14 @@ class Rollout:
 
     def dry_run(self) -> FleetSummary:
         """Every host's deploy preflight, then the balancer's servers and what each host serves; read-only.
-        `FleetFailed` naming each host (and field) that would refuse its deploy."""
+        `RunFailed` naming each host (and field) that would refuse its deploy."""
         try:
             plans = check_hosts(self.fleet)
             self.require_servers()
         except (PreflightRefused, FleetFileError, BalancerError, HostError) as exc:
             self.event("preflight refused", str(exc), "fleet: preflight refused (why: the summary below)")
             summary = self.finish("failed", f"dry run refused: {exc}")
-            raise FleetFailed(f"deploy-fleet {summary.message}", str(self.run_dir)) from None
+            raise RunFailed(f"deploy-fleet {summary.message}", str(self.run_dir)) from None
         for plan in plans:
             host = next(h for h in self.fleet.hosts if h.name == plan.host)
             self.record(host).release_before, _ = serving_release(self.target(host))
