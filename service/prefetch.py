@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import inspect
-import json
 import os
 import shutil
 import sys
@@ -54,6 +53,12 @@ class Event(BaseModel):
     cache_dir: str | None = None
     offline_ready: bool = False  # every file is in the cache: the service can start with HF_HUB_OFFLINE=1
     retry: bool = False  # an error another attempt may get past (network), not a refusal
+
+
+class Detached(BaseModel):
+    """The one line `--detach` prints before its parent exits: the pid of the prefetch that goes on."""
+
+    pid: int
 
 
 @dataclass(frozen=True)
@@ -316,7 +321,7 @@ def _detach(progress: str) -> None:
     """Go on in a child of its own session writing to `progress`; the parent prints its pid and exits."""
     pid = os.fork()
     if pid:
-        print(json.dumps({"pid": pid}), flush=True)
+        print(Detached(pid=pid).model_dump_json(), flush=True)
         os._exit(0)
     os.setsid()
     fd = os.open(progress, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)

@@ -8,9 +8,14 @@ from __future__ import annotations
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path, PurePath, PurePosixPath
+from typing import TypeVar
+
+from pydantic import BaseModel
 
 from flows.box.hosts import Host, q
 from flows.errors import CommandFailed, HostCommandError, HostError
+
+Answer = TypeVar("Answer", bound=BaseModel)
 
 
 def run_checked(host: Host, command: str, what: str, timeout: float = 60.0) -> str:
@@ -23,6 +28,16 @@ def run_checked(host: Host, command: str, what: str, timeout: float = 60.0) -> s
         detail = (result.stderr or result.stdout).strip()[-800:]
         raise CommandFailed(f"{what} failed on {host.name} (exit {result.exit_code}): {detail}")
     return result.stdout
+
+
+def json_answer(stdout: str, model: type[Answer]) -> Answer:
+    """A box command's answer: its last non-empty stdout line, one JSON object, parsed into `model` (the lines
+    before it are the command's own output, warnings included). `ValueError` when there is no such line or it
+    does not fit (pydantic's `ValidationError` is one)."""
+    lines = [line for line in stdout.splitlines() if line.strip()]
+    if not lines:
+        raise ValueError("the command printed nothing")
+    return model.model_validate_json(lines[-1])
 
 
 def remote_child(folder: str, local_file: PurePath) -> str:

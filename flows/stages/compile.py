@@ -28,7 +28,7 @@ from prefect.cache_policies import NO_CACHE
 from pydantic import ValidationError
 
 from flows.box.common import run_logger
-from flows.box.hostfs import file_size, make_dirs, read_text, run_checked, tail_bytes
+from flows.box.hostfs import file_size, json_answer, make_dirs, read_text, run_checked, tail_bytes
 from flows.box.hosts import Host, q
 from flows.box.procs import is_running, pid_from_file, process_info, start_detached, stop_process
 from flows.box.supervisor import Launch, resolved_env, write_env_file
@@ -159,10 +159,10 @@ def run_step(host: Host, launch: Launch, timeout_s: float, where: str) -> Compil
 
 def parse_report(stdout: str, recent: str = "") -> CompileReport:
     """The step's report: its last non-empty stdout line; `FlowError` when that is no report."""
-    lines = [line for line in stdout.splitlines() if line.strip()]
     try:
-        return CompileReport.model_validate_json(lines[-1])
-    except (IndexError, ValidationError) as exc:
+        return json_answer(stdout, CompileReport)
+    except ValueError as exc:
+        lines = [line for line in stdout.splitlines() if line.strip()]
         got = repr(lines[-1][:300]) if lines else "nothing"
         problem = f": {exc.errors()[0]['msg']}" if isinstance(exc, ValidationError) else ""
         raise FlowError(

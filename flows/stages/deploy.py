@@ -13,7 +13,6 @@ all before anything is stopped, and the box's own interpreter is never modified.
 from __future__ import annotations
 
 import hashlib
-import json
 import subprocess
 import sys
 from pathlib import Path
@@ -23,7 +22,16 @@ from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel
 
 from flows.box.common import run_logger
-from flows.box.hostfs import digests, file_size, make_dirs, read_text, remote_child, run_checked, write_text
+from flows.box.hostfs import (
+    digests,
+    file_size,
+    json_answer,
+    make_dirs,
+    read_text,
+    remote_child,
+    run_checked,
+    write_text,
+)
 from flows.box.hosts import Host, q
 from flows.box.procs import stop_process, wait_port_free
 from flows.box.supervisor import Launch, start_supervised
@@ -41,6 +49,14 @@ class Release(BaseModel):
     wheel_sha256: str
     reused: bool
     python: str  # the interpreter the release runs with: <release>/venv/bin/python
+
+
+class ReleaseEnv(BaseModel):
+    """What the release environment's script answers: its python and site-packages, the box's paths behind them."""
+
+    python: str
+    site: str
+    box_paths: list[str]
 
 
 class Started(BaseModel):
@@ -195,7 +211,7 @@ def ship_release(
         f"creating the release environment {venv} with {target.new.python}",
         timeout=300,
     )
-    site = json.loads(made.strip().splitlines()[-1])["site"]
+    site = json_answer(made, ReleaseEnv).site
     constraints = f"{path}/box-pins.txt"
     write_text(host, constraints, "".join(f"{pin}\n" for pin in pins))
     pip = f"env -u PYTHONPATH {q(python)} -m pip install --disable-pip-version-check -q"
@@ -233,10 +249,9 @@ def check_compile(host: Host, release: Release, device: str = "auto") -> Compile
         f"--device {q(device)}",
         timeout=600,
     )
-    lines = result.stdout.strip().splitlines()
     try:
-        check = CompileCheck.model_validate_json(lines[-1])
-    except (IndexError, ValueError):
+        check = json_answer(result.stdout, CompileCheck)
+    except ValueError:
         answer = (result.stderr or result.stdout).strip()[-300:]
         check = CompileCheck(ok=False, device=device, torch="?", error=f"exit {result.exit_code}: {answer}")
     run_logger().info("compile check with %s: %s", release.python, check.model_dump_json())

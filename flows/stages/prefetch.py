@@ -29,7 +29,7 @@ from tenacity import (
 )
 
 from flows.box.common import is_transient, run_logger
-from flows.box.hostfs import file_size, make_dirs, tail_bytes
+from flows.box.hostfs import file_size, json_answer, make_dirs, tail_bytes
 from flows.box.hosts import Host, q
 from flows.box.procs import is_running, process_info, stop_process
 from flows.config.secrets import resolve_secret
@@ -37,7 +37,7 @@ from flows.config.target import Target
 from flows.errors import PrefetchFailed
 from flows.evidence.results import PrefetchResult, ProcessInfo
 from flows.stages.deploy import Release
-from service.prefetch import Event
+from service.prefetch import Detached, Event
 
 POLL_S = 1.0
 PLAN_GRACE_S = 120.0  # the box process's start and the hub listing, before any byte can move
@@ -146,8 +146,8 @@ class _Follow:
         )
         result = self.host.run(command, timeout=120, stdin=f"{self.token}\n" if self.token else None)
         try:
-            pid = int(json.loads(result.stdout.strip().splitlines()[-1])["pid"])
-        except (IndexError, ValueError, KeyError, TypeError):
+            pid = json_answer(result.stdout, Detached).pid
+        except ValueError:
             answer = (result.stderr or result.stdout).strip()[-800:]
             raise PrefetchFailed(
                 f"could not start the prefetch with {self.release.python} (exit {result.exit_code}): {answer}"
