@@ -52,7 +52,7 @@ def before_ready(engine: Engine) -> None:
     text encoders, `save_compiled=off`) run a new shape eagerly (`torch.compiler.set_stance`).
     """
     startup = engine.startup
-    saved = saved_compiles((engine.base, engine.refiner, engine.img2img))
+    saved = saved_compiles(_pipes(engine))
     missing = [call for call in saved if not call.functions]
     warmup = engine.speed is not None and engine.speed.warmup
     building = engine.building or (bool(missing) and warmup)
@@ -105,7 +105,8 @@ def before_ready(engine: Engine) -> None:
 
 def warm_up(engine: Engine, *, record: bool = False) -> list[Shape]:
     """One short generation at the model's default size for each shape requests may take, then at each of
-    the `ready_sizes` (base alone and base + refiner, one image); returns them.
+    the `ready_sizes` (base alone and base + refiner, one image), and, serving with dynamic-shape functions
+    loaded, once at half the default size (`_dynamic_size`); returns them.
 
     Compiles the UNet(s) and the VAE decoder for the default size with CFG on (what real requests use), so a
     cold start pays the compile before `/ready`. With `cfg_cutoff` below 1 each UNet also sees the unguided
@@ -121,9 +122,11 @@ def warm_up(engine: Engine, *, record: bool = False) -> list[Shape]:
     # base alone first (base UNet + VAE decoder), then base + refiner (the refiner's UNet): timed apart;
     # then each batch size that coalesced requests may form (a batch of k compiles like k images);
     # then each of the ready sizes, one image
-    runs = [(images, None) for images in sizes]
+    runs: list[tuple[int, tuple[int, int] | None]] = [(images, None) for images in sizes]
     if engine.speed is not None and engine.speed.compile:  # uncompiled, another size costs nothing new
         runs += [(1, size) for size in engine.settings.ready_size_list]
+    if not record and any(f.dynamic for call in saved_compiles(_pipes(engine)) for f in call.functions):
+        runs.append((1, _dynamic_size(engine)))
     for images, size in runs:
         for use_refiner in (False, True) if engine.refiner_loaded else (False,):
             width, height = size or (None, None)
@@ -151,7 +154,7 @@ def warm_up(engine: Engine, *, record: bool = False) -> list[Shape]:
                 images,
             )
             t0 = time.perf_counter()
-            for call in saved_compiles((engine.base, engine.refiner, engine.img2img)):
+            for call in saved_compiles(_pipes(engine)):
                 call.recording = record and images == 1
             engine.generate(params, Job())
             log.info(
@@ -162,3 +165,17 @@ def warm_up(engine: Engine, *, record: bool = False) -> list[Shape]:
             )
             shapes.append(shape)
     return shapes
+
+
+def _pipes(engine: Engine) -> tuple[object, ...]:
+    return (engine.base, engine.refiner, engine.img2img)
+
+
+def _dynamic_size(engine: Engine) -> tuple[int, int]:
+    """A size the dynamic-shape functions serve: half the default size (SDXL's 512x512, A1111's default), within
+    the model's range. Their first call in a process is slow on the GPU (12.9 s at 512x512 after a 1024x1024
+    warm-up on the H100, docs/BENCHMARKS.md; 0.6 s the next time): paid here, before `/ready`, not by a client."""
+    spec = engine.spec
+    default = spec.default_size if spec else 1024
+    side = max(spec.min_size if spec else 0, default // 2 // 64 * 64)
+    return side, side
