@@ -41,7 +41,7 @@ def run_flow(flow: Any, print_summary: Callable[[Path], object], **parameters: A
     told = False
     if summary_file and summary_file.is_file():
         summary = print_summary(summary_file)
-        told = isinstance(summary, dict) and summary.get("status") == "failed"
+        told = summary.status == "failed"
     if state.is_failed():
         if not told:
             typer.echo(f"{flow.name} failed: {state.message}", err=True)

@@ -3,7 +3,6 @@ inside)."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -15,6 +14,7 @@ if TYPE_CHECKING:
     from flows.box.hosts.base import Host
     from flows.config.target import Target
     from flows.evidence.results import CompileResult
+    from flows.record.rundir import RunSummary
 
 # Every stage of either order: staged (start_staged ... cutover) and stop-first (stop_current, start_new).
 STAGE_NAMES = (
@@ -268,45 +268,43 @@ def demo(
         )
     console.print(f"stopped: {'; '.join(result.stopped) or 'nothing was left running'}")
     expected = "failed" if stage else "completed"
-    if summary["status"] != expected or (stage and not result.old_answering_after):
+    if summary.status != expected or (stage and not result.old_answering_after):
         raise typer.Exit(1)
 
 
-def _outcome(summary: dict[str, Any]) -> str:
+def _outcome(summary: RunSummary) -> str:
     """The run's message; for a failed stage, its cause (the stage table's detail) not said again."""
-    message, stage = summary["message"], summary["failed_stage"]
-    details = [s["detail"] for s in summary["stages"] if s["name"] == stage and s["status"] == "failed"]
+    message, stage = summary.message, summary.failed_stage
+    details = [s.detail for s in summary.stages if s.name == stage and s.status == "failed"]
     cause = f"stage {stage!r} failed: {details[-1]}" if details else None
     if cause and message.startswith(cause):
         return f"stage {stage!r} failed (why: the table above){message[len(cause) :]}"
     return message
 
 
-def print_summary(summary_path: Path, console: Any = None) -> dict[str, Any]:
+def print_summary(summary_path: Path, console: Any = None) -> RunSummary:
     """Print a run's stages and gate table (rich), what was done and where its report is; return the summary.
     Each thing once: a failed stage's cause and a failed row whole in their tables, the downtime below them
     only when no row tells it, what was done in the closing line."""
     from rich.console import Console
     from rich.table import Table
 
-    from flows.evidence.downtime import Downtime
     from flows.evidence.gates import shown_passed, shown_verdict
+    from flows.record.rundir import RunSummary
 
     console = console or Console()
-    summary = json.loads(summary_path.read_text(encoding="utf-8"))
-    colour = {"completed": "green", "failed": "red", "dry-run": "cyan"}.get(summary["status"], "yellow")
-    stages = Table(title=f"{summary['flow']}: [{colour}]{summary['status']}[/]", title_justify="left")
+    summary = RunSummary.model_validate_json(summary_path.read_text(encoding="utf-8"))
+    colour = {"completed": "green", "failed": "red", "dry-run": "cyan"}.get(summary.status, "yellow")
+    stages = Table(title=f"{summary.flow}: [{colour}]{summary.status}[/]", title_justify="left")
     for column in ("stage", "status", "seconds", "detail"):
         stages.add_column(column, overflow="fold")
-    for stage in summary["stages"]:
-        mark = "green" if stage["status"] == "completed" else "red"
-        detail = stage["detail"] if stage["status"] == "failed" else stage["detail"][:200]
-        stages.add_row(stage["name"], f"[{mark}]{stage['status']}[/]", f"{stage['seconds']:.1f}", detail)
+    for stage in summary.stages:
+        mark = "green" if stage.status == "completed" else "red"
+        detail = stage.detail if stage.status == "failed" else stage.detail[:200]
+        stages.add_row(stage.name, f"[{mark}]{stage.status}[/]", f"{stage.seconds:.1f}", detail)
     console.print(stages)
-    if summary["gates"]:
-        gates = Table(
-            title=f"success criteria: {shown_passed(summary['gates_passed'])}", title_justify="left"
-        )
+    if summary.gates:
+        gates = Table(title=f"success criteria: {shown_passed(summary.gates_passed)}", title_justify="left")
         for column in ("criterion", "threshold", "observed", "mode", "verdict"):
             gates.add_column(column, overflow="fold")
         verdict_colour = {
@@ -316,20 +314,20 @@ def print_summary(summary_path: Path, console: Any = None) -> dict[str, Any]:
             "n/a": "dim",
             "inconclusive": "magenta",
         }
-        for row in summary["gates"]:
-            threshold = "" if row["threshold"] is None else f"{row['threshold']:g}"
-            verdict = row["verdict"]
+        for row in summary.gates:
+            threshold = "" if row.threshold is None else f"{row.threshold:g}"
+            verdict = row.verdict
             gates.add_row(
-                row["criterion"],
+                row.criterion,
                 threshold,
-                row["observed"] if verdict == "fail" else row["observed"][:120],
-                "enforce" if row["enforce"] else "warn",
+                row.observed if verdict == "fail" else row.observed[:120],
+                "enforce" if row.enforce else "warn",
                 f"[{verdict_colour[verdict]}]{shown_verdict(verdict)}[/]",
             )
         console.print(gates)
-    downtime = Downtime.model_validate(summary["downtime"]).describe() if summary.get("downtime") else None
-    if downtime and not any(row["observed"] == downtime for row in summary["gates"]):
+    downtime = summary.downtime.describe() if summary.downtime else None
+    if downtime and not any(row.observed == downtime for row in summary.gates):
         console.print(f"downtime: {downtime}", markup=False)
     console.print(_outcome(summary), markup=False)  # the runbook's closing line: what was done
-    console.print(f"report: {Path(summary['run_dir']) / 'report.md'}  (summary.json beside it)")
+    console.print(f"report: {Path(summary.run_dir) / 'report.md'}  (summary.json beside it)")
     return summary

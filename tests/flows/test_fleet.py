@@ -15,6 +15,7 @@ from flows.runbooks.demo import TINY_REQUEST
 from flows.runbooks.fleet.analysis import GroupTraffic, judge
 from flows.runbooks.fleet.flow import deploy_fleet
 from flows.runbooks.fleet.load import SteadyLoad
+from flows.runbooks.fleet.summary import FleetSummary
 from tests.support.fleet import NAMES, FleetBed, model_of, run_under_load
 from tests.support.person import Person
 
@@ -142,9 +143,11 @@ def test_the_fleet_demo_upgrades_three_hosts_under_load_without_a_failed_request
 
     result = run_fleet_demo(hosts=3, runs_dir=str(tmp_path / "runs"))
 
-    fleet = result.summary["fleet"]
-    assert result.summary["status"] == "completed", result.summary["message"]
-    assert [h["outcome"] for h in fleet["hosts"]] == ["upgraded"] * 3
-    assert all(h["release_after"].startswith("release #1: tiny-sdxl") for h in fleet["hosts"])
-    assert fleet["requests"] >= 10 and fleet["failed_requests"] == 0, fleet["failures"]
+    summary, load = result.summary, result.summary.load
+    assert summary.status == "completed", summary.message
+    assert [h.outcome for h in summary.hosts] == ["upgraded"] * 3
+    assert all(h.release_after.startswith("release #1: tiny-sdxl") for h in summary.hosts)
+    assert load is not None and load.requests >= 10 and load.failed_requests == 0, load
+    # the record in summary.json is the one returned
+    assert FleetSummary.model_validate_json((Path(summary.run_dir) / "summary.json").read_text()) == summary
     assert len(result.stopped) == 3  # each host's new service, by its PID

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
 from flows.runbooks.cli_run import run_flow
+
+if TYPE_CHECKING:
+    from flows.runbooks.fleet.summary import FleetSummary
 
 
 def _fail_at(values: list[str]) -> dict[str, str]:
@@ -63,27 +66,27 @@ def deploy_fleet(
     )
 
 
-def print_fleet(summary_path: Path, console: Any = None) -> dict[str, Any]:
+def print_fleet(summary_path: Path, console: Any = None) -> FleetSummary:
     """Print the fleet's hosts (outcome, release before and at the end) and where its report is."""
-    import json
-
     from rich.console import Console
     from rich.table import Table
 
+    from flows.runbooks.fleet.summary import FleetSummary
+
     console = console or Console()
-    summary = json.loads(summary_path.read_text(encoding="utf-8"))
-    colour = {"completed": "green", "dry-run": "cyan"}.get(summary["status"], "red")
-    table = Table(title=f"deploy-fleet: [{colour}]{summary['status']}[/]", title_justify="left")
+    summary = FleetSummary.model_validate_json(summary_path.read_text(encoding="utf-8"))
+    colour = {"completed": "green", "dry-run": "cyan"}.get(summary.status, "red")
+    table = Table(title=f"deploy-fleet: [{colour}]{summary.status}[/]", title_justify="left")
     for column in ("host", "wave", "outcome", "release before", "release at the end"):
         table.add_column(column, overflow="fold")
-    for host in summary["hosts"]:
-        wave = "" if host["wave"] is None else str(host["wave"])
-        table.add_row(host["name"], wave, host["outcome"], host["release_before"], host["release_after"])
+    for host in summary.hosts:
+        wave = "" if host.wave is None else str(host.wave)
+        table.add_row(host.name, wave, host.outcome, host.release_before, host.release_after)
     console.print(table)
-    for analysis in summary["analyses"]:
-        console.print(f"analysis of wave {analysis['wave']}: {analysis['verdict']}", markup=False)
-    console.print(summary["message"], markup=False)
-    console.print(f"report: {Path(summary['run_dir']) / 'report.md'}  (summary.json beside it)")
+    for analysis in summary.analyses:
+        console.print(f"analysis of wave {analysis.wave}: {analysis.verdict}", markup=False)
+    console.print(summary.message, markup=False)
+    console.print(f"report: {Path(summary.run_dir) / 'report.md'}  (summary.json beside it)")
     return summary
 
 
@@ -101,10 +104,11 @@ def fleet_demo(hosts: int, stage: str | None, runs_dir: Path, keep_box: bool) ->
     )
     result = run_fleet_demo(hosts=hosts, simulate_failure=stage, runs_dir=str(runs_dir), keep_box=keep_box)
     summary = print_fleet(result.summary_path, console)
-    load = summary["fleet"]
-    console.print(f"requests through HAProxy: {load['requests']}, failed: {load['failed_requests']}")
+    load = summary.load
+    assert load is not None  # the demo writes it
+    console.print(f"requests through HAProxy: {load.requests}, failed: {load.failed_requests}")
     console.print(f"stopped: {'; '.join(result.stopped) or 'nothing was left running'}")
-    outcomes = [h["outcome"] for h in summary["hosts"]]
+    outcomes = [h.outcome for h in summary.hosts]
     expected = ["deploy failed"] + ["not reached"] * (hosts - 1) if stage else ["upgraded"] * hosts
-    if outcomes != expected or load["failed_requests"]:
+    if outcomes != expected or load.failed_requests:
         raise typer.Exit(1)

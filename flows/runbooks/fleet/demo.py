@@ -1,18 +1,16 @@
 """`sdxl-deploy demo --fleet N`: N local hosts (tiny-sd15 today, tiny-sdxl to deploy) behind a real HAProxy
 that the demo starts, a steady load through HAProxy over the whole `deploy-fleet` rollout, then everything
-stopped by its PID. The fleet run's summary.json gets `"fleet": {"hosts": [...], "requests": N,
-"failed_requests": N}`. With a simulated failure the canary fails at that stage: only it is rolled back."""
+stopped by its PID. The fleet run's summary.json gets the load's record (`FleetSummary.load`: requests,
+failed requests, answers by status). With a simulated failure the canary fails at that stage: only it is rolled back."""
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import tempfile
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from flows.box.hosts import LocalHost
 from flows.box.ports import free_port
@@ -22,6 +20,7 @@ from flows.runbooks.demo import TINY_REQUEST, demo_target, rehearsal_target, sto
 from flows.runbooks.fleet.haproxy import HAProxyAPI
 from flows.runbooks.fleet.load import SteadyLoad
 from flows.runbooks.fleet.local_lb import LocalHAProxy
+from flows.runbooks.fleet.summary import DemoLoad, FleetSummary
 
 # One client, this long between its requests: a steady load that leaves the 2-core demo machine's CPU to the
 # deploys (each tiny request costs the hosts ~0.4 s of CPU).
@@ -31,7 +30,7 @@ LOAD_PAUSE_S = 1.0
 @dataclass
 class FleetDemoResult:
     summary_path: Path
-    summary: dict[str, Any]
+    summary: FleetSummary
     stopped: list[str]
 
 
@@ -123,16 +122,12 @@ def run_fleet_demo(
     if run_dir is None:
         raise RuntimeError(f"deploy-fleet ended without a run directory: {outcome!r}")
     summary_path = Path(run_dir) / "summary.json"
-    summary = json.loads(summary_path.read_text(encoding="utf-8"))
-    summary["fleet"] = {
-        "hosts": [
-            {k: h[k] for k in ("name", "outcome", "release_before", "release_after")}
-            for h in summary["hosts"]
-        ],
-        "requests": load.requests,
-        "failed_requests": load.failed,
-        "statuses": dict(load.statuses),
-        "failures": load.failures[:20],
-    }
-    summary_path.write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    summary = FleetSummary.model_validate_json(summary_path.read_text(encoding="utf-8"))
+    summary.load = DemoLoad(
+        requests=load.requests,
+        failed_requests=load.failed,
+        statuses={str(k): v for k, v in load.statuses.items()},
+        failures=load.failures[:20],
+    )
+    summary_path.write_text(summary.model_dump_json(indent=2) + "\n", encoding="utf-8")
     return FleetDemoResult(summary_path=summary_path, summary=summary, stopped=stopped)

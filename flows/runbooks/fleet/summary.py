@@ -46,6 +46,15 @@ class Event(BaseModel):
     detail: str = ""
 
 
+class DemoLoad(BaseModel):
+    """The fleet demo's steady client load through HAProxy during the rollout (`demo --fleet`'s record)."""
+
+    requests: int
+    failed_requests: int
+    statuses: dict[str, int] = Field(default_factory=dict)  # answers by HTTP status (or error kind)
+    failures: list[str] = Field(default_factory=list)  # the first ones
+
+
 class FleetSummary(BaseModel):
     flow: str = "deploy-fleet"
     run_dir: str
@@ -61,3 +70,4 @@ class FleetSummary(BaseModel):
     timeline: list[Event] = Field(default_factory=list)
     aborted: str | None = None  # why the rollout stopped early, if it did
     rolled_back: list[str] = Field(default_factory=list)
+    load: DemoLoad | None = None  # the demo's client load (demo --fleet); a real rollout's load is the app's
