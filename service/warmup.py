@@ -106,7 +106,7 @@ def before_ready(engine: Engine) -> None:
 def warm_up(engine: Engine, *, record: bool = False) -> list[Shape]:
     """One short generation at the model's default size for each shape requests may take, then at each of
     the `ready_sizes` (base alone and base + refiner, one image), and, serving with dynamic-shape functions
-    loaded, once at half the default size (`_dynamic_size`); returns them.
+    loaded, once at half the default size (`dynamic_warmup_size`); returns them.
 
     Compiles the UNet(s) and the VAE decoder for the default size with CFG on (what real requests use), so a
     cold start pays the compile before `/ready`. With `cfg_cutoff` below 1 each UNet also sees the unguided
@@ -126,7 +126,7 @@ def warm_up(engine: Engine, *, record: bool = False) -> list[Shape]:
     if engine.speed is not None and engine.speed.compile:  # uncompiled, another size costs nothing new
         runs += [(1, size) for size in engine.settings.ready_size_list]
     if not record and any(f.dynamic for call in saved_compiles(_pipes(engine)) for f in call.functions):
-        runs.append((1, _dynamic_size(engine)))
+        runs.append((1, dynamic_warmup_size(engine)))
     for images, size in runs:
         for use_refiner in (False, True) if engine.refiner_loaded else (False,):
             width, height = size or (None, None)
@@ -171,11 +171,14 @@ def _pipes(engine: Engine) -> tuple[object, ...]:
     return (engine.base, engine.refiner, engine.img2img)
 
 
-def _dynamic_size(engine: Engine) -> tuple[int, int]:
-    """A size the dynamic-shape functions serve: half the default size (SDXL's 512x512, A1111's default), within
+def dynamic_warmup_size(engine: Engine) -> tuple[int, int]:
+    """A size only the dynamic-shape functions serve: half the default size (SDXL's 512x512, A1111's default),
+    or the next multiple of 64 up where a static function (the default, a ready size) covers that one; within
     the model's range. Their first call in a process is slow on the GPU (12.9 s at 512x512 after a 1024x1024
     warm-up on the H100, docs/BENCHMARKS.md; 0.6 s the next time): paid here, before `/ready`, not by a client."""
     spec = engine.spec
-    default = spec.default_size if spec else 1024
-    side = max(spec.min_size if spec else 0, default // 2 // 64 * 64)
-    return side, side
+    default, low, high = (spec.default_size, spec.min_size, spec.max_size) if spec else (1024, 512, 2048)
+    static = {(default, default), *engine.settings.ready_size_list}
+    half = max(low, default // 2 // 64 * 64)
+    sides = [side for side in range(half, high + 1, 64) if (side, side) not in static]
+    return (sides[0], sides[0]) if sides else (half, half)

@@ -16,6 +16,7 @@ import functools
 import re
 from collections.abc import Callable
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import httpx
@@ -27,6 +28,7 @@ from torch._dynamo.utils import compilation_time_metrics
 from service.accel import is_compiled, plan_speed
 from service.saved_compile import available, saved_compile, signature
 from service.settings import ServiceSettings
+from service.warmup import dynamic_warmup_size
 from tests.support.compiled import compiled_cache, copy_of, run_step, service_env
 from tests.support.servers import thread_server
 from tests.support.small_modules import Conv
@@ -211,6 +213,19 @@ def test_the_compile_step_builds_static_and_dynamic_functions_and_a_second_run_r
     again = run_step(model_cache, copy_of(folder, tmp_path / "cc"))  # a release that changes nothing
     assert again.compiled == 0 and again.reused == 2 and again.problems == []
     assert {f.file for f in again.functions} == {f.file for f in built.functions}
+
+
+@pytest.mark.parametrize(
+    ("default", "ready", "expected"),
+    [(1024, "", (512, 512)), (1024, "512x512,832x1216", (576, 576)), (512, "", (256, 256))],
+)
+def test_the_dynamic_warm_up_size_is_one_no_static_function_covers(
+    default: int, ready: str, expected: tuple[int, int]
+) -> None:
+    """Half the default size, or the next multiple of 64 up where the default or a ready size has it."""
+    spec = SimpleNamespace(default_size=default, min_size=256, max_size=2048)
+    engine = SimpleNamespace(spec=spec, settings=ServiceSettings(model="tiny-sd15", ready_sizes=ready))
+    assert dynamic_warmup_size(engine) == expected  # type: ignore[arg-type]
 
 
 @pytest.mark.slow
