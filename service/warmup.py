@@ -121,7 +121,7 @@ def warm_up(engine: Engine, *, record: bool = False) -> list[Shape]:
     shapes: list[Shape] = []
     # base alone first (base UNet + VAE decoder), then base + refiner (the refiner's UNet): timed apart;
     # then each batch size that coalesced requests may form (a batch of k compiles like k images);
-    # then each of the ready sizes, one image
+    # then each of the ready sizes, one image; serving with dynamic-shape functions, one size only they serve
     runs: list[tuple[int, tuple[int, int] | None]] = [(images, None) for images in sizes]
     if engine.speed is not None and engine.speed.compile:  # uncompiled, another size costs nothing new
         runs += [(1, size) for size in engine.settings.ready_size_list]
@@ -168,6 +168,7 @@ def warm_up(engine: Engine, *, record: bool = False) -> list[Shape]:
 
 
 def _pipes(engine: Engine) -> tuple[object, ...]:
+    """The pipelines whose UNets and VAE decoder may hold saved-compile calls."""
     return (engine.base, engine.refiner, engine.img2img)
 
 
