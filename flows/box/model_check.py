@@ -22,7 +22,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, Field, ValidationError
 
 from flows.box.common import run_logger
-from flows.box.hostfs import home_dir, read_text
+from flows.box.hostfs import home_dir, json_answer, read_text
 from flows.box.hosts import Host, q
 from flows.config.secrets import resolve_secret
 from flows.config.service_env import service_settings
@@ -79,6 +79,16 @@ for repo in sys.argv[1:]:
             break
 print(json.dumps(out))
 """
+
+
+class HubAnswer(BaseModel):
+    """What `_HUB_SCRIPT` prints: where the box asked (its hub, or its cache offline) and what it lacks."""
+
+    offline: bool
+    endpoint: str
+    cache: str
+    missing: dict[str, str]  # repo -> why it cannot load
+    error: str | None  # the hub could not be asked at all
 
 
 class NewModel(BaseModel):
@@ -267,26 +277,26 @@ def check_hub_repos(host: Host, target: Target, repos: dict[str, str]) -> str:
     command = f"env -u PYTHONPATH {env} {q(new.python)} -c {q(_HUB_SCRIPT)} {q(*repos)}"
     result = host.run(command, timeout=120, stdin=f"{token}\n" if token else None)
     try:
-        answer = json.loads(result.stdout.strip().splitlines()[-1])
-    except (IndexError, ValueError):
+        answer = json_answer(result.stdout, HubAnswer)
+    except ValueError:
         detail = (result.stderr or result.stdout).strip()[-300:]
         raise PreflightRefused(
             f"{named} loads from the hub, but asking the hub with {new.python} on {host.name} "
             f"failed (exit {result.exit_code}): {detail}"
         ) from None
-    where = f"hub cache {answer['cache']}" if answer["offline"] else f"hub {answer['endpoint']}"
-    if answer["error"]:
+    where = f"hub cache {answer.cache}" if answer.offline else f"hub {answer.endpoint}"
+    if answer.error:
         raise PreflightRefused(
             f"{named} loads {', '.join(repos)} from the hub, which {host.name} cannot reach "
-            f"at {answer['endpoint']} ({answer['error']}); set HF_ENDPOINT in new.env to a hub it reaches, "
+            f"at {answer.endpoint} ({answer.error}); set HF_ENDPOINT in new.env to a hub it reaches, "
             "or HF_HUB_OFFLINE=1 with the files in its hub cache"
         )
-    if answer["missing"]:
-        offline = " (the box works offline: HF_HUB_OFFLINE)" if answer["offline"] else ""
+    if answer.missing:
+        offline = " (the box works offline: HF_HUB_OFFLINE)" if answer.offline else ""
         subjects = {"new.model": repr(new.model), "new.env.SDXL_REFINER": "its refiner"}
         problems = []
         for field in fields:
-            lacks = [f"{repo}: {why}" for repo, why in answer["missing"].items() if repos[repo] == field]
+            lacks = [f"{repo}: {why}" for repo, why in answer.missing.items() if repos[repo] == field]
             if lacks:
                 subject = subjects.get(field, "its tiny VAE")
                 problems.append(f"{field}: {subject} loads from the {where}{offline}: {'; '.join(lacks)}")
